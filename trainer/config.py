@@ -1,0 +1,236 @@
+"""The run configuration: typed sections, YAML composition, `key=value` overrides, validation.
+
+A run's config is built from the dataclass defaults, then YAML files (each may name others
+under `defaults:`, merged first, as Hydra users expect), then command-line `key=value`
+overrides. Unknown keys, wrong types and impossible values fail here, before any worker
+starts, with the key and the file (or command line) that set it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from embeddings.config import EmbeddingsConfig
+from umask.config import ModelConfig
+from trainer.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config problem, worded for the user: which key, which file, what is wrong."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "data/synth"  # a contract dataset: events/ (or events.parquet), apps.parquet, ...
+    features: str = "data/features"  # featurize output, read by the loader
+    invalid_rows: str = "quarantine"  # strict: fail on the first invalid row; quarantine: set it aside
+    slot_seconds: int = 3600
+    slots: int = 168  # T, slots per example window (168 hourly slots = one week)
+    num_categories: int = 20  # C, app categories in apps.parquet (category_id in [0, C))
+    num_regions: int = 32  # K, regions when locations.parquet has no region_id
+    category_value: str = "count"  # count | bytes: what the app-category channels measure
+    val_fraction: float = 0.05
+    test_fraction: float = 0.1
+    cold_fraction: float = 0.05  # held-out users evaluated as cold-start
+    split_salt: int = 0  # changes which users fall in which split
+    num_shards: int = 8  # hash partitions of the featurized output
+    row_group_size: int = 512  # examples per Parquet row group (the loader's unit of work)
+    featurize_workers: int = 2  # processes (locally) or Ray tasks (on a cluster)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.invalid_rows not in ("strict", "quarantine"):
+            out.append(("invalid_rows", "must be 'strict' or 'quarantine'"))
+        if self.category_value not in ("count", "bytes"):
+            out.append(("category_value", "must be 'count' or 'bytes'"))
+        for key in ("slot_seconds", "slots", "num_categories", "num_regions", "num_shards",
+                    "row_group_size", "featurize_workers"):
+            if getattr(self, key) <= 0:
+                out.append((key, "must be positive"))
+        for key in ("val_fraction", "test_fraction", "cold_fraction"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                out.append((key, "must be in [0, 1)"))
+        if self.val_fraction + self.test_fraction + self.cold_fraction >= 1.0:
+            out.append(("val_fraction", "val + test + cold fractions leave no training users"))
+        return out
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # examples per rank per micro-batch
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 50
+    resume: bool = True  # continue from the run's latest checkpoint when one exists
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [(k, "must be positive") for k in ("steps", "batch_size", "log_every",
+                                                   "checkpoint_every") if getattr(self, k) <= 0]
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    gradient_clipping: float = 1.0
+    gradient_accumulation_steps: int = 1
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or fp32 | bf16 | fp16
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.zero_stage not in (0, 1, 2, 3):
+            out.append(("zero_stage", "must be 0, 1, 2 or 3"))
+        if self.lr <= 0:
+            out.append(("lr", "must be positive"))
+        if self.gradient_accumulation_steps <= 0:
+            out.append(("gradient_accumulation_steps", "must be positive"))
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            out.append(("precision", "must be auto, fp32, bf16 or fp16"))
+        return out
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: RAY_ADDRESS if set, else start an embedded Ray
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    storage_path: str = "runs"  # shared storage on a multi-node cluster
+    name: str = "umask"  # run name: rerunning with the same name resumes
+    max_failures: int = 0
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.num_workers <= 0:
+            out.append(("num_workers", "world size must be at least 1"))
+        if self.cpus_per_worker <= 0:
+            out.append(("cpus_per_worker", "must be positive"))
+        if self.max_failures < -1:
+            out.append(("max_failures", "must be -1 (retry forever) or >= 0"))
+        return out
+
+
+@dataclass
+class ExportConfig:
+    out: str = "export"
+
+    def problems(self) -> list[tuple[str, str]]:
+        return []
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def load_config(paths: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults <- each YAML (its `defaults:` first) <- `key=value` overrides; validated."""
+    merged = OmegaConf.structured(RunConfig)
+    sources: list[tuple[str, dict]] = []
+    for path in paths:
+        for name, layer in _yaml_layers(Path(path), seen=()):
+            sources.append((name, layer))
+            merged = _merge(merged, layer, name)
+    if overrides:
+        layer = _parse_overrides(overrides)
+        sources.append(("the command line", layer))
+        merged = _merge(merged, layer, "the command line")
+    cfg: RunConfig = OmegaConf.to_object(merged)
+    problems = list(_problems(cfg))
+    if problems:
+        lines = [f"{key}: {msg} (set in {_origin(key, sources)})" for key, msg in problems]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Writes the fully resolved config, which `load_config([path])` reads back unchanged."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(to_yaml(cfg))
+
+
+def _yaml_layers(path: Path, seen: tuple[Path, ...]):
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: `defaults` includes itself through {' -> '.join(map(str, seen))}")
+    try:
+        layer = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(layer, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    includes = layer.pop("defaults", [])
+    if not isinstance(includes, list):
+        raise ConfigError(f"{path}: `defaults` must be a list of YAML paths relative to this file")
+    for include in includes:
+        yield from _yaml_layers(path.parent / include, seen + (path,))
+    yield str(path), layer
+
+
+def _parse_overrides(overrides) -> dict:
+    layer: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"command line: expected key=value, got {item!r}")
+        node = layer
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return layer
+
+
+def _merge(merged: DictConfig, layer: dict, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(merged, layer)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        reason = str(err).splitlines()[0]
+        if "not in" in reason or "Key '" in reason and "not" in reason:
+            reason = "unknown key"
+        raise ConfigError(f"{source}: {key}: {reason}") from None
+
+
+def _problems(cfg: Any, prefix: str = ""):
+    if hasattr(cfg, "problems"):
+        for key, msg in cfg.problems():
+            yield prefix + key, msg
+    if dataclasses.is_dataclass(cfg):
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from _problems(value, prefix + f.name + ".")
+
+
+def _origin(dotted: str, sources: list[tuple[str, dict]]) -> str:
+    for name, layer in reversed(sources):
+        node: Any = layer
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return name
+    return "the defaults in trainer/config.py"
