@@ -1,0 +1,371 @@
+"""The training data loader: per-rank, disjoint, deterministic, resumable batches of examples.
+
+Input is the featurize output: `<features>/split=<name>/shard=<n>/part-<n>.parquet` files in the
+EXAMPLES schema, split-homogeneous so a split is chosen by path and every count comes from
+Parquet footers, plus `<features>/manifest.json` for T (`slots`) and F (`channels`).
+
+How an epoch is cut, from footers alone and identically on every rank (no communication):
+1. The unit of work is one row group. A permutation seeded by (seed, epoch) orders all row
+   groups of the chosen splits; each in turn goes to the rank holding the fewest examples so
+   far, so ranks get equal numbers of examples as nearly as row-group sizes allow.
+2. Every rank yields the same number of batches, min over ranks of (its examples // batch_size),
+   because ranks with different batch counts hang in collective ops; the rest is dropped.
+3. A rank reads its row groups in dealt order, `shuffle_window` at a time; the rows of a window
+   are permuted with a seed of (seed, epoch, rank, window) and batches are cut from the stream
+   of windows, a batch spanning two windows where it falls on the border.
+
+Resuming: `state_dict()` records (epoch, batches yielded in the epoch). The next batch starts at
+row batches*batch_size of the rank's stream, so `load_state_dict` reads only the window holding
+that row, never the earlier ones. A checkpoint is bound to its world size, batch size, splits,
+shuffle settings and dataset; resuming with any of them changed is a UserError, since the
+position would then name other examples (start a new run to change them).
+
+Reading: only the EXAMPLES columns, lists decoded through their offsets and flat values (no
+per-row Python), one window prefetched in a background thread so I/O overlaps the step.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from trainer.data.batch import Batch, ExampleRows
+from trainer.data.schema import EXAMPLES, SPLITS
+from trainer.errors import UserError
+
+# SeedSequence entropy prefixes, so the row-group deal and the row shuffles never share a stream
+_DEAL_STREAM = 0
+_ROW_STREAM = 1
+
+
+@dataclass(frozen=True)
+class ExampleFile:
+    path: Path
+    split: str
+    metadata: pq.FileMetaData  # footer, parsed once at discovery and reused for every read
+
+
+class RowGroupRef(NamedTuple):
+    file: int  # index into the loader's file list
+    row_group: int
+    num_rows: int
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One rank's share of one epoch: windows of row groups and where each starts in its stream."""
+
+    windows: list[list[RowGroupRef]]
+    window_starts: np.ndarray  # [len(windows) + 1] row offset of each window in the rank's stream
+    num_batches: int  # the same on every rank
+
+
+def read_manifest(features_dir: Path) -> tuple[int, int]:
+    """(slots T, channels F) from the featurize manifest."""
+    path = features_dir / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; is {features_dir} the output of `u-mask data featurize`?") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: cannot read it as JSON ({err})") from None
+    sizes = []
+    for key in ("slots", "channels"):
+        value = manifest.get(key) if isinstance(manifest, dict) else None
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"{path}: key '{key}' must be a positive integer, found {value!r}")
+        sizes.append(value)
+    return sizes[0], sizes[1]
+
+
+def _check_schema(path: Path, schema: pa.Schema) -> None:
+    for field in EXAMPLES:
+        index = schema.get_field_index(field.name)
+        if index < 0:
+            raise UserError(f"{path}: column '{field.name}' is missing (EXAMPLES schema expected)")
+        found = schema.field(index).type
+        if field.name == "split":
+            ok = pa.types.is_string(found) or pa.types.is_large_string(found) or (
+                pa.types.is_dictionary(found) and pa.types.is_string(found.value_type))
+        else:
+            ok = found == field.type
+        if not ok:
+            raise UserError(f"{path}: column '{field.name}' has type {found}, expected {field.type}")
+
+
+def discover(features_dir: Path, splits: tuple[str, ...]) -> list[ExampleFile]:
+    """The Parquet files of `splits`, in a stable order, with footers read and schemas checked."""
+    if not features_dir.is_dir():
+        raise UserError(f"{features_dir}: no such folder; run `u-mask data featurize` first")
+    files = []
+    for split in splits:
+        split_dir = features_dir / f"split={split}"
+        paths = sorted(split_dir.glob("shard=*/*.parquet"))
+        if not paths:
+            raise UserError(f"{split_dir}: no shard=*/part-*.parquet files, so split '{split}' has no examples")
+        for path in paths:
+            try:
+                parquet = pq.ParquetFile(path)
+            except (OSError, pa.ArrowException) as err:
+                raise UserError(f"{path}: not a readable Parquet file ({err})") from None
+            _check_schema(path, parquet.schema_arrow)
+            files.append(ExampleFile(path, split, parquet.metadata))
+    return files
+
+
+def deal_row_groups(sizes: np.ndarray, order: np.ndarray, world_size: int) -> list[list[int]]:
+    """Row-group indices per rank: each of `order` in turn to the rank with fewest rows so far."""
+    loads = [(0, rank) for rank in range(world_size)]  # (rows, rank): ties go to the lower rank
+    dealt: list[list[int]] = [[] for _ in range(world_size)]
+    for index in order:
+        rows, rank = heapq.heappop(loads)
+        dealt[rank].append(int(index))
+        heapq.heappush(loads, (rows + int(sizes[index]), rank))
+    return dealt
+
+
+def _list_column(table: pa.Table, name: str, per_row: int | np.ndarray, where: str) -> pa.Array:
+    """The flat values of list column `name`, after checking every row holds `per_row` values."""
+    column = table.column(name).combine_chunks()
+    if column.null_count or column.flatten().null_count:
+        raise UserError(f"{where}: column '{name}' holds nulls")
+    offsets = column.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    bad = np.flatnonzero(lengths != per_row)
+    if bad.size:
+        row = int(bad[0])
+        expected = per_row if np.isscalar(per_row) else int(per_row[row])
+        raise UserError(f"{where}, row {row}: column '{name}' has {int(lengths[row])} values, expected {expected}")
+    return column.flatten()
+
+
+def read_row_group(file: ExampleFile, row_group: int, slots: int, channels: int) -> ExampleRows:
+    """One row group as ExampleRows, validated against T=slots and F=channels."""
+    where = f"{file.path}: row group {row_group}"
+    try:
+        table = pq.ParquetFile(file.path, metadata=file.metadata).read_row_group(
+            row_group, columns=EXAMPLES.names)
+    except (OSError, pa.ArrowException) as err:
+        raise UserError(f"{where}: cannot be read ({err})") from None
+    n = table.num_rows
+    for name in ("user_id", "split", "window_start"):
+        if table.column(name).null_count:
+            raise UserError(f"{where}: column '{name}' holds nulls")
+    wrong_split = pc.not_equal(table.column("split").cast(pa.string()), file.split)
+    if pc.any(wrong_split).as_py():
+        row = int(np.flatnonzero(wrong_split.to_numpy())[0])
+        raise UserError(f"{where}, row {row}: split is '{table.column('split')[row]}' in a split={file.split} folder")
+
+    def bags(values: str, lengths_name: str) -> tuple[np.ndarray, np.ndarray]:
+        lengths = _list_column(table, lengths_name, slots, where).to_numpy().reshape(n, slots)
+        if (lengths < 0).any():
+            row = int(np.flatnonzero((lengths < 0).any(axis=1))[0])
+            raise UserError(f"{where}, row {row}: column '{lengths_name}' has a negative length")
+        flat = _list_column(table, values, lengths.sum(axis=1), where)
+        return flat.to_numpy(), lengths
+
+    app_values, app_lengths = bags("app_ids", "app_lengths")
+    loc_values, loc_lengths = bags("loc_ids", "loc_lengths")
+    return ExampleRows(
+        user_id=table.column("user_id").to_numpy(),
+        window_start=table.column("window_start").to_numpy(),
+        split=np.full(n, SPLITS.index(file.split), dtype=np.int64),
+        time_of_week=_list_column(table, "time_of_week", slots, where).to_numpy().reshape(n, slots),
+        observed=_list_column(table, "observed", slots, where).to_numpy(zero_copy_only=False).reshape(n, slots),
+        dense=_list_column(table, "dense", slots * channels, where).to_numpy().reshape(n, slots, channels),
+        app_values=app_values,
+        app_lengths=app_lengths,
+        loc_values=loc_values,
+        loc_lengths=loc_lengths,
+    )
+
+
+class ShardedLoader:
+    """Iterator of Batch for one rank of `world_size`; see the module docstring for the scheme.
+
+    epochs: None streams forever; an int stops after that many epochs. shuffle=False keeps file
+    order and row order (every epoch the same), for evaluation. shuffle_window: row groups whose
+    rows are shuffled together (memory: two windows of examples are held, one being prefetched).
+    """
+
+    def __init__(self, features_dir: str | Path, rank: int, world_size: int, batch_size: int, seed: int,
+                 splits: tuple[str, ...] | list[str] = ("train",), epochs: Optional[int] = None,
+                 shuffle: bool = True, shuffle_window: int = 4, prefetch: bool = True):
+        splits = tuple(splits)
+        for name, value in (("world_size", world_size), ("batch_size", batch_size),
+                            ("shuffle_window", shuffle_window)):
+            if value <= 0:
+                raise UserError(f"loader: {name} must be positive, got {value}")
+        if not 0 <= rank < world_size:
+            raise UserError(f"loader: rank {rank} is outside a world of {world_size}")
+        if seed < 0:
+            raise UserError(f"loader: seed must be >= 0, got {seed}")
+        if epochs is not None and epochs <= 0:
+            raise UserError(f"loader: epochs must be positive or None (forever), got {epochs}")
+        unknown = [s for s in splits if s not in SPLITS]
+        if unknown or not splits:
+            raise UserError(f"loader: splits must be a non-empty subset of {SPLITS}, got {splits}")
+        self.features_dir = Path(features_dir)
+        self.rank, self.world_size, self.batch_size, self.seed = rank, world_size, batch_size, seed
+        self.splits, self.epochs, self.shuffle, self.shuffle_window = splits, epochs, shuffle, shuffle_window
+        self.files = discover(self.features_dir, splits)
+        self.slots, self.channels = read_manifest(self.features_dir)
+        self.row_groups = [RowGroupRef(f, g, file.metadata.row_group(g).num_rows)
+                           for f, file in enumerate(self.files)
+                           for g in range(file.metadata.num_row_groups)
+                           if file.metadata.row_group(g).num_rows > 0]
+        self.num_examples = sum(ref.num_rows for ref in self.row_groups)
+        self._plans: dict[int, EpochPlan] = {}
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"loader-rank{rank}") if prefetch else None
+        self._pending: Optional[tuple[tuple[int, int], Future]] = None
+        self._epoch = 0
+        self._batch = 0  # batches yielded in self._epoch
+        self._block: Optional[ExampleRows] = None  # the current window, rows already shuffled
+        self._cursor = 0  # next row of self._block
+        self.plan(0)  # fail now, not at the first batch, when the data cannot fill a batch
+
+    # ---- the epoch plan -------------------------------------------------------------------
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """This rank's share of `epoch` (cached for the current and next epoch)."""
+        if epoch not in self._plans:
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+            self._plans[epoch] = self._make_plan(epoch)
+        return self._plans[epoch]
+
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        return self.plan(epoch).num_batches
+
+    def _make_plan(self, epoch: int) -> EpochPlan:
+        sizes = np.array([ref.num_rows for ref in self.row_groups], dtype=np.int64)
+        if self.shuffle:
+            order = np.random.default_rng([_DEAL_STREAM, self.seed, epoch]).permutation(len(sizes))
+        else:
+            order = np.arange(len(sizes))
+        dealt = deal_row_groups(sizes, order, self.world_size)
+        rank_rows = [int(sizes[d].sum()) for d in dealt]
+        num_batches = min(rank_rows) // self.batch_size
+        if num_batches == 0:
+            raise UserError(
+                f"{self.features_dir}: splits {list(self.splits)} hold {self.num_examples} examples in "
+                f"{len(sizes)} row groups; dealt to {self.world_size} ranks the smallest share is "
+                f"{min(rank_rows)} examples, less than one batch of {self.batch_size}: use a smaller "
+                f"batch size, fewer workers or smaller row groups")
+        mine = [self.row_groups[i] for i in dealt[self.rank]]
+        windows = [mine[i:i + self.shuffle_window] for i in range(0, len(mine), self.shuffle_window)]
+        starts = np.zeros(len(windows) + 1, dtype=np.int64)
+        np.cumsum([sum(ref.num_rows for ref in w) for w in windows], out=starts[1:])
+        return EpochPlan(windows, starts, num_batches)
+
+    # ---- reading windows ------------------------------------------------------------------
+
+    def _read_window(self, epoch: int, window: int, refs: list[RowGroupRef]) -> ExampleRows:
+        """Runs in the prefetch thread too, so it gets its row groups passed in, not from self._plans."""
+        rows = ExampleRows.concat([read_row_group(self.files[ref.file], ref.row_group, self.slots, self.channels)
+                                   for ref in refs])
+        if not self.shuffle:
+            return rows
+        rng = np.random.default_rng([_ROW_STREAM, self.seed, epoch, self.rank, window])
+        return rows.take(rng.permutation(len(rows)))
+
+    def _successor(self, epoch: int, window: int) -> Optional[tuple[int, int]]:
+        """The window read after (epoch, window), or None at the end of the last epoch."""
+        plan = self.plan(epoch)
+        if window + 1 < len(plan.windows) and plan.window_starts[window + 1] < plan.num_batches * self.batch_size:
+            return epoch, window + 1
+        if self.epochs is not None and epoch + 1 >= self.epochs:
+            return None
+        return epoch + 1, 0
+
+    def _enter_window(self, epoch: int, position: int) -> None:
+        """Make the window holding row `position` of the rank's stream current, and prefetch the next."""
+        plan = self.plan(epoch)
+        window = int(np.searchsorted(plan.window_starts, position, side="right")) - 1
+        if self._pending is not None and self._pending[0] == (epoch, window):
+            self._block = self._pending[1].result()
+        else:
+            self._block = self._read_window(epoch, window, plan.windows[window])
+        self._pending = None
+        self._cursor = position - int(plan.window_starts[window])
+        successor = self._successor(epoch, window)
+        if self._executor is not None and successor is not None:
+            refs = self.plan(successor[0]).windows[successor[1]]
+            self._pending = successor, self._executor.submit(self._read_window, *successor, refs)
+
+    # ---- iteration ------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        while True:
+            if self.epochs is not None and self._epoch >= self.epochs:
+                raise StopIteration
+            if self._batch < self.plan(self._epoch).num_batches:
+                break
+            self._epoch, self._batch, self._block = self._epoch + 1, 0, None
+        position = self._batch * self.batch_size
+        parts = []
+        while position < (self._batch + 1) * self.batch_size:
+            if self._block is None or self._cursor == len(self._block):
+                self._enter_window(self._epoch, position)
+            take = min((self._batch + 1) * self.batch_size - position, len(self._block) - self._cursor)
+            parts.append(self._block.slice(self._cursor, self._cursor + take))
+            self._cursor += take
+            position += take
+        self._batch += 1
+        return ExampleRows.concat(parts).to_batch()
+
+    # ---- resuming -------------------------------------------------------------------------
+
+    def _identity(self) -> dict:
+        """What a saved position is only valid for."""
+        return {"seed": self.seed, "world_size": self.world_size, "rank": self.rank,
+                "batch_size": self.batch_size, "splits": list(self.splits), "shuffle": self.shuffle,
+                "shuffle_window": self.shuffle_window, "row_groups": len(self.row_groups),
+                "examples": self.num_examples}
+
+    def state_dict(self) -> dict:
+        """JSON-able position: the next batch is batch `batches_in_epoch` of `epoch`."""
+        return {"epoch": self._epoch, "batches_in_epoch": self._batch, **self._identity()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, current in self._identity().items():
+            if key not in state:
+                raise UserError(f"loader state: key '{key}' is missing")
+            if state[key] != current:
+                raise UserError(
+                    f"loader state: saved with {key}={state[key]!r} but this run has {key}={current!r}; "
+                    f"the saved position would name other examples, so resume with the same {key} "
+                    f"(and dataset) or start a new run")
+        for key in ("epoch", "batches_in_epoch"):
+            if not isinstance(state.get(key), int) or state[key] < 0:
+                raise UserError(f"loader state: key '{key}' must be an integer >= 0, found {state.get(key)!r}")
+        if state["batches_in_epoch"] > self.plan(state["epoch"]).num_batches:
+            raise UserError(f"loader state: batches_in_epoch={state['batches_in_epoch']} but epoch "
+                            f"{state['epoch']} has {self.plan(state['epoch']).num_batches} batches")
+        self._epoch, self._batch = state["epoch"], state["batches_in_epoch"]
+        self._block, self._pending = None, None
+
+    # ---- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the prefetch thread; reads after this, if any, happen in the caller's thread."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self._pending = None
+
+    def __enter__(self) -> "ShardedLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
