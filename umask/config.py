@@ -1,9 +1,153 @@
 """Typed settings of the U-MASK model: sizes of U-SCOPE and the DiT, diffusion, masks, losses.
 
 Plain dataclasses (no omegaconf import: umask/ depends on torch only); trainer/config.py
-composes them into the run config, and configs/model/*.yaml name the sizes.
+composes them into the run config, and configs/model/*.yaml name the sizes (tiny, base, xl).
+Every constant of the method lives here with its default; /work/shared/umask-method.md
+sections 3-5 say where each one enters.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+TASKS = ("short", "long", "cold")  # task tau; its index is the task id used in tensors
+ATTENTION_MODES = ("evidence_keys", "evidence_causal", "bias")
+
+
+@dataclass
+class TaskMaskConfig:
+    """How one task tau picks its target window and ranks evidence (method section 3)."""
+
+    target_min: int = 1  # slots in the target window, drawn uniformly in [min, max]
+    target_max: int = 6  # (cold ignores both: its target is everything after the history)
+    ratio: float = 0.5  # rho_tau: evidence share of the candidate slots for an average user
+    reliability_gain: float = 0.5  # beta_tau: how much rho follows r_u - reliability_mean
+    recency_weight: float = 1.0  # temporal emphasis: weight of exp-decay recency
+    recency_halflife: float = 6.0  # slots before the cut after which recency halves
+    periodic_weight: float = 0.0  # temporal emphasis: bonus for the target's hours of day/week
+    exploration: float = 0.0  # eps = exploration * (1 - r_u): flattening toward uniform
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if not 1 <= self.target_min <= self.target_max:
+            out.append(("target_min", "must satisfy 1 <= target_min <= target_max"))
+        if not 0.0 < self.ratio <= 1.0:
+            out.append(("ratio", "must be in (0, 1]"))
+        if self.recency_halflife <= 0:
+            out.append(("recency_halflife", "must be positive"))
+        for key in ("reliability_gain", "recency_weight", "periodic_weight"):
+            if getattr(self, key) < 0:
+                out.append((key, "must be >= 0"))
+        if not 0.0 <= self.exploration <= 1.0:
+            out.append(("exploration", "must be in [0, 1]"))
+        return out
+
+
+@dataclass
+class MaskConfig:
+    """The user- and task-adaptive mask generator (method section 3).
+
+    problems() checks this level only; the run config also walks short/long/cold.
+    """
+
+    family: str = "adaptive"  # adaptive | uniform (ablation: uniform sampling at ratio rho_tau)
+    task_weights: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2])  # short, long, cold
+    short: TaskMaskConfig = field(default_factory=TaskMaskConfig)
+    long: TaskMaskConfig = field(default_factory=lambda: TaskMaskConfig(
+        target_min=24, target_max=72, ratio=0.5, recency_weight=0.25, recency_halflife=48.0,
+        periodic_weight=1.0))
+    cold: TaskMaskConfig = field(default_factory=lambda: TaskMaskConfig(
+        ratio=0.8, reliability_gain=0.25, recency_weight=0.0, periodic_weight=1.0,
+        exploration=0.5))
+    min_history: int = 24  # short/long cut points leave at least this many slots before them
+    cold_history: int = 24  # cold: slots of history (one day); the rest of the window is target
+    ratio_min: float = 0.05  # rho is clipped to [ratio_min, ratio_max]
+    ratio_max: float = 0.95
+    reliability_mean: float = 0.5  # the population's mean r_u that rho_tau is calibrated for
+    reliability_count_scale: float = 24.0  # count term = 1 - exp(-observed candidates / scale)
+    reliability_weights: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.25])
+    # ^ weights of the count, hour-of-day regularity and (1 - usage entropy) terms of r_u
+    temporal_weight: float = 1.0  # lambda_T
+    spatial_weight: float = 1.0  # lambda_S
+    spatial_feature_weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
+    # ^ weights of region mix, app-category mix and volume in the spatial affinity
+    same_hour_bonus: float = 0.5  # periodic bonus for a slot at a target hour of day
+    same_week_slot_bonus: float = 0.5  # extra bonus at a target hour of week
+    temperature: float = 0.5  # kappa of softmax(utility / kappa)
+
+    def task(self, name: str) -> TaskMaskConfig:
+        return getattr(self, name)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.family not in ("adaptive", "uniform"):
+            out.append(("family", "must be 'adaptive' or 'uniform'"))
+        if len(self.task_weights) != len(TASKS) or min(self.task_weights, default=0) < 0 \
+                or sum(self.task_weights) <= 0:
+            out.append(("task_weights", "must be 3 non-negative weights (short, long, cold), not all 0"))
+        for key in ("min_history", "cold_history"):
+            if getattr(self, key) < 1:
+                out.append((key, "must be >= 1"))
+        if not 0.0 < self.ratio_min <= self.ratio_max <= 1.0:
+            out.append(("ratio_min", "must satisfy 0 < ratio_min <= ratio_max <= 1"))
+        if not 0.0 < self.reliability_mean < 1.0:
+            out.append(("reliability_mean", "must be in (0, 1)"))
+        if self.reliability_count_scale <= 0:
+            out.append(("reliability_count_scale", "must be positive"))
+        if len(self.reliability_weights) != 3 or min(self.reliability_weights, default=0) < 0 \
+                or sum(self.reliability_weights) <= 0:
+            out.append(("reliability_weights", "must be 3 non-negative weights, not all 0"))
+        if len(self.spatial_feature_weights) != 3 or min(self.spatial_feature_weights, default=0) < 0:
+            out.append(("spatial_feature_weights", "must be 3 non-negative weights"))
+        for key in ("temporal_weight", "spatial_weight", "same_hour_bonus", "same_week_slot_bonus"):
+            if getattr(self, key) < 0:
+                out.append((key, "must be >= 0"))
+        if self.temperature <= 0:
+            out.append(("temperature", "must be positive"))
+        return out
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise schedule and sampler of the backbone (method section 4)."""
+
+    train_steps: int = 200  # diffusion steps the schedule is defined on
+    schedule: str = "cosine"  # cosine | linear
+    cosine_offset: float = 0.008  # s of the cosine schedule (Nichol & Dhariwal)
+    linear_beta_start: float = 1e-4
+    linear_beta_end: float = 0.02
+    sample_steps: int = 20  # DDIM steps at inference
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.train_steps < 2:
+            out.append(("train_steps", "must be >= 2"))
+        if self.schedule not in ("cosine", "linear"):
+            out.append(("schedule", "must be 'cosine' or 'linear'"))
+        if self.cosine_offset <= 0:
+            out.append(("cosine_offset", "must be positive"))
+        if not 0.0 < self.linear_beta_start < self.linear_beta_end < 1.0:
+            out.append(("linear_beta_start", "must satisfy 0 < start < end < 1"))
+        if not 1 <= self.sample_steps <= self.train_steps:
+            out.append(("sample_steps", f"must be in [1, train_steps={self.train_steps}]"))
+        return out
+
+
+@dataclass
+class LossConfig:
+    """Weights of the training objective (method section 5)."""
+
+    category_weight: float = 1.0  # MSE weight of the app-category channels
+    region_weight: float = 1.0  # MSE weight of the region-share channels
+    activity_weight: float = 1.0
+    volume_weight: float = 1.0
+    consistency_weight: float = 0.1  # lambda of InfoNCE(z_short, z_long)
+    infonce_temperature: float = 0.1
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = [(k, "must be >= 0") for k in ("category_weight", "region_weight", "activity_weight",
+                                              "volume_weight", "consistency_weight")
+               if getattr(self, k) < 0]
+        if self.infonce_temperature <= 0:
+            out.append(("infonce_temperature", "must be positive"))
+        return out
 
 
 @dataclass
@@ -11,12 +155,24 @@ class ModelConfig:
     size: str = "tiny"  # the name of the preset in configs/model/ that set these numbers
     hidden: int = 64  # DiT width
     depth: int = 2  # DiT blocks
-    heads: int = 4
+    heads: int = 4  # hidden / heads must be a power of two >= 16 for the Triton kernel
+    mlp_ratio: float = 4.0
     user_dim: int = 32  # z_u
+    day_slots: int = 24  # U-SCOPE groups this many consecutive slots into a day
+    short_view_slots: int = 24  # U-SCOPE short view: the most recent evidence slots it keeps
+    attention: str = "evidence_keys"  # mask-guided attention mode of every DiT block
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
     def problems(self) -> list[tuple[str, str]]:
-        out = [(k, "must be positive") for k in ("hidden", "depth", "heads", "user_dim")
+        out = [(k, "must be positive") for k in ("hidden", "depth", "heads", "user_dim",
+                                                  "day_slots", "short_view_slots")
                if getattr(self, k) <= 0]
         if self.heads > 0 and self.hidden % self.heads:
             out.append(("heads", f"must divide hidden ({self.hidden})"))
+        if self.mlp_ratio <= 0:
+            out.append(("mlp_ratio", "must be positive"))
+        if self.attention not in ATTENTION_MODES:
+            out.append(("attention", f"must be one of {', '.join(ATTENTION_MODES)}"))
         return out

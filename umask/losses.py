@@ -1,0 +1,42 @@
+"""The training objective: masked reconstruction on target slots + InfoNCE consistency.
+
+Method section 5. Reconstruction is a per-channel-family weighted MSE averaged over the
+scored slots only (targets that hold a record); nothing else in the batch reaches it.
+InfoNCE pulls each user's short-view z toward their own long-view z and away from the other
+users' long views in the batch, plus any extra negatives the trainer gathered from other ranks.
+"""
+import torch
+from torch import Tensor
+
+from umask.config import LossConfig
+
+
+def channel_weights(num_categories: int, num_regions: int, cfg: LossConfig) -> Tensor:
+    """Per-channel MSE weight in the dense layout [C+1 categories, K+1 regions, activity, volume]; [F]."""
+    return torch.tensor([cfg.category_weight] * (num_categories + 1)
+                        + [cfg.region_weight] * (num_regions + 1)
+                        + [cfg.activity_weight, cfg.volume_weight])
+
+
+def reconstruction_loss(prediction: Tensor, truth: Tensor, scored: Tensor, weights: Tensor) -> Tensor:
+    """Weighted MSE over the channels of scored slots: prediction, truth [B,T,F], scored [B,T] bool.
+
+    Each scored slot counts once (channel weights are normalized to sum 1); a batch with no
+    scored slot gives 0 while keeping the graph, so every rank still runs backward.
+    """
+    weights = (weights / weights.sum().clamp(min=1e-12)).to(prediction)
+    per_slot = ((prediction - truth) ** 2 * weights).sum(-1)  # [B,T]
+    per_slot = torch.where(scored, per_slot, torch.zeros_like(per_slot))
+    return per_slot.sum() / scored.sum().clamp(min=1)
+
+
+def info_nce(z_short: Tensor, z_long: Tensor, extra_negatives: Tensor, temperature: float) -> Tensor:
+    """Mean InfoNCE of z_short [B,U] against z_long [B,U] (positives on the diagonal).
+
+    extra_negatives [M,U] are long views from other ranks (M may be 0).
+    """
+    queries = torch.nn.functional.normalize(z_short, dim=-1)
+    keys = torch.nn.functional.normalize(torch.cat([z_long, extra_negatives.to(z_long)]), dim=-1)
+    logits = queries @ keys.T / temperature  # [B, B+M]
+    labels = torch.arange(queries.shape[0], device=queries.device)
+    return torch.nn.functional.cross_entropy(logits, labels)

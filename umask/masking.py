@@ -1,0 +1,217 @@
+"""The user- and task-adaptive mask: which observed slots a model may see as evidence.
+
+Method section 3. Per example: a task tau (short, long, cold) fixes a target window that
+starts at a cut point; the candidates are the observed slots before the cut (so no target is
+ever evidence and nothing after the cut leaks into a forecast). From the candidates alone we
+compute the user's reliability r_u, the evidence ratio rho(u, tau), a utility per slot
+(temporal emphasis + feature-weighted spatial affinity), a softmax sampling distribution
+flattened toward uniform for cold start, and draw exactly K = round(rho * #candidates)
+slots without replacement with Gumbel-top-k. Everything is vectorized over the batch and
+draws its randomness from one torch.Generator, so a seed fixes the mask.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from umask.config import TASKS, MaskConfig
+
+HOURS_PER_DAY = 24
+HOURS_PER_WEEK = 168
+# r_u is kept inside (0, 1) so that no user is fully trusted or fully ignored.
+RELIABILITY_FLOOR, RELIABILITY_CEIL = 0.01, 0.99
+
+
+@dataclass
+class MaskSample:
+    """One batch's masks; every tensor has the batch as its first dimension."""
+
+    task: Tensor  # [B] int64, index into TASKS
+    cut: Tensor  # [B] int64, first target slot
+    target: Tensor  # [B,T] bool, the slots to complete
+    candidates: Tensor  # [B,T] bool, observed slots before the cut
+    evidence: Tensor  # [B,T] bool, the sampled subset of candidates
+    reliability: Tensor  # [B] float, r_u
+    ratio: Tensor  # [B] float, rho(u, tau)
+    budget: Tensor  # [B] int64, K = |evidence|
+
+
+def sample_tasks(batch: int, cfg: MaskConfig, generator: torch.Generator) -> Tensor:
+    """Draws tau per example with cfg.task_weights; [B] int64."""
+    weights = torch.tensor(cfg.task_weights, dtype=torch.float32, device=generator.device)
+    return torch.multinomial(weights, batch, replacement=True, generator=generator)
+
+
+def target_windows(task: Tensor, slots: int, cfg: MaskConfig,
+                   generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Cut point [B] and target window [B,T] per task (method section 1).
+
+    short/long: a window of target_min..target_max slots starting at a cut drawn uniformly
+    after min_history slots (fewer when T is short); cold: everything after cold_history slots.
+    """
+    device = task.device
+    lo = _per_task(cfg, "target_min", task).long().clamp(max=slots - 1)
+    hi = _per_task(cfg, "target_max", task).long().clamp(max=slots - 1)
+    length = lo + (torch.rand(task.shape, generator=generator, device=device) * (hi - lo + 1)).long()
+    length = torch.minimum(length, hi)
+    first_cut = torch.clamp(slots - length, max=cfg.min_history).clamp(min=1)
+    last_cut = slots - length
+    cut = first_cut + (torch.rand(task.shape, generator=generator, device=device)
+                       * (last_cut - first_cut + 1)).long()
+    cut = torch.minimum(cut, last_cut)
+    cold = task == TASKS.index("cold")
+    cut = torch.where(cold, torch.full_like(cut, min(cfg.cold_history, slots - 1)), cut)
+    end = torch.where(cold, torch.full_like(cut, slots), cut + length)
+    t = torch.arange(slots, device=device)
+    target = (t >= cut[:, None]) & (t < end[:, None])  # [B,T]
+    return cut, target
+
+
+def reliability(dense: Tensor, candidates: Tensor, time_of_week: Tensor, num_categories: int,
+                cfg: MaskConfig) -> Tensor:
+    """r_u in (0,1) from the candidate slots only: amount, hour-of-day regularity, focus; [B]."""
+    mask = candidates.float()
+    count = mask.sum(1)
+    count_term = 1.0 - torch.exp(-count / cfg.reliability_count_scale)
+    hour_hist = torch.zeros(mask.shape[0], HOURS_PER_DAY, device=mask.device)
+    hour_hist.scatter_add_(1, time_of_week.long() % HOURS_PER_DAY, mask)  # [B,24]
+    regularity = 1.0 - _normalized_entropy(hour_hist)
+    usage = (torch.expm1(dense[..., : num_categories + 1].clamp(min=0)) * mask[..., None]).sum(1)
+    focus = 1.0 - _normalized_entropy(usage)  # [B]
+    terms = torch.stack([count_term, regularity, focus], dim=1)  # [B,3]
+    weights = torch.tensor(cfg.reliability_weights, device=mask.device)
+    r = (terms * weights).sum(1) / weights.sum()
+    # A user with no history has nothing to be regular or focused about.
+    r = torch.where(count > 0, r, torch.zeros_like(r))
+    return r.clamp(RELIABILITY_FLOOR, RELIABILITY_CEIL)
+
+
+def evidence_ratio(r: Tensor, task: Tensor, cfg: MaskConfig) -> Tensor:
+    """rho(u,tau) = clip(rho_tau * (1 + beta_tau * (r_u - mean r)), rho_min, rho_max); [B]."""
+    base = _per_task(cfg, "ratio", task)
+    if cfg.family == "uniform":
+        return base.clamp(cfg.ratio_min, cfg.ratio_max)
+    gain = _per_task(cfg, "reliability_gain", task)
+    return (base * (1.0 + gain * (r - cfg.reliability_mean))).clamp(cfg.ratio_min, cfg.ratio_max)
+
+
+def slot_utility(dense: Tensor, candidates: Tensor, time_of_week: Tensor, target: Tensor,
+                 cut: Tensor, task: Tensor, num_categories: int, num_regions: int,
+                 cfg: MaskConfig) -> Tensor:
+    """lambda_T * temporal emphasis + lambda_S * spatial affinity per slot; [B,T]."""
+    temporal = _temporal_emphasis(time_of_week, target, cut, task, cfg)
+    spatial = _spatial_affinity(dense, candidates, num_categories, num_regions, cfg)
+    return cfg.temporal_weight * temporal + cfg.spatial_weight * spatial
+
+
+def sampling_distribution(utility: Tensor, candidates: Tensor, r: Tensor, task: Tensor,
+                          cfg: MaskConfig) -> Tensor:
+    """p' = (1 - eps) softmax(utility / kappa) + eps uniform over the candidates; [B,T]."""
+    count = candidates.sum(1, keepdim=True).clamp(min=1)
+    uniform = candidates.float() / count
+    if cfg.family == "uniform":
+        return uniform
+    logits = (utility / cfg.temperature).masked_fill(~candidates, float("-inf"))
+    # Rows without candidates give NaN in softmax; they get zeros (nothing to sample).
+    p = torch.softmax(logits, dim=1).nan_to_num(0.0)
+    eps = (_per_task(cfg, "exploration", task) * (1.0 - r))[:, None]
+    return (1.0 - eps) * p + eps * uniform
+
+
+def evidence_budget(ratio: Tensor, candidates: Tensor) -> Tensor:
+    """K = round(rho * #candidates), at least one slot when there is any; [B] int64."""
+    count = candidates.sum(1)
+    budget = torch.round(ratio * count).long()
+    return torch.minimum(torch.maximum(budget, count.clamp(max=1)), count)
+
+
+def gumbel_top_k(p: Tensor, budget: Tensor, generator: torch.Generator) -> Tensor:
+    """Exactly budget[b] distinct slots of row b, drawn without replacement from p; [B,T] bool.
+
+    Taking the top-k of log p + Gumbel noise is sampling k items without replacement in
+    proportion to p; slots with p = 0 score -inf and are never drawn while budget <= #(p > 0).
+    """
+    uniform = torch.rand(p.shape, generator=generator, device=p.device).clamp(min=1e-20)
+    scores = torch.log(p) - torch.log(-torch.log(uniform))  # [B,T]
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    chosen_rank = torch.arange(p.shape[1], device=p.device) < budget[:, None]  # [B,T]
+    return torch.zeros_like(chosen_rank).scatter(1, order, chosen_rank)
+
+
+def sample_mask(dense: Tensor, observed: Tensor, time_of_week: Tensor, num_categories: int,
+                num_regions: int, cfg: MaskConfig, generator: torch.Generator,
+                task: Tensor | None = None) -> MaskSample:
+    """Tasks (drawn unless given), targets and evidence for a batch.
+
+    dense [B,T,F], observed [B,T] bool, time_of_week [B,T] int in [0,168).
+    """
+    batch, slots = observed.shape
+    if task is None:
+        task = sample_tasks(batch, cfg, generator)
+    cut, target = target_windows(task, slots, cfg, generator)
+    before_cut = torch.arange(slots, device=observed.device) < cut[:, None]
+    candidates = observed & before_cut  # [B,T]
+    r = reliability(dense, candidates, time_of_week, num_categories, cfg)
+    ratio = evidence_ratio(r, task, cfg)
+    utility = slot_utility(dense, candidates, time_of_week, target, cut, task, num_categories,
+                           num_regions, cfg)
+    p = sampling_distribution(utility, candidates, r, task, cfg)
+    budget = evidence_budget(ratio, candidates)
+    evidence = gumbel_top_k(p, budget, generator)
+    return MaskSample(task, cut, target, candidates, evidence, r, ratio, budget)
+
+
+def _per_task(cfg: MaskConfig, key: str, task: Tensor) -> Tensor:
+    values = torch.tensor([float(getattr(cfg.task(name), key)) for name in TASKS],
+                          device=task.device)
+    return values[task]  # [B]
+
+
+def _normalized_entropy(weights: Tensor) -> Tensor:
+    """Entropy of each row's distribution over its last dim, divided by log(width); [B]."""
+    total = weights.sum(-1, keepdim=True)
+    p = weights / total.clamp(min=1e-12)
+    entropy = -(p * torch.log(p.clamp(min=1e-12))).sum(-1)
+    return entropy / math.log(weights.shape[-1])
+
+
+def _temporal_emphasis(time_of_week: Tensor, target: Tensor, cut: Tensor, task: Tensor,
+                       cfg: MaskConfig) -> Tensor:
+    """Recency decay before the cut plus a bonus at the target window's hours; [B,T]."""
+    slots = target.shape[1]
+    age = (cut[:, None] - 1 - torch.arange(slots, device=cut.device)).clamp(min=0).float()
+    halflife = _per_task(cfg, "recency_halflife", task)[:, None]
+    recency = torch.exp(-math.log(2.0) * age / halflife)  # [B,T]
+    tow = time_of_week.long()
+    target_week_slots = torch.zeros(target.shape[0], HOURS_PER_WEEK, device=target.device)
+    target_week_slots.scatter_add_(1, tow, target.float())
+    target_week_slots = target_week_slots > 0  # [B,168]
+    target_hours = target_week_slots.view(-1, HOURS_PER_WEEK // HOURS_PER_DAY, HOURS_PER_DAY).any(1)
+    periodic = (cfg.same_hour_bonus * target_hours.gather(1, tow % HOURS_PER_DAY).float()
+                + cfg.same_week_slot_bonus * target_week_slots.gather(1, tow).float())
+    return (_per_task(cfg, "recency_weight", task)[:, None] * recency
+            + _per_task(cfg, "periodic_weight", task)[:, None] * periodic)
+
+
+def _spatial_affinity(dense: Tensor, candidates: Tensor, num_categories: int, num_regions: int,
+                      cfg: MaskConfig) -> Tensor:
+    """Feature-weighted similarity of each slot to the user's usual regions, apps, volume; [B,T].
+
+    The user's profile is the mean over candidate slots, so target values never enter.
+    """
+    categories = dense[..., : num_categories + 1]
+    regions = dense[..., num_categories + 1: num_categories + num_regions + 2]
+    volume = dense[..., num_categories + num_regions + 3]
+    mask = candidates.float()[..., None]
+    count = mask.sum(1).clamp(min=1)  # [B,1]
+
+    def similarity_to_user(features: Tensor) -> Tensor:
+        user = (features * mask).sum(1) / count  # [B,D]
+        return torch.nn.functional.cosine_similarity(features, user[:, None, :], dim=-1, eps=1e-8)
+
+    user_volume = (volume * mask[..., 0]).sum(1, keepdim=True) / count
+    sims = torch.stack([similarity_to_user(regions), similarity_to_user(categories),
+                        torch.exp(-(volume - user_volume).abs())], dim=-1)  # [B,T,3]
+    weights = torch.tensor(cfg.spatial_feature_weights, device=dense.device)
+    return (sims * weights).sum(-1) / weights.sum().clamp(min=1e-12)

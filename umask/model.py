@@ -1,0 +1,109 @@
+"""UMask: U-SCOPE + adaptive mask + DiT + diffusion composed into one trainable module.
+
+The trainer calls `forward` for the loss and `complete` to fill a user's non-evidence slots.
+No process groups here: cross-rank negatives for InfoNCE come in through `gather_negatives`.
+"""
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from umask.config import ModelConfig
+from umask.diffusion import Diffusion
+from umask.dit import DiT
+from umask.losses import channel_weights, info_nce, reconstruction_loss
+from umask.masking import MaskSample, sample_mask
+from umask.uscope import UScope
+
+
+def no_extra_negatives(z: Tensor) -> Tensor:
+    return z.new_zeros((0, z.shape[1]))
+
+
+class UMask(nn.Module):
+    """The U-MASK model for dense slots [B,T,F] with F = (C+1) + (K+1) + 2 channels.
+
+    gather_negatives(z_long [B,U]) -> [M,U] returns the OTHER ranks' long views (the trainer
+    all-gathers and drops its own rows); the default adds none, which is right on one rank.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_categories: int, num_regions: int, sparse_dim: int,
+                 profile_dim: int = 0, gather_negatives: Callable[[Tensor], Tensor] = no_extra_negatives):
+        super().__init__()
+        self.cfg = cfg
+        self.num_categories = num_categories
+        self.num_regions = num_regions
+        self.channels = num_categories + num_regions + 4
+        self.gather_negatives = gather_negatives
+        self.uscope = UScope(self.channels, sparse_dim, cfg.user_dim, cfg.day_slots, profile_dim)
+        self.dit = DiT(self.channels, sparse_dim, cfg.user_dim, cfg.hidden, cfg.depth, cfg.heads,
+                       cfg.mlp_ratio, cfg.attention)
+        self.diffusion = Diffusion(cfg.diffusion)
+        self.register_buffer("loss_weights", channel_weights(num_categories, num_regions, cfg.loss),
+                             persistent=False)
+
+    def sample_mask(self, dense: Tensor, observed: Tensor, time_of_week: Tensor,
+                    generator: torch.Generator, task: Tensor | None = None) -> MaskSample:
+        return sample_mask(dense, observed, time_of_week, self.num_categories, self.num_regions,
+                           self.cfg.mask, generator, task)
+
+    def forward(self, dense: Tensor, observed: Tensor, time_of_week: Tensor, slot_sparse: Tensor,
+                profile: Tensor | None = None, *, generator: torch.Generator,
+                mask: MaskSample | None = None) -> dict[str, Tensor]:
+        """Training loss for one batch; draws the mask (unless given), step and noise from generator.
+
+        dense [B,T,F] float, observed [B,T] bool, time_of_week [B,T] int, slot_sparse [B,T,E].
+        """
+        self._check_shapes(dense, observed, time_of_week, slot_sparse)
+        if mask is None:
+            mask = self.sample_mask(dense, observed, time_of_week, generator)
+        z_short, z_long = self.uscope.views(dense, slot_sparse, time_of_week, mask.evidence,
+                                            self.cfg.short_view_slots, profile)
+        # Only target slots are diffused; every other non-evidence slot starts from x0 = 0 so
+        # slots outside the target window cannot leak values the evidence does not hold.
+        x0 = torch.where(mask.target[..., None], dense, torch.zeros_like(dense))
+        t = self.diffusion.sample_steps(dense.shape[0], generator)
+        noise = torch.randn(dense.shape, generator=generator, device=dense.device, dtype=dense.dtype)
+        x_t = self.diffusion.add_noise(x0, t, noise)
+        x0_hat = self.dit(x_t, t, z_long, dense, mask.evidence, time_of_week, slot_sparse)
+        scored = mask.target & observed
+        reconstruction = reconstruction_loss(x0_hat, dense, scored, self.loss_weights)
+        consistency = info_nce(z_short, z_long, self.gather_negatives(z_long),
+                               self.cfg.loss.infonce_temperature)
+        loss = reconstruction + self.cfg.loss.consistency_weight * consistency
+        return {"loss": loss, "reconstruction": reconstruction.detach(),
+                "consistency": consistency.detach(), "scored_slots": scored.sum(),
+                "evidence_slots": mask.evidence.sum()}
+
+    @torch.no_grad()
+    def complete(self, dense: Tensor, evidence: Tensor, time_of_week: Tensor, slot_sparse: Tensor,
+                 profile: Tensor | None = None, *, steps: int | None = None,
+                 generator: torch.Generator) -> Tensor:
+        """Fills every non-evidence slot by DDIM; evidence slots come back bit-exactly; [B,T,F]."""
+        self._check_shapes(dense, evidence, time_of_week, slot_sparse)
+        z_u = self.uscope(dense, slot_sparse, time_of_week, evidence, profile)
+        evidence_values = torch.where(evidence[..., None], dense, torch.zeros_like(dense))
+
+        def predict_x0(x_t: Tensor, t: Tensor) -> Tensor:
+            return self.dit(x_t, t, z_u, evidence_values, evidence, time_of_week, slot_sparse)
+
+        return self.diffusion.ddim_sample(predict_x0, evidence_values, evidence,
+                                          steps or self.cfg.diffusion.sample_steps, generator)
+
+    def param_count(self) -> dict[str, int]:
+        """Parameters per part and in total (works on a meta-device model)."""
+        parts = {"uscope": self.uscope, "dit": self.dit}
+        counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def _check_shapes(self, dense: Tensor, slots_mask: Tensor, time_of_week: Tensor,
+                      slot_sparse: Tensor) -> None:
+        if dense.dim() != 3 or dense.shape[-1] != self.channels:
+            raise ValueError(f"dense must be [B,T,{self.channels}] (C={self.num_categories}, "
+                             f"K={self.num_regions}), got {tuple(dense.shape)}")
+        if slots_mask.shape != dense.shape[:2] or slots_mask.dtype != torch.bool:
+            raise ValueError(f"masks must be bool [B,T]={tuple(dense.shape[:2])}, got "
+                             f"{slots_mask.dtype} {tuple(slots_mask.shape)}")
+        if time_of_week.shape != dense.shape[:2] or slot_sparse.shape[:2] != dense.shape[:2]:
+            raise ValueError(f"time_of_week and slot_sparse must start with [B,T]={tuple(dense.shape[:2])}")
