@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     ("data", "trainer.data.featurize"),
     ("data", "trainer.data.summary"),
     (None, "trainer.config_cmd"),
+    (None, "trainer.launch"),
 ]
 
 
