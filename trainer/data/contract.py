@@ -148,13 +148,18 @@ def _is_number(t: pa.DataType) -> bool:
     return pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t)
 
 
+def _is_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)
+            or pa.types.is_fixed_size_list(t))
+
+
 def _is_int_list(t: pa.DataType) -> bool:
-    return pa.types.is_list_like(t) and pa.types.is_integer(t.value_type)
+    return _is_list(t) and pa.types.is_integer(t.value_type)
 
 
 def _is_float_list(t: pa.DataType) -> bool:
-    return pa.types.is_list_like(t) and (pa.types.is_floating(t.value_type)
-                                         or pa.types.is_integer(t.value_type))
+    return _is_list(t) and (pa.types.is_floating(t.value_type)
+                            or pa.types.is_integer(t.value_type))
 
 
 def _check_column(path: Path, schema: pa.Schema, name: str, accepts: Callable[[pa.DataType], bool],
