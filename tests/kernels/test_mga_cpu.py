@@ -1,0 +1,137 @@
+"""The float64 oracle, the token-order helpers and the CPU path of mask_guided_attention."""
+import math
+
+import pytest
+import torch
+from kernel_cases import evidence_layouts, random_qkv
+
+from umask.kernels import (MODES, evidence_first_permutation, mask_guided_attention,
+                           mask_guided_attention_reference, permute_tokens, unpermute_tokens)
+from umask.kernels.reference import allowed_keys
+
+
+def test_allowed_keys_by_hand():
+    evidence = torch.tensor([[True, False, True]])
+    assert allowed_keys(evidence, "evidence_keys", include_self=True)[0].tolist() == [
+        [True, False, True], [True, True, True], [True, False, True]]
+    assert allowed_keys(evidence, "evidence_keys", include_self=False)[0].tolist() == [
+        [True, False, True]] * 3
+    assert allowed_keys(evidence, "evidence_causal")[0].tolist() == [
+        [True, False, True], [True, True, True], [True, False, True]]
+
+
+def test_reference_by_hand_with_bias_and_empty_rows():
+    # D=1, q=1, k=[0, ln 2 * sqrt(1)], v=[10, 20]: weights exp(0):exp(ln2)=1:2 without bias
+    q = torch.ones(1, 1, 2, 1)
+    k = torch.tensor([0.0, math.log(2.0)]).view(1, 1, 2, 1)
+    v = torch.tensor([10.0, 20.0]).view(1, 1, 2, 1)
+    evidence = torch.tensor([[True, False]])
+    out = mask_guided_attention_reference(q, k, v, evidence, "bias", key_bias=torch.tensor([[math.log(2.0), 0.0]]))
+    assert torch.allclose(out.flatten(), torch.tensor([15.0, 15.0], dtype=torch.float64))  # 2:2 after bias
+    out = mask_guided_attention_reference(q, k, v, evidence, "evidence_keys", include_self=True)
+    assert torch.allclose(out.flatten(), torch.tensor([10.0, 10 / 3 + 40 / 3], dtype=torch.float64))
+    nothing = torch.tensor([[False, False]])
+    out = mask_guided_attention_reference(q, k, v, nothing, "evidence_keys", include_self=False)
+    assert out.abs().max() == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_gradcheck(mode):
+    q, k, v = random_qkv(2, 2, 5, 3, torch.float64)
+    evidence = torch.tensor([[True, False, False, True, False], [False] * 5])
+    key_bias = torch.randn(2, 2, dtype=torch.float64, requires_grad=True) if mode == "bias" else None
+    include_self = mode != "evidence_keys"  # the second sample is then a fully masked one
+    torch.autograd.gradcheck(lambda *a: mask_guided_attention_reference(*a[:3], evidence, mode, a[3] if a[3:] else None,
+                                                                        include_self),
+                             (q, k, v) + ((key_bias,) if key_bias is not None else ()))
+
+
+def test_permutation_puts_evidence_first_stably_and_round_trips():
+    evidence = torch.tensor([[False, True, False, True], [True, False, False, False]])
+    perm = evidence_first_permutation(evidence)
+    assert perm.tolist() == [[1, 3, 0, 2], [0, 1, 2, 3]]
+    x = torch.arange(2 * 4 * 3).view(2, 4, 3)
+    assert torch.equal(unpermute_tokens(permute_tokens(x, perm), perm), x)
+    assert permute_tokens(evidence, perm).tolist() == [[True, True, False, False], [True, False, False, False]]
+
+
+def _compare(mode, layout_name, include_self, dtype, atol):
+    evidence = evidence_layouts(4, 37)[layout_name]
+    q, k, v = random_qkv(4, 2, 37, 8, dtype)
+    key_bias = torch.randn(2, 2, requires_grad=True) if mode == "bias" else None
+    out = mask_guided_attention(q, k, v, evidence, mode, key_bias, include_self)
+    ref = mask_guided_attention_reference(q, k, v, evidence, mode, key_bias, include_self)
+    assert out.dtype == dtype and not out.isnan().any()
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=0)
+    inputs = [q, k, v] + ([key_bias] if key_bias is not None else [])
+    grad_out = torch.randn(ref.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+    want = torch.autograd.grad(ref, inputs, grad_out)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and not g.isnan().any()
+        torch.testing.assert_close(g.double(), w.double(), atol=atol * 4, rtol=0)
+
+
+@pytest.mark.parametrize("layout_name", ["scattered", "sorted_mixed_counts", "no_evidence", "all_evidence"])
+@pytest.mark.parametrize("mode,include_self", [("evidence_keys", True), ("evidence_keys", False),
+                                               ("evidence_causal", True), ("bias", True)])
+def test_cpu_path_matches_reference_float32(mode, include_self, layout_name):
+    _compare(mode, layout_name, include_self, torch.float32, atol=2e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_path_bfloat16(mode):
+    _compare(mode, "scattered", True, torch.bfloat16, atol=3e-2)
+
+
+def test_fully_masked_sample_outputs_zero_with_zero_gradient():
+    q, k, v = random_qkv(2, 1, 6, 4)
+    evidence = torch.tensor([[True, False, True, False, False, False], [False] * 6])
+    out = mask_guided_attention(q, k, v, evidence, "evidence_keys", include_self=False)
+    assert out[1].abs().max() == 0 and out[0].abs().max() > 0
+    out.sum().backward()
+    assert q.grad[1].abs().max() == 0 and k.grad[1].abs().max() == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_path_gradcheck_float64(mode):
+    q, k, v = random_qkv(2, 2, 7, 4, torch.float64)
+    evidence = evidence_layouts(2, 7)["scattered"]
+    key_bias = torch.randn(2, 2, dtype=torch.float64, requires_grad=True) if mode == "bias" else None
+    inputs = (q, k, v) + ((key_bias,) if key_bias is not None else ())
+    torch.autograd.gradcheck(lambda *a: mask_guided_attention(*a[:3], evidence, mode, a[3] if a[3:] else None), inputs)
+
+
+def test_non_contiguous_inputs():
+    q, k, v = [t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in random_qkv(2, 3, 9, 4)]
+    evidence = evidence_layouts(2, 9)["scattered"]
+    assert not q.is_contiguous()
+    torch.testing.assert_close(mask_guided_attention(q, k, v, evidence, "evidence_causal").double(),
+                               mask_guided_attention_reference(q, k, v, evidence, "evidence_causal"), atol=2e-6, rtol=0)
+
+
+def test_torch_compile_keeps_one_graph():
+    q, k, v = random_qkv(2, 2, 12, 8)
+    evidence = evidence_layouts(2, 12)["scattered"]
+    key_bias = torch.zeros(2, 2, requires_grad=True)
+    compiled = torch.compile(lambda q, k, v, b: mask_guided_attention(q, k, v, evidence, "bias", b) * 2,
+                             backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v, key_bias)
+    out.sum().backward()
+    torch.testing.assert_close(out.double(), 2 * mask_guided_attention_reference(q, k, v, evidence, "bias", key_bias),
+                               atol=2e-6, rtol=0)
+    assert key_bias.grad is not None
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(mode="causal"), "mode must be one of"),
+    (dict(evidence=torch.ones(2, 5)), "evidence must be a bool tensor"),
+    (dict(mode="bias"), "needs key_bias"),
+    (dict(key_bias=torch.zeros(2, 2)), "only used by mode 'bias'"),
+])
+def test_bad_arguments_are_named(bad, message):
+    q, k, v = random_qkv(2, 2, 5, 4)
+    args = dict(evidence=torch.ones(2, 5, dtype=torch.bool), mode="evidence_keys", key_bias=None)
+    args.update(bad)
+    with pytest.raises(ValueError, match=message):
+        mask_guided_attention(q, k, v, **args)

@@ -1,0 +1,219 @@
+"""CPU path of mask-guided attention: PyTorch's fused CPU flash kernel on compacted tokens.
+
+Measured on this kind of machine (docs/kernels.md): a boolean mask never makes CPU SDPA
+skip work, so each mode is rewritten so the fused kernel only sees allowed pairs:
+
+- evidence_keys: gather the evidence keys (padded to the batch's largest count) and attend
+  to them; a target's own key is merged in afterwards as one extra softmax term using the
+  kernel's log-sum-exp, so the self key costs O(N*D) instead of a dense mask.
+- evidence_causal: evidence queries attend to gathered evidence keys, target queries attend
+  to every key, as two kernel calls on gathered queries (work N^2 (1 - rho + rho^2)).
+- bias: the per-head key bias rides in one extra head-dim channel (q gets a 1, k gets
+  bias / scale), so the dense kernel runs without any mask and the bias gradient falls out
+  of dK.
+
+Forward returns (out, lse) with lse the natural-log softmax normaliser per query and +inf
+on rows with no allowed key; backward recomputes nothing but the kernel's own tiles.
+"""
+import math
+from typing import NamedTuple
+
+import torch
+
+_flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class TokenList(NamedTuple):
+    """The positions of one kind of token per sample, padded to the batch's longest list."""
+    gather: torch.Tensor  # [B,L] int64, padding points at a real token (any is fine)
+    scatter: torch.Tensor  # [B,L] int64, padding points at the dump slot N
+    valid: torch.Tensor  # [B,L] bool
+    count: torch.Tensor  # [B] int64
+
+    @property
+    def length(self) -> int:
+        return self.gather.shape[1]
+
+
+def token_list(selected: torch.Tensor) -> TokenList:
+    """Positions where selected [B,N] is True, in order, as a padded TokenList."""
+    n = selected.shape[1]
+    order = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)  # selected first
+    count = selected.sum(1)
+    length = int(count.max()) if n else 0
+    gather = order[:, :length]
+    valid = torch.arange(length, device=selected.device)[None, :] < count[:, None]
+    return TokenList(gather, gather.masked_fill(~valid, n), valid, count)
+
+
+def _gather_tokens(x: torch.Tensor, tokens: TokenList) -> torch.Tensor:
+    """x [B,H,N,D] -> [B,H,L,D] at tokens.gather."""
+    b, h, _, d = x.shape
+    return x.gather(2, tokens.gather[:, None, :, None].expand(b, h, tokens.length, d))
+
+
+def _scatter_tokens(x: torch.Tensor, tokens: TokenList, n: int, into: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B,H,L,...] -> [B,H,N+1,...] placed at tokens.scatter (padding lands in slot N)."""
+    b, h = x.shape[:2]
+    if into is None:
+        into = x.new_zeros(b, h, n + 1, *x.shape[3:])
+    index = tokens.scatter.view(b, 1, tokens.length, *([1] * (x.dim() - 3)))
+    return into.scatter(2, index.expand_as(x), x)
+
+
+def _key_padding(tokens: TokenList, dtype: torch.dtype) -> torch.Tensor:
+    """[B,1,1,L] additive mask: 0 on real keys, -inf on padding."""
+    pad = torch.zeros(tokens.valid.shape, dtype=dtype, device=tokens.valid.device)
+    return pad.masked_fill(~tokens.valid, float("-inf"))[:, None, None, :]
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def forward(q, k, v, evidence, mode, key_bias, include_self):
+    """(out [B,H,N,D] in q's dtype, lse [B,H,N] float32 (float64 for float64 inputs))."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if mode == "evidence_keys":
+        return _evidence_keys_forward(q, k, v, evidence, include_self, scale)
+    if mode == "evidence_causal":
+        return _evidence_causal_forward(q, k, v, evidence, scale)
+    return _bias_forward(q, k, v, evidence, key_bias, scale)
+
+
+def backward(dout, q, k, v, out, lse, evidence, mode, key_bias, include_self):
+    """(dq, dk, dv, dkey_bias or None) for the cotangent dout of `forward`'s out."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if mode == "evidence_keys":
+        return (*_evidence_keys_backward(dout, q, k, v, out, lse, evidence, include_self, scale), None)
+    if mode == "evidence_causal":
+        return (*_evidence_causal_backward(dout, q, k, v, out, lse, evidence, scale), None)
+    return _bias_backward(dout, q, k, v, out, lse, evidence, key_bias, scale)
+
+
+def _self_scores(q, k, evidence, scale):
+    """[B,H,N]: each target query's score against its own key, -inf for evidence queries.
+
+    Evidence queries already see their own key among the evidence keys.
+    """
+    scores = (q.to(_lse_dtype(q)) * k.to(_lse_dtype(q))).sum(-1) * scale
+    return scores.masked_fill(evidence[:, None, :], float("-inf"))
+
+
+def _evidence_keys_forward(q, k, v, evidence, include_self, scale):
+    b, h, n, d = q.shape
+    keys = token_list(evidence)
+    lse_dtype = _lse_dtype(q)
+    if keys.length > 0:
+        out, lse = _flash_forward(q, _gather_tokens(k, keys), _gather_tokens(v, keys), 0.0, False,
+                                  attn_mask=_key_padding(keys, q.dtype), scale=scale)
+        lse = lse.to(lse_dtype).masked_fill((keys.count == 0)[:, None, None], float("-inf"))
+    else:
+        out = torch.zeros_like(q)
+        lse = q.new_full((b, h, n), float("-inf"), dtype=lse_dtype)
+    if include_self:
+        self_scores = _self_scores(q, k, evidence, scale)
+        total = torch.logaddexp(lse, self_scores)  # finite: every row has at least its own key
+        out = (torch.exp(lse - total)[..., None] * out.to(lse_dtype)
+               + torch.exp(self_scores - total)[..., None] * v.to(lse_dtype)).to(q.dtype)
+        lse = total
+    return out, lse.masked_fill(torch.isneginf(lse), float("inf"))
+
+
+def _evidence_keys_backward(dout, q, k, v, out, lse, evidence, include_self, scale):
+    keys = token_list(evidence)
+    n = q.shape[2]
+    if keys.length > 0:
+        # The kernel recomputes P = exp(S - lse) with the merged lse, so these are exactly the
+        # evidence keys' share of the gradient even when a self term was merged in.
+        dq, dk_keys, dv_keys = _flash_backward(
+            dout, q, _gather_tokens(k, keys), _gather_tokens(v, keys), out, lse.to(torch.float32)
+            if q.dtype != torch.float64 else lse, 0.0, False, attn_mask=_key_padding(keys, q.dtype), scale=scale)
+        dk = _scatter_tokens(dk_keys, keys, n)[:, :, :n]
+        dv = _scatter_tokens(dv_keys, keys, n)[:, :, :n]
+    else:
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if not include_self:
+        return dq, dk, dv
+    acc = _lse_dtype(q)
+    p_self = torch.exp(_self_scores(q, k, evidence, scale) - lse)  # [B,H,N], 0 on evidence rows
+    dout_acc = dout.to(acc)
+    delta = (dout_acc * out.to(acc)).sum(-1)  # rowsum(dO * O), as in the flash backward
+    ds_self = p_self * ((dout_acc * v.to(acc)).sum(-1) - delta)
+    dq = (dq.to(acc) + scale * ds_self[..., None] * k.to(acc)).to(q.dtype)
+    dk = (dk.to(acc) + scale * ds_self[..., None] * q.to(acc)).to(k.dtype)
+    dv = (dv.to(acc) + p_self[..., None] * dout_acc).to(v.dtype)
+    return dq, dk, dv
+
+
+def _evidence_causal_forward(q, k, v, evidence, scale):
+    b, h, n, d = q.shape
+    lse_dtype = _lse_dtype(q)
+    evid, targ = token_list(evidence), token_list(~evidence)
+    out = q.new_zeros(b, h, n + 1, d)
+    lse = q.new_zeros(b, h, n + 1, dtype=lse_dtype)
+    if evid.length > 0:
+        out_e, lse_e = _flash_forward(_gather_tokens(q, evid), _gather_tokens(k, evid), _gather_tokens(v, evid),
+                                      0.0, False, attn_mask=_key_padding(evid, q.dtype), scale=scale)
+        out = _scatter_tokens(out_e, evid, n, into=out)
+        lse = _scatter_tokens(lse_e.to(lse_dtype), evid, n, into=lse)
+    if targ.length > 0:
+        out_t, lse_t = _flash_forward(_gather_tokens(q, targ), k, v, 0.0, False, scale=scale)
+        out = _scatter_tokens(out_t, targ, n, into=out)
+        lse = _scatter_tokens(lse_t.to(lse_dtype), targ, n, into=lse)
+    return out[:, :, :n].contiguous(), lse[:, :, :n].contiguous()
+
+
+def _evidence_causal_backward(dout, q, k, v, out, lse, evidence, scale):
+    n = q.shape[2]
+    evid, targ = token_list(evidence), token_list(~evidence)
+    kernel_lse = lse if q.dtype == torch.float64 else lse.to(torch.float32)
+    dq = q.new_zeros(*q.shape[:2], n + 1, q.shape[3])
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for tokens, is_evidence in ((evid, True), (targ, False)):
+        if tokens.length == 0:
+            continue
+        # padded query rows get dO = 0, which zeroes their share of dK and dV
+        dout_rows = _gather_tokens(dout, tokens) * tokens.valid[:, None, :, None]
+        lse_rows = kernel_lse.gather(2, tokens.gather[:, None, :].expand(*lse.shape[:2], tokens.length))
+        keys, values = (_gather_tokens(k, tokens), _gather_tokens(v, tokens)) if is_evidence else (k, v)
+        mask = _key_padding(tokens, q.dtype) if is_evidence else None
+        dq_rows, dk_part, dv_part = _flash_backward(
+            dout_rows, _gather_tokens(q, tokens), keys, values, _gather_tokens(out, tokens), lse_rows,
+            0.0, False, attn_mask=mask, scale=scale)
+        dq = _scatter_tokens(dq_rows, tokens, n, into=dq)
+        if is_evidence:
+            dk = dk + _scatter_tokens(dk_part, tokens, n)[:, :, :n]
+            dv = dv + _scatter_tokens(dv_part, tokens, n)[:, :, :n]
+        else:
+            dk, dv = dk + dk_part, dv + dv_part
+    return dq[:, :, :n].contiguous(), dk, dv
+
+
+def _with_bias_channel(q, k, v, evidence, key_bias, scale):
+    """q,k,v [B,H,N,D] -> [B,H,N,D+1]: scale*(q'.k') = scale*q.k + bias of k's kind."""
+    bias = torch.where(evidence[:, None, :], key_bias[None, :, 0, None], key_bias[None, :, 1, None])  # [B,H,N]
+    q_aug = torch.cat([q, q.new_ones(*q.shape[:3], 1)], dim=-1)
+    k_aug = torch.cat([k, (bias / scale).to(k.dtype)[..., None]], dim=-1)
+    v_aug = torch.cat([v, v.new_zeros(*v.shape[:3], 1)], dim=-1)
+    return q_aug, k_aug, v_aug
+
+
+def _bias_forward(q, k, v, evidence, key_bias, scale):
+    q_aug, k_aug, v_aug = _with_bias_channel(q, k, v, evidence, key_bias, scale)
+    out, lse = _flash_forward(q_aug, k_aug, v_aug, 0.0, False, scale=scale)
+    return out[..., :-1].contiguous(), lse.to(_lse_dtype(q))
+
+
+def _bias_backward(dout, q, k, v, out, lse, evidence, key_bias, scale):
+    q_aug, k_aug, v_aug = _with_bias_channel(q, k, v, evidence, key_bias, scale)
+    pad = dout.new_zeros(*dout.shape[:3], 1)
+    kernel_lse = lse if q.dtype == torch.float64 else lse.to(torch.float32)
+    dq, dk, dv = _flash_backward(torch.cat([dout, pad], -1), q_aug, k_aug, v_aug, torch.cat([out, pad], -1),
+                                 kernel_lse, 0.0, False, scale=scale)
+    # d bias_j = sum_i dS_ij = dK'[j, D] / scale, then summed per head over keys of each kind
+    dbias_per_key = dk[..., -1].to(key_bias.dtype) / scale  # [B,H,N]
+    ev = evidence[:, None, :].to(key_bias.dtype)
+    dkey_bias = torch.stack([(dbias_per_key * ev).sum((0, 2)), (dbias_per_key * (1 - ev)).sum((0, 2))], dim=-1)
+    return dq[..., :-1].contiguous(), dk[..., :-1].contiguous(), dv[..., :-1].contiguous(), dkey_bias
