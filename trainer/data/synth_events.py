@@ -1,0 +1,216 @@
+"""Event records for one chunk of synthetic users, generated with array operations only.
+
+Per user and hour of the window: the routine gives a state (sleep, home, commute, work, out),
+the state gives a place and an event rate, Poisson draws (with gamma bursts) give the number
+of records. Each record then draws a category from persona taste x state x hour x the user's
+own taste, an app from the user's few apps in that category, and a lognormal traffic volume.
+Some apps are installed during the window (and used only after) and a few are uninstalled
+(and not used after). A few records are location-only, some have no known cell and a few
+are exact duplicates, as in real exports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from trainer.data import synth_personas as personas
+from trainer.data.synth_apps import INSTALL_MEDIAN_BYTES, TRAFFIC_MEDIAN, TRAFFIC_SIGMA
+from trainer.data.synth_users import OUTING_PREFERENCE, OUTINGS, TIERS, Population
+from trainer.data.synth_world import World
+
+EVENT_VALUES = ("use", "install", "uninstall")
+USE, INSTALL, UNINSTALL = range(3)
+EVENTS_SCHEMA = pa.schema([
+    pa.field("user_id", pa.int64(), nullable=False),
+    pa.field("ts", pa.timestamp("ms", tz="UTC"), nullable=False),  # Parquet has no seconds unit
+    pa.field("app_id", pa.int64()),
+    pa.field("loc_id", pa.int64()),
+    pa.field("traffic_bytes", pa.int64()),
+    pa.field("event", pa.dictionary(pa.int8(), pa.string())),  # null: a location-only record
+])
+
+DAY_OFF_CHANCE = 0.04  # a workday spent as a free day (leave, sickness)
+BURST_SHAPE = 2.0  # gamma shape of hour-to-hour burstiness; smaller is burstier
+LOCATION_ONLY_SHARE = 0.08  # records with a cell but no app (network pings)
+UNKNOWN_CELL_SHARE = 0.03  # app records whose cell is unknown
+DUPLICATE_SHARE = 0.002  # records exported twice
+TRIAL_UNINSTALL_CHANCE = 0.2  # an app installed in the window is removed again
+UNINSTALLS_PER_USER = 0.1  # mean apps a user had before the window and removes in it
+_CATEGORY_BATCH = 1 << 18  # records per batch when drawing categories ([batch, C] floats)
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int  # epoch seconds, a whole hour
+    days: int
+
+    @property
+    def hours(self) -> int:
+        return self.days * 24
+
+
+def chunk_events(world: World, window: Window, users: Population,
+                 rng: np.random.Generator) -> pa.Table:
+    """All records of the chunk's users, sorted by (user, ts), in EVENTS_SCHEMA."""
+    state, clock = _states(world, window, users, rng)  # [U, H] each
+    cell = _record_cells(window, users, state, rng)  # [N] flat (user, hour) index per record
+    user, hour = np.divmod(cell, window.hours)
+    ts = window.start + hour * 3600 + rng.integers(0, 3600, size=len(cell))
+    place = _places(window, users, state.ravel()[cell], user, hour, clock.ravel()[cell], rng)
+    category = _categories(world, users, user, state.ravel()[cell], clock.ravel()[cell], rng)
+    slot = _draw_rows(users.app_set_cdf[user, category], rng.random(len(cell)))
+    app = users.app_sets[user, category, slot]
+    has_app = rng.random(len(cell)) >= LOCATION_ONLY_SHARE
+    known_cell = ~has_app | (rng.random(len(cell)) >= UNKNOWN_CELL_SHARE)
+    traffic = np.exp(rng.normal(np.log(TRAFFIC_MEDIAN[category]), TRAFFIC_SIGMA[category]))
+    records = dict(user=user, ts=ts, app=np.where(has_app, app, -1),
+                   place=np.where(known_cell, place, -1),
+                   traffic=np.where(has_app, traffic.astype(np.int64), -1),
+                   event=np.where(has_app, USE, -1))
+    records = _install_and_uninstall(world, window, users, records, rng)
+    records = _duplicate(records, rng)
+    order = np.lexsort((records["ts"], records["user"]))
+    return _table(world, users, {k: v[order] for k, v in records.items()})
+
+
+def _states(world: World, window: Window, users: Population, rng: np.random.Generator):
+    """[U, H] state of every user in every hour, and the user's own clock hour [U, H]."""
+    abs_hour = window.start // 3600 + np.arange(window.hours)  # [H]
+    day = abs_hour // 24 - abs_hour[0] // 24  # [H] day of the window
+    weekday = (np.arange(day[-1] + 1) + abs_hour[0] // 24 + 3) % 7  # [D] 1970-01-01 was a Thursday
+    n = len(users.persona)
+    workday = (personas.works_on_weekdays()[users.persona][:, None] & (weekday < 5)[None, :]
+               & (rng.random((n, len(weekday))) >= DAY_OFF_CHANCE))  # [U, D]
+    goes_out = rng.random((n, len(weekday))) < personas.out_chances()[users.persona[:, None],
+                                                                      workday.astype(int)]
+    clock = (abs_hour[None, :] % 24 - users.clock_shift[:, None]) % 24  # [U, H]
+    code = world.routines[users.persona[:, None], workday[:, day].astype(int), clock]
+    out_now = goes_out[:, day]
+    state = np.where(code == personas.MAYBE_OUT, np.where(out_now, personas.OUT, personas.HOME),
+                     code)
+    return state.astype(np.int8), clock
+
+
+def _record_cells(window: Window, users: Population, state: np.ndarray,
+                  rng: np.random.Generator) -> np.ndarray:
+    """[N] flat (user * H + hour) index of every use record, one entry per record."""
+    rate = personas.STATE_ACTIVITY[state]  # [U, H]
+    rate[np.arange(window.hours)[None, :] < users.first_hour[:, None]] = 0.0
+    scale = users.expected_events / np.maximum(rate.sum(axis=1), 1e-9)
+    rate *= scale[:, None] * rng.gamma(BURST_SHAPE, 1.0 / BURST_SHAPE, size=rate.shape)
+    counts = rng.poisson(rate).ravel()
+    return np.repeat(np.arange(counts.size), counts)
+
+
+def _places(window: Window, users: Population, state: np.ndarray, user: np.ndarray,
+            hour: np.ndarray, clock: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """[N] place number of each record: home, work, a commute cell or an outing place."""
+    days = window.days + 1  # a window not starting at midnight touches one more day
+    outing_of_day = rng.choice(OUTINGS, size=(len(users.persona), days), p=OUTING_PREFERENCE)
+    roaming = rng.choice(OUTINGS, size=len(user))
+    roams = personas.roams_at_work()[users.persona[user]]
+    day = (hour + (window.start // 3600) % 24) // 24
+    at_work = np.where(roams, users.outings[user, roaming], users.work[user])
+    return np.select(
+        [state == personas.WORK, state == personas.COMMUTE, state == personas.OUT],
+        [at_work, users.commute[user, (clock >= 12).astype(int)],
+         users.outings[user, outing_of_day[user, day]]],
+        default=users.home[user])
+
+
+def _categories(world: World, users: Population, user: np.ndarray, state: np.ndarray,
+                clock: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """[N] category of each record, drawn in batches so memory stays [batch, C]."""
+    persona = users.persona[user]
+    out = np.empty(len(user), dtype=np.int64)
+    for lo in range(0, len(user), _CATEGORY_BATCH):
+        hi = min(lo + _CATEGORY_BATCH, len(user))
+        weight = world.category_mix[persona[lo:hi], state[lo:hi], clock[lo:hi]] * users.taste[user[lo:hi]]
+        cdf = np.cumsum(weight, axis=1)  # [batch, C]
+        out[lo:hi] = _draw_rows(cdf / cdf[:, -1:], rng.random(hi - lo))
+    return out
+
+
+def _draw_rows(cdf: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+    """Index drawn from each row of a [n, k] CDF by inverse transform."""
+    return np.minimum((cdf < uniform[:, None]).sum(axis=1), cdf.shape[1] - 1)
+
+
+def _install_and_uninstall(world: World, window: Window, users: Population, records: dict,
+                           rng: np.random.Generator) -> dict:
+    """Adds install/uninstall records; drops uses before an install and after an uninstall."""
+    num_apps = len(world.catalog.app_ids)
+    uses = np.flatnonzero(records["app"] >= 0)
+    uses = uses[np.lexsort((records["ts"][uses], records["user"][uses]))]
+    per_user = np.bincount(records["user"][uses], minlength=len(users.persona))
+    first_use = np.concatenate([[0], np.cumsum(per_user)[:-1]])
+    installs_mean = np.array([t.installs for t in TIERS])[users.tier]
+
+    def pick(mean: np.ndarray) -> np.ndarray:
+        """Random use records, about mean[u] of them for each user u who has any."""
+        who = np.repeat(np.arange(len(per_user)), rng.poisson(mean) * (per_user > 0))
+        return uses[first_use[who] + (rng.random(len(who)) * per_user[who]).astype(np.int64)]
+
+    # an installed app is first used some minutes after the install
+    anchor = pick(installs_mean)
+    inst_key, first = np.unique(records["user"][anchor] * num_apps + records["app"][anchor],
+                                return_index=True)
+    anchor = anchor[first]
+    inst_ts = np.maximum(records["ts"][anchor] - rng.integers(60, 1800, size=len(anchor)),
+                         window.start)
+    # some new apps are tried and removed again, some older apps are removed
+    trial = rng.random(len(anchor)) < TRIAL_UNINSTALL_CHANCE
+    trial_ts = inst_ts[trial] + rng.exponential(3 * 86400, size=trial.sum()).astype(np.int64)
+    older = pick(np.full(len(per_user), UNINSTALLS_PER_USER))
+    older_key = records["user"][older] * num_apps + records["app"][older]
+    older = older[~np.isin(older_key, inst_key)]
+    un_key = np.concatenate([inst_key[trial], records["user"][older] * num_apps + records["app"][older]])
+    un_ts = np.concatenate([trial_ts, records["ts"][older] + rng.integers(60, 1800, size=len(older))])
+    un_place = np.concatenate([records["place"][anchor][trial], records["place"][older]])
+    inside = un_ts < window.start + window.hours * 3600
+    un_key, un_ts, un_place = un_key[inside], un_ts[inside], un_place[inside]
+    un_key, first = np.unique(un_key, return_index=True)
+    un_ts, un_place = un_ts[first], un_place[first]
+
+    key = np.where(records["app"] >= 0, records["user"] * num_apps + records["app"], -1)
+    keep = (key < 0) | ((records["ts"] >= _lookup(inst_key, inst_ts, key, np.iinfo(np.int64).min))
+                        & (records["ts"] < _lookup(un_key, un_ts, key, np.iinfo(np.int64).max)))
+    inst_bytes = np.exp(rng.normal(np.log(INSTALL_MEDIAN_BYTES), 0.8, size=len(inst_key)))
+    added = dict(
+        user=np.concatenate([inst_key // num_apps, un_key // num_apps]),
+        ts=np.concatenate([inst_ts, un_ts]),
+        app=np.concatenate([inst_key % num_apps, un_key % num_apps]),
+        place=np.concatenate([records["place"][anchor], un_place]),
+        traffic=np.concatenate([inst_bytes.astype(np.int64), np.full(len(un_key), -1)]),
+        event=np.concatenate([np.full(len(inst_key), INSTALL), np.full(len(un_key), UNINSTALL)]),
+    )
+    return {k: np.concatenate([v[keep], added[k]]) for k, v in records.items()}
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray, missing: int) -> np.ndarray:
+    """values[keys == query] per query (keys sorted and unique), `missing` where absent."""
+    if len(keys) == 0:
+        return np.full(len(query), missing)
+    at = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+    return np.where(keys[at] == query, values[at], missing)
+
+
+def _duplicate(records: dict, rng: np.random.Generator) -> dict:
+    again = np.flatnonzero(rng.random(len(records["user"])) < DUPLICATE_SHARE)
+    return {k: np.concatenate([v, v[again]]) for k, v in records.items()}
+
+
+def _table(world: World, users: Population, records: dict) -> pa.Table:
+    """Numbers to ids; -1 marks a null."""
+    app, place, traffic, event = records["app"], records["place"], records["traffic"], records["event"]
+    return pa.table([
+        pa.array(users.user_ids[records["user"]], pa.int64()),
+        pa.array(records["ts"] * 1000, pa.timestamp("ms", tz="UTC")),
+        pa.array(world.catalog.app_ids[np.maximum(app, 0)], pa.int64(), mask=app < 0),
+        pa.array(world.city.loc_ids[np.maximum(place, 0)], pa.int64(), mask=place < 0),
+        pa.array(traffic, pa.int64(), mask=traffic < 0),
+        pa.DictionaryArray.from_arrays(pa.array(event.astype(np.int8), mask=event < 0),
+                                       pa.array(EVENT_VALUES)),
+    ], schema=EVENTS_SCHEMA)
