@@ -1,0 +1,492 @@
+"""`u-mask data featurize`: contract events -> per-user training examples (schema.EXAMPLES).
+
+Two phases, so that no stage holds the event set in memory:
+1. partition: the event stream is split by a stable hash of user_id into data.num_shards
+   buckets, each appended (one row group per buffer flush) to its own staging Parquet file;
+2. featurize: each bucket becomes examples independently, by `featurize_bucket`, a pure
+   function of (bucket file, side tables, data config) -> output files. Locally the buckets
+   run in data.featurize_workers processes; on a cluster the same function runs as Ray tasks.
+
+Per bucket (numpy/pyarrow only, no Python loop per event or per user):
+- exact duplicate rows (all six columns, nulls included) are dropped;
+- window w of a user covers [ORIGIN + w*T*slot_seconds, ...) with ORIGIN the Monday
+  1970-01-05T00:00Z, so windows are week-aligned when T*slot_seconds is a week; a
+  (user, window) with at least one event is one example;
+- dense channels per schema.DenseLayout. Category usage is log1p of the slot's app records
+  (count) or of their traffic bytes (data.category_value; null bytes count 0); apps missing
+  from apps.parquet fall in the unknown category; location-only records (null app_id) count
+  for regions, activity and volume, not for categories. Region shares are over the slot's
+  records with a loc_id; install and uninstall events are records like `use` (observed,
+  activity, categories, app bag), because an install is evidence of the user's interest
+  in the app at that time and the event kind is not a channel of its own;
+- regions come from trainer.data.regions; loc_ids absent from locations.parquet (or every
+  loc_id when there is no such table) go to region stable_hash(loc_id) % K, so the same
+  place always lands in the same region and unlisted places still spread over K regions
+  instead of piling up in "unknown" (which is kept for listed places without a region);
+- id bags are the distinct raw app_ids and loc_ids of each slot, sorted;
+- each user lands in train/val/test/cold by a stable hash of (user_id, data.split_salt),
+  the same in every window and every run.
+
+Output, one split per folder so the loader can choose splits by path:
+`<features>/split=<split>/shard=<00000>/part-00000.parquet` (row groups of
+data.row_group_size examples) and `<features>/manifest.json`.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trainer.cli import add_config_arguments, config_from_args
+from trainer.config import DataConfig, save_config
+from trainer.data.contract import EventReader, open_dataset, read_apps, read_locations
+from trainer.data.regions import ABSENT, RegionTable, build_region_table
+from trainer.data.schema import EXAMPLES, NORMALIZED_EVENTS, SPLITS, DenseLayout
+from trainer.errors import UserError
+
+ORIGIN = 345_600  # 1970-01-05T00:00:00Z, a Monday: windows and time_of_week count from it
+WEEK = 7 * 86_400
+SHARD_SALT = 0x5348415244  # separates the shard hash from the split hash of the same user
+REGION_SALT = 0x524547494F4E
+PARTITION_BUFFER_ROWS = 1 << 22  # rows buffered across buckets before a flush (~170 MB)
+STAGING = "_staging"
+MANIFEST = "manifest.json"
+# what a previous featurize run leaves in its output folder, removed before a new run
+OUTPUTS = (STAGING, "quarantine", MANIFEST, "config.yaml", "summary.json")
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+
+
+def stable_hash(values: np.ndarray, salt: int) -> np.ndarray:
+    """splitmix64 of int64 values offset by a salt: uint64, the same on every machine."""
+    offset = np.uint64((_GOLDEN * (salt + 1)) & _MASK64)
+    z = values.astype(np.int64, copy=False).view(np.uint64) + offset
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def bucket_of(user_ids: np.ndarray, num_shards: int) -> np.ndarray:
+    """Shard (bucket) of each user, in [0, num_shards)."""
+    return (stable_hash(user_ids, SHARD_SALT) % np.uint64(num_shards)).astype(np.int64)
+
+
+def split_of(user_ids: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """Index into SPLITS of each user: a uniform draw u in [0, 1) against the fractions."""
+    u = (stable_hash(user_ids, cfg.split_salt) >> np.uint64(11)) * 2.0**-53
+    edges = np.cumsum([cfg.val_fraction, cfg.test_fraction, cfg.cold_fraction])
+    # u < val -> val (1), < val+test -> test (2), < val+test+cold -> cold (3), else train (0)
+    return ((np.searchsorted(edges, u, side="right") + 1) % 4).astype(np.int8)
+
+
+@dataclass(frozen=True)
+class SideTables:
+    """apps.parquet and locations.parquet reduced to lookups; picklable for workers."""
+
+    app_ids: np.ndarray  # [A] int64, sorted
+    categories: np.ndarray  # [A] int32 in [0, C)
+    regions: RegionTable
+
+    @staticmethod
+    def build(apps: pa.Table | None, locations: pa.Table | None, cfg: DataConfig) -> SideTables:
+        if apps is None:
+            app_ids, categories = np.empty(0, np.int64), np.empty(0, np.int32)
+        else:
+            app_ids = apps.column("app_id").to_numpy().astype(np.int64)
+            categories = apps.column("category_id").to_numpy().astype(np.int32)
+            bad = np.flatnonzero((categories < 0) | (categories >= cfg.num_categories))
+            if len(bad):
+                raise UserError(f"apps.parquet: row {bad[0]}: category_id {categories[bad[0]]} is "
+                                f"outside [0, {cfg.num_categories}) (data.num_categories)")
+            order = np.argsort(app_ids, kind="stable")
+            app_ids, categories = app_ids[order], categories[order]
+        return SideTables(app_ids, categories, build_region_table(locations, cfg.num_regions))
+
+    def category(self, app_ids: np.ndarray, unknown: int) -> np.ndarray:
+        if len(self.app_ids) == 0:
+            return np.full(len(app_ids), unknown, np.int64)
+        pos = np.minimum(np.searchsorted(self.app_ids, app_ids), len(self.app_ids) - 1)
+        return np.where(self.app_ids[pos] == app_ids, self.categories[pos], unknown).astype(np.int64)
+
+    def region(self, loc_ids: np.ndarray) -> np.ndarray:
+        region = self.regions.lookup(loc_ids).astype(np.int64)
+        absent = region == ABSENT
+        region[absent] = stable_hash(loc_ids[absent], REGION_SALT) % np.uint64(self.regions.num_regions)
+        return region
+
+
+# --- phase 1: partition by user --------------------------------------------------------
+
+def partition_events(batches: Iterable[pa.RecordBatch], staging: Path, num_shards: int,
+                     buffer_rows: int = PARTITION_BUFFER_ROWS) -> tuple[dict[int, Path], int]:
+    """Appends each batch's rows to its users' bucket files; returns ({bucket: file}, rows)."""
+    staging.mkdir(parents=True, exist_ok=True)
+    writers: dict[int, pq.ParquetWriter] = {}
+    pending: dict[int, list[pa.RecordBatch]] = {}
+    pending_rows = total = 0
+
+    def flush():
+        for bucket, parts in pending.items():
+            if bucket not in writers:
+                writers[bucket] = pq.ParquetWriter(staging / f"bucket-{bucket:05d}.parquet",
+                                                   NORMALIZED_EVENTS, compression="lz4")
+            writers[bucket].write_table(pa.Table.from_batches(parts, NORMALIZED_EVENTS))
+        pending.clear()
+
+    try:
+        for batch in batches:
+            batch = pa.Table.from_batches([batch]).select(NORMALIZED_EVENTS.names).cast(NORMALIZED_EVENTS)
+            bucket = bucket_of(batch.column("user_id").to_numpy(), num_shards)
+            # a stable sort of small integers is numpy's radix sort: O(rows)
+            order = np.argsort(bucket.astype(np.uint16 if num_shards <= 1 << 16 else np.uint32),
+                               kind="stable")
+            counts = np.bincount(bucket, minlength=num_shards)
+            ends = np.cumsum(counts)
+            grouped = batch.take(order).combine_chunks()
+            for b in np.flatnonzero(counts):
+                part = grouped.slice(ends[b] - counts[b], counts[b])
+                pending.setdefault(int(b), []).extend(part.to_batches())
+            pending_rows += batch.num_rows
+            total += batch.num_rows
+            if pending_rows >= buffer_rows:
+                flush()
+                pending_rows = 0
+        flush()
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return {b: staging / f"bucket-{b:05d}.parquet" for b in sorted(writers)}, total
+
+
+# --- phase 2: one bucket -> examples ---------------------------------------------------
+
+@dataclass
+class _Events:
+    """A bucket's deduplicated events in (split, user, ts) order, as numpy columns [N]."""
+    split: np.ndarray
+    user: np.ndarray
+    ts: np.ndarray
+    app: np.ndarray
+    app_valid: np.ndarray
+    loc: np.ndarray
+    loc_valid: np.ndarray
+    traffic: np.ndarray  # float64, null -> 0
+    duplicates: int
+
+
+def featurize_bucket(bucket_file: str | Path, shard: int, side: SideTables, cfg: DataConfig,
+                     out: str | Path) -> dict:
+    """One bucket's events -> split=*/shard=<shard>/part-00000.parquet; returns its report."""
+    table = pq.read_table(bucket_file)
+    events = _sorted_unique_events(table, cfg)
+    layout = DenseLayout(cfg.num_categories, cfg.num_regions)
+    T, span = cfg.slots, cfg.slots * cfg.slot_seconds
+
+    window = np.floor_divide(events.ts - ORIGIN, span)
+    slot = (events.ts - ORIGIN - window * span) // cfg.slot_seconds
+    starts = np.ones(len(events.ts), bool)
+    starts[1:] = (events.user[1:] != events.user[:-1]) | (window[1:] != window[:-1])
+    example = np.cumsum(starts) - 1  # [N] example index of each event
+    first = np.flatnonzero(starts)  # [E] first event of each example
+    flat_slot = example * T + slot  # [N] index into the bucket's E*T slots, non-decreasing
+
+    app_slot, app_ids = _distinct_pairs(flat_slot[events.app_valid], events.app[events.app_valid])
+    loc_slot, loc_ids = _distinct_pairs(flat_slot[events.loc_valid], events.loc[events.loc_valid])
+    channels = _SlotRecords(
+        flat_slot=flat_slot, traffic=events.traffic,
+        app_slot=flat_slot[events.app_valid],
+        category=side.category(events.app[events.app_valid], cfg.num_categories),
+        category_value=(events.traffic[events.app_valid] if cfg.category_value == "bytes" else None),
+        loc_slot=flat_slot[events.loc_valid], region=side.region(events.loc[events.loc_valid]))
+
+    example_split = events.split[first]
+    report = {"shard": shard, "events": len(table), "duplicates_dropped": events.duplicates,
+              "users": {}, "examples": {}, "row_groups": {}}
+    for split_index in np.flatnonzero(np.bincount(example_split, minlength=len(SPLITS))).tolist():
+        name = SPLITS[split_index]
+        lo, hi = np.searchsorted(example_split, [split_index, split_index + 1])
+        path = Path(out) / f"split={name}" / f"shard={shard:05d}" / "part-00000.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sizes = []
+        with pq.ParquetWriter(path, EXAMPLES, compression="zstd") as writer:
+            for e0 in range(lo, hi, cfg.row_group_size):
+                e1 = min(e0 + cfg.row_group_size, hi)
+                dense, observed = channels.dense(e0, e1, T, layout)
+                writer.write_table(pa.Table.from_arrays([
+                    pa.array(events.user[first[e0:e1]]),
+                    pa.array([name] * (e1 - e0), pa.string()),
+                    pa.array(ORIGIN + window[first[e0:e1]] * span),
+                    _fixed_lists(_time_of_week(window[first[e0:e1]], cfg), T),
+                    _fixed_lists(observed, T),
+                    _fixed_lists(dense, T * layout.num_channels),
+                    *_bags(app_slot, app_ids, e0, e1, T),
+                    *_bags(loc_slot, loc_ids, e0, e1, T),
+                ], schema=EXAMPLES))
+                sizes.append(int(e1 - e0))
+        report["examples"][name] = int(hi - lo)
+        report["users"][name] = int(np.count_nonzero(np.diff(events.user[first[lo:hi]])) + 1)
+        report["row_groups"][name] = sizes
+    return report
+
+
+def _sorted_unique_events(table: pa.Table, cfg: DataConfig) -> _Events:
+    user = table.column("user_id").to_numpy()
+    ts = table.column("ts").to_numpy()
+    # dense user rank, so (split, user, ts) usually packs into one uint64 sort key
+    by_user = np.argsort(user)
+    sorted_users = user[by_user]
+    new_user = np.empty(len(user), bool)
+    new_user[:1] = True
+    np.not_equal(sorted_users[1:], sorted_users[:-1], out=new_user[1:])
+    rank = np.empty(len(user), np.int64)
+    rank[by_user] = np.cumsum(new_user) - 1
+    split = split_of(sorted_users[new_user], cfg)[rank]  # [N] via each user's rank
+    ts_offset = ts - ts.min() if len(ts) else ts
+    rank_bits, ts_bits = int(rank.max(initial=0)).bit_length(), int(ts_offset.max(initial=0)).bit_length()
+    if rank_bits + ts_bits <= 62:
+        key = ((split.astype(np.uint64) << np.uint64(62)) | (rank.astype(np.uint64) << np.uint64(ts_bits))
+               | ts_offset.astype(np.uint64))
+        order = np.argsort(key)
+    else:
+        order = np.lexsort((ts, rank, split))
+
+    columns = {name: table.column(name) for name in ("app_id", "loc_id", "traffic_bytes")}
+    app = columns["app_id"].fill_null(0).to_numpy()[order]
+    app_valid = columns["app_id"].is_valid().to_numpy()[order]
+    loc = columns["loc_id"].fill_null(0).to_numpy()[order]
+    loc_valid = columns["loc_id"].is_valid().to_numpy()[order]
+    traffic = columns["traffic_bytes"].fill_null(0).to_numpy()[order]
+    traffic_valid = columns["traffic_bytes"].is_valid().to_numpy()[order]
+    event = table.column("event").to_numpy()[order]
+    rank, ts = rank[order], ts[order]
+
+    keep = _first_of_identical_rows(rank, ts, (app, app_valid, loc, loc_valid, traffic,
+                                               traffic_valid, event))
+    return _Events(split=split[order][keep], user=user[order][keep], ts=ts[keep], app=app[keep],
+                   app_valid=app_valid[keep], loc=loc[keep], loc_valid=loc_valid[keep],
+                   traffic=traffic[keep].astype(np.float64), duplicates=int(len(keep) - keep.sum()))
+
+
+def _first_of_identical_rows(rank: np.ndarray, ts: np.ndarray, rest: tuple[np.ndarray, ...]) -> np.ndarray:
+    """keep mask [N] over rows sorted by (user, ts): False for exact repeats of an earlier row.
+
+    Identical rows share (user, ts), so only runs of equal (user, ts) are compared on the
+    other columns; those runs are rare, so the full sort touches few rows.
+    """
+    keep = np.ones(len(ts), bool)
+    same = (rank[1:] == rank[:-1]) & (ts[1:] == ts[:-1])  # [N-1]: row i+1 continues row i's run
+    if not same.any():
+        return keep
+    in_run = np.zeros(len(ts), bool)
+    in_run[1:] |= same
+    in_run[:-1] |= same
+    rows = np.flatnonzero(in_run)
+    run = np.cumsum(np.concatenate([[True], ~same]))[rows]
+    fields = [column[rows] for column in rest]
+    order = np.lexsort((*reversed(fields), run))
+    repeat = run[order][1:] == run[order][:-1]
+    for column in fields:
+        repeat &= column[order][1:] == column[order][:-1]
+    keep[rows[order][1:][repeat]] = False
+    return keep
+
+
+def _distinct_pairs(slot: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (slot, id) pairs sorted by slot, then id: [P] each."""
+    if len(ids) == 0:
+        return slot, ids
+    lo = int(ids.min())
+    id_span = int(ids.max()) - lo + 1
+    if (int(slot.max()) + 1) * id_span < 1 << 62:
+        # both fit in one int64: a plain sort (far faster than lexsort) orders the pairs
+        key = np.sort(slot * id_span + (ids - lo))
+        key = key[np.concatenate([[True], key[1:] != key[:-1]])]
+        return key // id_span, key % id_span + lo
+    order = np.lexsort((ids, slot))
+    slot, ids = slot[order], ids[order]
+    new = np.concatenate([[True], (slot[1:] != slot[:-1]) | (ids[1:] != ids[:-1])])
+    return slot[new], ids[new]
+
+
+@dataclass
+class _SlotRecords:
+    """Per-record slot indices and values; `dense` aggregates a range of examples."""
+    flat_slot: np.ndarray  # [N] all records
+    traffic: np.ndarray  # [N]
+    app_slot: np.ndarray  # [Na] records with an app_id
+    category: np.ndarray  # [Na] in [0, C]
+    category_value: np.ndarray | None  # [Na] bytes, or None to count records
+    loc_slot: np.ndarray  # [Nl] records with a loc_id
+    region: np.ndarray  # [Nl] in [0, K]
+
+    def dense(self, e0: int, e1: int, T: int, layout: DenseLayout) -> tuple[np.ndarray, np.ndarray]:
+        """dense [n, T, F] float32 and observed [n, T] bool for examples [e0, e1)."""
+        n, lo, hi = e1 - e0, e0 * T, e1 * T
+        C1, K1 = layout.num_categories + 1, layout.num_regions + 1
+        r0, r1 = np.searchsorted(self.flat_slot, [lo, hi])
+        slots = self.flat_slot[r0:r1] - lo
+        records = np.bincount(slots, minlength=n * T)  # [n*T]
+        bytes_ = np.bincount(slots, weights=self.traffic[r0:r1], minlength=n * T)
+        a0, a1 = np.searchsorted(self.app_slot, [lo, hi])
+        weights = None if self.category_value is None else self.category_value[a0:a1]
+        usage = np.bincount((self.app_slot[a0:a1] - lo) * C1 + self.category[a0:a1],
+                            weights=weights, minlength=n * T * C1)  # [n*T*C1]
+        l0, l1 = np.searchsorted(self.loc_slot, [lo, hi])
+        located = np.bincount(self.loc_slot[l0:l1] - lo, minlength=n * T)
+        in_region = np.bincount((self.loc_slot[l0:l1] - lo) * K1 + self.region[l0:l1],
+                                minlength=n * T * K1).reshape(n * T, K1)
+
+        dense = np.empty((n * T, layout.num_channels), np.float32)
+        dense[:, layout.category] = np.log1p(usage.reshape(n * T, C1))
+        dense[:, layout.region] = in_region / np.maximum(located, 1)[:, None]
+        dense[:, layout.activity] = np.log1p(records)
+        dense[:, layout.volume] = np.log1p(bytes_)
+        return dense.reshape(n, T, -1), (records > 0).reshape(n, T)
+
+
+def _time_of_week(window: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """[E, T] int16: slot of the week (0 = Monday 00:00 UTC) of every slot of each window."""
+    offsets = window[:, None] * (cfg.slots * cfg.slot_seconds) + np.arange(cfg.slots) * cfg.slot_seconds
+    return ((offsets % WEEK) // cfg.slot_seconds).astype(np.int16)
+
+
+def _fixed_lists(values: np.ndarray, per_row: int) -> pa.ListArray:
+    """[n, ...] numpy -> n lists of `per_row` flattened values."""
+    offsets = np.arange(len(values) + 1, dtype=np.int32) * per_row
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1)))
+
+
+def _bags(pair_slot: np.ndarray, pair_ids: np.ndarray, e0: int, e1: int, T: int) -> tuple[pa.ListArray, pa.ListArray]:
+    """ids (flattened per example) and per-slot lengths [n, T] for examples [e0, e1)."""
+    p0, p1 = np.searchsorted(pair_slot, [e0 * T, e1 * T])
+    lengths = np.bincount(pair_slot[p0:p1] - e0 * T, minlength=(e1 - e0) * T).astype(np.int32)
+    per_example = lengths.reshape(e1 - e0, T).sum(axis=1)
+    offsets = np.concatenate([[0], np.cumsum(per_example)]).astype(np.int32)
+    ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(pair_ids[p0:p1], pa.int64()))
+    return ids, _fixed_lists(lengths.reshape(e1 - e0, T), T)
+
+
+# --- both phases -------------------------------------------------------------------------
+
+def featurize_events(batches: Iterable[pa.RecordBatch], apps: pa.Table | None,
+                     locations: pa.Table | None, cfg: DataConfig, out: str | Path,
+                     input_report: Callable[[], dict] | None = None) -> dict:
+    """Events (NORMALIZED_EVENTS batches) + side tables -> examples and manifest in `out`.
+
+    `out` should be new or emptied by `prepare_output` (the CLI does so before the reader
+    writes its quarantine files there).
+    `input_report`, called once the batches are consumed, gives the reader's counts and
+    quarantine files for the manifest. Returns the manifest.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_limits(cfg)
+    side = SideTables.build(apps, locations, cfg)
+    bucket_files, rows = partition_events(batches, out / STAGING, cfg.num_shards)
+    jobs = [(str(path), bucket, side, cfg, str(out)) for bucket, path in bucket_files.items()]
+    workers = min(cfg.featurize_workers, len(jobs))
+    if workers <= 1:
+        reports = [featurize_bucket(*job) for job in jobs]
+    else:
+        # spawn, not fork: forking a process that runs Arrow's thread pools can deadlock
+        with concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            reports = list(pool.map(featurize_bucket, *zip(*jobs)))
+    manifest = _manifest(reports, rows, side, cfg, input_report() if input_report else None)
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    # staging goes last: until the manifest exists it marks the folder as featurize's own
+    shutil.rmtree(out / STAGING)
+    return manifest
+
+
+def prepare_output(out: Path) -> None:
+    """Empties a previous featurize output folder; refuses any other non-empty folder."""
+    if not out.exists():
+        out.mkdir(parents=True)
+        return
+    entries = set(out.iterdir())
+    ours = {p for p in entries if p.name in OUTPUTS or p.name.startswith("split=")}
+    earlier_run = (out / MANIFEST).exists() or (out / STAGING).exists()
+    if entries and (not earlier_run or entries - ours):
+        raise UserError(f"{out}: data.features points at a folder that holds other files than a "
+                        "featurize output; refusing to overwrite it (choose an empty or new folder)")
+    for path in ours:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def config_hash(cfg: DataConfig) -> str:
+    """sha256 of the data settings that decide the examples (not where they go or how fast)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("features", "featurize_workers")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _check_limits(cfg: DataConfig) -> None:
+    if WEEK // cfg.slot_seconds > np.iinfo(np.int16).max:
+        raise UserError(f"data.slot_seconds={cfg.slot_seconds}: a week would have more slots than "
+                        "time_of_week (int16) can number; use slots of 19 s or more")
+    per_example = cfg.slots * DenseLayout(cfg.num_categories, cfg.num_regions).num_channels
+    if cfg.row_group_size * per_example >= 2**31:
+        raise UserError(f"data.row_group_size={cfg.row_group_size}: a row group would hold more "
+                        f"than 2^31 dense values ({per_example} per example); lower it")
+
+
+def _manifest(reports: list[dict], rows: int, side: SideTables, cfg: DataConfig,
+              quarantine: dict | None) -> dict:
+    layout = DenseLayout(cfg.num_categories, cfg.num_regions)
+    total = {key: {s: sum(r[key].get(s, 0) for r in reports) for s in SPLITS}
+             for key in ("examples", "users")}
+    duplicates = sum(r["duplicates_dropped"] for r in reports)
+    return {
+        "slots": cfg.slots, "channels": layout.num_channels, "num_categories": cfg.num_categories,
+        "num_regions": cfg.num_regions, "slot_seconds": cfg.slot_seconds, "window_origin": ORIGIN,
+        "dense_layout": {"category": [layout.category.start, layout.category.stop],
+                         "unknown_category": cfg.num_categories,
+                         "region": [layout.region.start, layout.region.stop],
+                         "unknown_region": layout.region.stop - 1,
+                         "activity": layout.activity, "volume": layout.volume},
+        "category_value": cfg.category_value, "region_source": side.regions.source,
+        "examples": total["examples"], "users": total["users"],
+        "events": {"read": rows, "duplicates_dropped": duplicates, "featurized": rows - duplicates},
+        "shards": sorted(reports, key=lambda r: r["shard"]),
+        "quarantine": quarantine, "config_hash": config_hash(cfg),
+    }
+
+
+# --- command line ---------------------------------------------------------------------
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("featurize", help="turn contract events into training examples")
+    add_config_arguments(parser)
+    parser.set_defaults(handler=_featurize_command)
+
+
+def _featurize_command(args) -> int:
+    cfg = config_from_args(args)
+    data, out = cfg.data, Path(cfg.data.features)
+    dataset = open_dataset(data.source)
+    prepare_output(out)
+    reader = EventReader(dataset, data.invalid_rows,
+                         out / "quarantine" if data.invalid_rows == "quarantine" else None)
+    manifest = featurize_events(reader.batches(), read_apps(dataset, data.num_categories),
+                                read_locations(dataset), data, out, reader.report.as_dict)
+    save_config(cfg, out / "config.yaml")
+    examples, users, events = manifest["examples"], manifest["users"], manifest["events"]
+    print(f"featurized {events['featurized']} events ({events['duplicates_dropped']} duplicates "
+          f"dropped, {reader.report.rows_quarantined} rows quarantined) into "
+          f"{sum(examples.values())} examples of {sum(users.values())} users ("
+          + ", ".join(f"{s} {examples[s]}" for s in SPLITS) + f") in {out}")
+    return 0
