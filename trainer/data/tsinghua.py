@@ -147,6 +147,8 @@ def _lines(path: Path, block_bytes: int = 1 << 22) -> Iterator[tuple[int, pa.Arr
 
     Empty lines are kept so that position in the stream is the line number.
     """
+    if path.stat().st_size == 0:
+        return  # pyarrow.csv refuses empty files; an empty file simply has no lines
     invalid: list[int | None] = []
 
     def note_invalid(row) -> str:
