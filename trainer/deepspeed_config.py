@@ -1,0 +1,34 @@
+"""Builds the DeepSpeed config dict from ours, so the YAML stays the one source of truth.
+
+The dense model (the U-MASK DiT and U-SCOPE) is owned by DeepSpeed; the embedding tables are
+not (TorchRec shards them and steps them with fused optimizers).
+"""
+from __future__ import annotations
+
+from trainer.config import DeepSpeedConfig
+
+
+def resolve_precision(cfg: DeepSpeedConfig, use_gpu: bool) -> str:
+    """auto means bf16 on GPU and fp32 on CPU (the CPU engine has no fused low-precision Adam)."""
+    if cfg.precision == "auto":
+        return "bf16" if use_gpu else "fp32"
+    return cfg.precision
+
+
+def deepspeed_config(cfg: DeepSpeedConfig, micro_batch_size: int, use_gpu: bool) -> dict:
+    precision = resolve_precision(cfg, use_gpu)
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_clipping": cfg.gradient_clipping,
+        "optimizer": {
+            "type": "AdamW",
+            # torch_adam: DeepSpeed's fused CPU Adam needs a C++ build; torch's does not.
+            "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": not use_gpu},
+        },
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # our own progress line reports; DeepSpeed's would duplicate it
+        "wall_clock_breakdown": False,
+    }
