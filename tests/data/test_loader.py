@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import trainer.data.loader as loader_module
-from trainer.data.batch import Batch
+from trainer.data.batch import Batch, gather_bags
 from trainer.data.loader import ShardedLoader, deal_row_groups
 from trainer.data.schema import EXAMPLES, SPLITS
 from trainer.errors import UserError
@@ -296,3 +296,10 @@ def test_resume_refuses_another_world_size_or_dataset(tmp_path):
         ShardedLoader(tmp_path, 0, 2, batch_size=2, seed=0).load_state_dict({**saved, "examples": 40})
     with pytest.raises(UserError, match="batches_in_epoch=99 but epoch 0 has"):
         ShardedLoader(tmp_path, 0, 2, batch_size=2, seed=0).load_state_dict({**saved, "batches_in_epoch": 99})
+
+
+def test_gather_bags_concatenates_the_chosen_rows_bags():
+    values = np.array([10, 11, 12, 13, 14])
+    offsets = np.array([0, 2, 2, 5])  # row 0: [10, 11], row 1: [], row 2: [12, 13, 14]
+    assert gather_bags(values, offsets, np.array([2, 0, 1])).tolist() == [12, 13, 14, 10, 11]
+    assert gather_bags(values, offsets, np.array([1])).tolist() == []

@@ -1,8 +1,8 @@
 """What the loader hands the training step: `Batch` (torch tensors) and `ExampleRows` (numpy).
 
 `ExampleRows` is a block of decoded examples in columnar numpy form; the loader reads Parquet
-row groups into it, shuffles it with `take`, cuts batches with `take`/`concat` and turns each
-into a `Batch`. Id bags stay as flat values plus per-slot lengths, batch-major then slot, which
+row groups into it, gathers each batch's rows with `take` (and `concat` where a batch spans two
+blocks) and turns the result into a `Batch`. Id bags stay as flat values plus per-slot lengths, batch-major then slot, which
 is the layout a TorchRec KeyedJaggedTensor wants for one key with B*T samples; building the
 KJT is embeddings/' job, so nothing here imports torchrec.
 """
@@ -82,7 +82,7 @@ class ExampleRows:
         return row_offsets(self.loc_lengths)
 
     def take(self, rows: np.ndarray) -> "ExampleRows":
-        """The examples at `rows`, in that order (a copy)."""
+        """The examples at `rows`, in that order (a copy, so batches never alias the block)."""
         rows = np.asarray(rows, dtype=np.int64)
         return ExampleRows(
             user_id=self.user_id[rows],
@@ -95,22 +95,6 @@ class ExampleRows:
             app_lengths=self.app_lengths[rows],
             loc_values=gather_bags(self.loc_values, self.loc_offsets, rows),
             loc_lengths=self.loc_lengths[rows],
-        )
-
-    def slice(self, start: int, stop: int) -> "ExampleRows":
-        """Examples start..stop-1 (a copy, so batches never alias the block they came from)."""
-        app, loc = self.app_offsets, self.loc_offsets
-        return ExampleRows(
-            user_id=self.user_id[start:stop].copy(),
-            window_start=self.window_start[start:stop].copy(),
-            split=self.split[start:stop].copy(),
-            time_of_week=self.time_of_week[start:stop].copy(),
-            observed=self.observed[start:stop].copy(),
-            dense=self.dense[start:stop].copy(),
-            app_values=self.app_values[app[start]:app[stop]].copy(),
-            app_lengths=self.app_lengths[start:stop].copy(),
-            loc_values=self.loc_values[loc[start]:loc[stop]].copy(),
-            loc_lengths=self.loc_lengths[start:stop].copy(),
         )
 
     @staticmethod
