@@ -162,7 +162,9 @@ def _install_and_uninstall(world: World, window: Window, users: Population, reco
                          window.start)
     # some new apps are tried and removed again, some older apps are removed
     trial = rng.random(len(anchor)) < TRIAL_UNINSTALL_CHANCE
-    trial_ts = inst_ts[trial] + rng.exponential(3 * 86400, size=trial.sum()).astype(np.int64)
+    # removed a while after the first use, so every installed app is used at least once
+    trial_ts = (records["ts"][anchor][trial] + 60
+                + rng.exponential(3 * 86400, size=trial.sum()).astype(np.int64))
     older = pick(np.full(len(per_user), UNINSTALLS_PER_USER))
     older_key = records["user"][older] * num_apps + records["app"][older]
     older = older[~np.isin(older_key, inst_key)]

@@ -61,7 +61,7 @@ class Persona:
     evening_out: tuple[int, int]  # hours a workday evening may be spent out
     free_out: tuple[int, int]  # hours a free day may be spent out
     out_chance: tuple[float, float]  # chance of going out on a workday / on a free day
-    taste: dict[str, float]  # category weights; unnamed categories weigh 0.3
+    taste: dict[str, float]  # category weights; unnamed categories weigh 0.15
 
 
 PERSONAS = (
@@ -139,7 +139,7 @@ def out_chances() -> np.ndarray:
 
 def category_mix() -> np.ndarray:
     """[P, S, 24, C] persona taste x state affinity x hour-of-day affinity (unnormalized)."""
-    taste = np.stack([_weights(p.taste, 0.3) for p in PERSONAS])  # [P, C]
+    taste = np.stack([_weights(p.taste, 0.15) for p in PERSONAS])  # [P, C]
     state = np.stack([_weights(_STATE_AFFINITY[s], 1.0) for s in range(NUM_STATES)])  # [S, C]
     hour = np.ones((24, NUM_CATEGORIES))
     for first, last, named in _HOUR_AFFINITY:

@@ -78,7 +78,7 @@ def make_population(world: World, rng: np.random.Generator, first_user: int, n: 
     tier = rng.choice(len(TIERS), size=n, p=_TIER_SHARES)
     offset = rng.normal(0.0, 0.6, size=(n, world.persona_centres.shape[1]))
     taste = np.exp(offset @ world.taste_loadings.T
-                   + rng.normal(0.0, 0.3, size=(n, personas.NUM_CATEGORIES)))
+                   + rng.normal(0.0, 0.7, size=(n, personas.NUM_CATEGORIES)))
     first_hour, expected = _activity(rng, tier, hours)
     home, work, outings, commute = _places(rng, world.city, n)
     app_sets, app_set_cdf = _app_sets(rng, world, n)
