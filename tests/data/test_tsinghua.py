@@ -84,6 +84,9 @@ def test_side_files_are_optional_and_names_match_any_case(tmp_path):
     ("0 20160421080000 7 1 -2\n", "line 1: traffic_bytes '-2' is not a non-negative integer"),
     ("0 2016042108 7 1 2\n", "line 1: time '2016042108' is not YYYYMMDDhhmmss"),
     ("0 20160431080000 7 1 2\n", "line 1: time '20160431080000' is not a valid date and time"),
+    ("0 20160230235959 7 1 2\n", "line 1: time '20160230235959' is not a valid date and time"),
+    ("0 20161301000000 7 1 2\n", "line 1: time '20161301000000' is not a valid date and time"),
+    ("0 20160421246000 7 1 2\n", "line 1: time '20160421246000' is not a valid date and time"),
     ("", "App_usage_trace.txt: holds no records"),
 ])
 def test_malformed_trace_names_file_and_line_and_leaves_no_output(tmp_path, trace, message):

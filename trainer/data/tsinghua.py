@@ -224,9 +224,11 @@ def _write_events(trace: Path, folder: Path, utc_offset_seconds: int,
                 _require(trace, numbers, values, _ID, name, "a non-negative integer")
             _require(trace, numbers, time, r"^[0-9]{14}$", "time", "YYYYMMDDhhmmss")
             local = pc.strptime(time, format="%Y%m%d%H%M%S", unit="s", error_is_null=True)
-            # strptime rolls 20160431 over to May 1: a real time formats back to itself
-            invalid = pc.invert(pc.fill_null(pc.equal(
-                pc.strftime(local, format="%Y%m%d%H%M%S"), time), False))
+            # strptime rolls 20160431 over to May 1: a real date keeps its month and day
+            month = pc.utf8_slice_codeunits(time, 4, 6).cast(pa.int64())
+            day = pc.utf8_slice_codeunits(time, 6, 8).cast(pa.int64())
+            invalid = pc.invert(pc.fill_null(pc.and_(pc.equal(pc.month(local), month),
+                                                     pc.equal(pc.day(local), day)), False))
             _reject(trace, numbers, time, invalid, "time", "a valid date and time")
             # local wall-clock seconds -> UTC epoch seconds
             utc = pc.subtract(local.cast(pa.int64()), utc_offset_seconds)
