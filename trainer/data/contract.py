@@ -277,7 +277,7 @@ class EventReader:
                 writer.close()
 
     def _quarantine_path(self, path: Path) -> Path | None:
-        if self.quarantine_dir is None:
+        if self.policy != "quarantine":
             return None
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         try:
