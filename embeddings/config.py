@@ -1,23 +1,54 @@
 """Typed settings of the sparse side: the app and location tables, their sharding and optimizer."""
 from dataclasses import dataclass, field
 
+# TorchRec's sharding type names (torchrec.distributed.types.ShardingType values), spelled out
+# here so the config validates on a driver that never imports torchrec.
+SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise",
+                  "row_wise", "table_row_wise", "grid_shard")
+POOLINGS = ("sum", "mean")
+OPTIMIZERS = ("row_wise_adagrad", "adagrad")
+
 
 @dataclass
 class TableConfig:
     num_embeddings: int = 10_000  # rows; raw ids are hashed into them
     dim: int = 16
-    sharding_types: list[str] = field(default_factory=list)  # allowed; empty = planner decides
+    sharding_types: list[str] = field(default_factory=list)  # allowed; empty = any this hardware has
+    column_shard_dim: int = 0  # column-wise shard width (must divide dim); 0 = TorchRec's default
 
     def problems(self) -> list[tuple[str, str]]:
-        return [(k, "must be positive") for k in ("num_embeddings", "dim") if getattr(self, k) <= 0]
+        out = [(k, "must be positive") for k in ("num_embeddings", "dim") if getattr(self, k) <= 0]
+        unknown = [t for t in self.sharding_types if t not in SHARDING_TYPES]
+        if unknown:
+            out.append(("sharding_types", f"unknown {unknown}; choose from {list(SHARDING_TYPES)}"))
+        if self.column_shard_dim < 0:
+            out.append(("column_shard_dim", "must be 0 (TorchRec's default) or positive"))
+        elif self.column_shard_dim and self.dim > 0 and self.dim % self.column_shard_dim:
+            out.append(("column_shard_dim", f"must divide dim ({self.dim})"))
+        return out
 
 
 @dataclass
 class EmbeddingsConfig:
     app: TableConfig = field(default_factory=TableConfig)
     loc: TableConfig = field(default_factory=TableConfig)
-    optimizer: str = "row_wise_adagrad"
+    pooling: str = "sum"  # how a slot's bag of ids becomes one vector: sum | mean
+    optimizer: str = "row_wise_adagrad"  # fused into backward: row_wise_adagrad | adagrad
     lr: float = 0.05
+    eps: float = 1e-8  # Adagrad's denominator guard
+
+    def tables(self) -> dict[str, TableConfig]:
+        """The tables by name, in the order of their columns in the pooled output."""
+        return {"app": self.app, "loc": self.loc}
 
     def problems(self) -> list[tuple[str, str]]:
-        return [("lr", "must be positive")] if self.lr <= 0 else []
+        out = []
+        if self.pooling not in POOLINGS:
+            out.append(("pooling", f"must be one of {list(POOLINGS)}"))
+        if self.optimizer not in OPTIMIZERS:
+            out.append(("optimizer", f"must be one of {list(OPTIMIZERS)}"))
+        if self.lr <= 0:
+            out.append(("lr", "must be positive"))
+        if self.eps <= 0:
+            out.append(("eps", "must be positive"))
+        return out

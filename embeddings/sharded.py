@@ -1,0 +1,105 @@
+"""The app and location tables sharded over a process group, with their optimizer fused into backward.
+
+Only the tables go through DistributedModelParallel, built with init_data_parallel=False:
+DeepSpeed owns the dense model, and TorchRec must not wrap anything else in DDP. The optimizer
+(row-wise Adagrad or Adagrad, lr from the config) is attached with apply_optimizer_in_backward
+before sharding, so the sharder fuses it into FBGEMM's kernel: a sharded table steps during
+backward, touching only the rows that were looked up, and needs no optimizer.step() call.
+A data-parallel (replicated) table is the exception: TorchRec keeps it as a plain weight inside
+its own DDP and leaves its optimizer to the caller. A comm hook on that DDP steps the same
+optimizer right after the gradient all-reduce, so every table steps in backward and the
+trainer never calls step() for any of them.
+"""
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardingEnv
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embeddings.config import EmbeddingsConfig
+from embeddings.plan import describe_plan, plan_tables
+from embeddings.tables import build_tables
+
+_OPTIMIZERS = {"row_wise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad}
+
+
+class _ReplicatedStep:
+    """Comm-hook state: the process group and each flat replicated weight's optimizer."""
+
+    def __init__(self, pg: dist.ProcessGroup):
+        self.pg = pg
+        self.optimizers: dict[nn.Parameter, torch.optim.Optimizer] = {}
+
+
+def _allreduce_then_step(state: _ReplicatedStep,
+                         bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP comm hook: average the bucket's gradients, step their optimizers, hand back zeros.
+
+    DDP's own optimizer-in-backward hook needs an accelerator stream, so this one does the same
+    synchronously; the all-reduce blocks inside backward, which every rank runs alike. The
+    gradient is used up by the step, so the bucket (which DDP copies into .grad) is zeroed and
+    the next backward starts from nothing, as a fused table's does.
+    """
+    buffer = bucket.buffer()
+    dist.all_reduce(buffer, group=state.pg)
+    buffer.div_(dist.get_world_size(state.pg))
+    for flat, grad in zip(bucket.parameters(), bucket.gradients()):
+        flat.grad = grad
+        state.optimizers[flat].step()
+    buffer.zero_()
+    done = torch.futures.Future()
+    done.set_result(buffer)
+    return done
+
+
+class ShardedTables(nn.Module):
+    """`forward(kjt) -> pooled [B*T, E_app + E_loc]` for this rank's batch; every rank calls it.
+
+    `plan` is TorchRec's ShardingPlan, `placements` the same as plain values per table.
+    `state_dict()` holds ShardedTensor for sharded tables; `optimizer` is a keyed view of every
+    table's in-backward optimizer (never step() it: the tables step in backward), whose
+    state_dict() holds the Adagrad state in the same layout (see embeddings.checkpoint).
+    """
+
+    def __init__(self, cfg: EmbeddingsConfig, pg: dist.ProcessGroup, device: torch.device):
+        super().__init__()
+        tables = build_tables(cfg, device="meta")  # materialised shard by shard on `device`
+        apply_optimizer_in_backward(_OPTIMIZERS[cfg.optimizer], tables.parameters(),
+                                    {"lr": cfg.lr, "eps": cfg.eps})
+        sharders = [EmbeddingBagCollectionSharder()]
+        self.plan = plan_tables(cfg, dist.get_world_size(pg), device.type, sharders, pg)
+        self.placements = describe_plan(self.plan)
+        self.dmp = DistributedModelParallel(
+            tables, env=ShardingEnv.from_process_group(pg), device=device, plan=self.plan,
+            sharders=sharders, init_data_parallel=False)
+        keyed = [("", self.dmp.fused_optimizer)]
+        # Fused weights carry their fused optimizer; the others are replicated tables' weights:
+        # [rows, dim] views into one flat weight that TorchRec's own DDP all-reduces. That DDP
+        # sits in the sharded collection's lookups, a plain list TorchRec 1.8 does not register
+        # as submodules, so it is only reachable through the private `_lookups`.
+        replicated = {name: param for name, param in self.dmp.named_parameters()
+                      if not hasattr(param, "_in_backward_optimizers")}
+        for ddp in self.dmp.module._lookups:
+            if not isinstance(ddp, DistributedDataParallel):
+                continue
+            step = _ReplicatedStep(pg)
+            for flat in ddp.parameters():
+                views = {name: view for name, view in replicated.items()
+                         if view.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()}
+                # Row-wise state needs [rows, dim], so the optimizer sees the per-table views;
+                # their .grad reads the flat weight's gradient.
+                step.optimizers[flat] = _OPTIMIZERS[cfg.optimizer](
+                    list(views.values()), lr=cfg.lr, eps=cfg.eps)
+                keyed.append(("", KeyedOptimizer(views, step.optimizers[flat].state,
+                                                 step.optimizers[flat].param_groups)))
+            ddp.register_comm_hook(step, _allreduce_then_step)
+        self.optimizer = CombinedOptimizer(keyed)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return self.dmp(kjt).values()  # [B*T, E_app + E_loc], app columns first
