@@ -4,11 +4,13 @@ Writes a synthetic EXAMPLES dataset in the featurize layout (T=168 hourly slots,
 channels as for C=20 categories and K=32 regions, about 30% of slots observed with 1-4 app ids
 and one location each), then measures side by side in one run:
 - loader: one rank, batch 32, one epoch through ShardedLoader (prefetch on, as in training);
-- step: forward + backward + AdamW step of a small dense model on batches of the same shape
-  (input projection, 2-layer transformer encoder of width 64 over the T slots, output head).
+- step: forward + backward + AdamW step of the real U-MASK model (umask.model.UMask with the
+  default tiny ModelConfig: a DiT of 2 blocks of width 64 over the T slots) on one batch of the
+  same shape, its slot embeddings from two plain torch EmbeddingBag tables standing in for the
+  TorchRec ones (4096 x 16 each, ids taken modulo 4096).
 Prints one JSON line; ratio = loader / step, and above 1 means the loader is not the bottleneck.
 
-    .venv/bin/python bench/loader_bench.py [--examples 4096] [--steps 20]
+    .venv/bin/python bench/loader_bench.py [--examples 4096] [--steps 10]
 """
 import argparse
 import json
@@ -22,8 +24,11 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from trainer.data.batch import Batch
 from trainer.data.loader import ShardedLoader
 from trainer.data.schema import EXAMPLES, DenseLayout
+from umask.config import ModelConfig
+from umask.model import UMask
 
 SLOTS = 168
 LAYOUT = DenseLayout(num_categories=20, num_regions=32)
@@ -87,34 +92,42 @@ def loader_examples_per_s(features: Path) -> float:
         return examples / (time.perf_counter() - start)
 
 
-class SlotTransformer(nn.Module):
-    """A stand-in for the dense model: reconstructs the [B, T, F] channels through 2 layers of width 64."""
+class SlotBags(nn.Module):
+    """Plain-torch stand-in for the TorchRec tables: app and location bags summed per slot."""
 
-    def __init__(self, channels: int, width: int = 64):
+    def __init__(self, rows: int = 4096, dim: int = 16):
         super().__init__()
-        self.embed = nn.Linear(channels, width)
-        self.time_of_week = nn.Embedding(168, width)
-        layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=4 * width, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
-        self.head = nn.Linear(width, channels)
+        self.rows = rows
+        self.app = nn.EmbeddingBag(rows, dim, mode="sum")
+        self.loc = nn.EmbeddingBag(rows, dim, mode="sum")
 
-    def forward(self, dense: torch.Tensor, time_of_week: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed(dense) + self.time_of_week(time_of_week)  # [B, T, width]
-        return self.head(self.encoder(hidden))  # [B, T, F]
+    def forward(self, batch: Batch) -> torch.Tensor:
+        b, t = batch.observed.shape
+        pooled = [table(values % self.rows, bag_offsets(lengths))  # [B*T, dim]
+                  for table, values, lengths in ((self.app, batch.app_values, batch.app_lengths),
+                                                 (self.loc, batch.loc_values, batch.loc_lengths))]
+        return torch.cat(pooled, dim=1).view(b, t, -1)  # [B, T, 2*dim]
+
+
+def bag_offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """EmbeddingBag start offsets [B*T] from per-slot lengths [B*T]."""
+    return torch.cumsum(lengths, 0, dtype=torch.int64) - lengths.to(torch.int64)
 
 
 def step_examples_per_s(features: Path, steps: int) -> float:
+    """U-MASK (the tiny preset: a DiT of 2 blocks of width 64) forward + backward + AdamW step."""
     torch.manual_seed(0)
     with ShardedLoader(features, rank=0, world_size=1, batch_size=BATCH, seed=0, epochs=1) as loader:
         batch = next(loader)
-    model = SlotTransformer(LAYOUT.num_channels)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    bags = SlotBags()
+    model = UMask(ModelConfig(), LAYOUT.num_categories, LAYOUT.num_regions, sparse_dim=32)
+    optimizer = torch.optim.AdamW([*model.parameters(), *bags.parameters()], lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        reconstruction = model(batch.dense, batch.time_of_week)
-        loss = ((reconstruction - batch.dense) ** 2)[batch.observed].mean()
-        loss.backward()
+        out = model(batch.dense, batch.observed, batch.time_of_week, bags(batch), generator=generator)
+        out["loss"].backward()
         optimizer.step()
 
     for _ in range(2):  # warm-up: allocator and kernel selection
@@ -128,7 +141,7 @@ def step_examples_per_s(features: Path, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=4096, help="synthetic examples to write")
-    parser.add_argument("--steps", type=int, default=20, help="timed training steps")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
         features = Path(tmp) / "features"
@@ -139,7 +152,7 @@ def main() -> None:
         "bench": "loader", "loader_examples_per_s": round(loader_rate, 1),
         "step_examples_per_s": round(step_rate, 1), "ratio": round(loader_rate / step_rate, 2),
         "batch": BATCH, "slots": SLOTS, "channels": LAYOUT.num_channels, "examples": args.examples,
-        "step_model": "SlotTransformer (2 layers, width 64)", "torch_threads": torch.get_num_threads(),
+        "step_model": "umask.model.UMask tiny (DiT 2 x 64) + EmbeddingBag 2 x 4096 x 16", "torch_threads": torch.get_num_threads(),
     }))
 
 
