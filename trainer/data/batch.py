@@ -2,9 +2,9 @@
 
 `ExampleRows` is a block of decoded examples in columnar numpy form; the loader reads Parquet
 row groups into it, gathers each batch's rows with `take` (and `concat` where a batch spans two
-blocks) and turns the result into a `Batch`. Id bags stay as flat values plus per-slot lengths, batch-major then slot, which
-is the layout a TorchRec KeyedJaggedTensor wants for one key with B*T samples; building the
-KJT is embeddings/' job, so nothing here imports torchrec.
+blocks) and turns the result into a `Batch`. Id bags stay as flat values plus per-slot lengths,
+batch-major then slot, which is the layout a TorchRec KeyedJaggedTensor wants for one key with
+B*T samples; building the KJT is embeddings/' job, so nothing here imports torchrec.
 """
 from __future__ import annotations
 
