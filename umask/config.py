@@ -161,6 +161,10 @@ class ModelConfig:
     day_slots: int = 24  # U-SCOPE groups this many consecutive slots into a day
     short_view_slots: int = 24  # U-SCOPE short view: the most recent evidence slots it keeps
     attention: str = "evidence_keys"  # mask-guided attention mode of every DiT block
+    # Diffusion assumes values of order 1: the log1p channels are divided by these before
+    # noising and multiplied back after sampling (region shares are already in [0, 1]).
+    count_scale: float = 4.0  # app-category and activity channels, log1p(event count)
+    volume_scale: float = 16.0  # volume channel, log1p(traffic bytes)
     mask: MaskConfig = field(default_factory=MaskConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -171,8 +175,9 @@ class ModelConfig:
                if getattr(self, k) <= 0]
         if self.heads > 0 and self.hidden % self.heads:
             out.append(("heads", f"must divide hidden ({self.hidden})"))
-        if self.mlp_ratio <= 0:
-            out.append(("mlp_ratio", "must be positive"))
+        for key in ("mlp_ratio", "count_scale", "volume_scale"):
+            if getattr(self, key) <= 0:
+                out.append((key, "must be positive"))
         if self.attention not in ATTENTION_MODES:
             out.append(("attention", f"must be one of {', '.join(ATTENTION_MODES)}"))
         return out

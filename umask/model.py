@@ -41,6 +41,7 @@ class UMask(nn.Module):
         self.diffusion = Diffusion(cfg.diffusion)
         self.register_buffer("loss_weights", channel_weights(num_categories, num_regions, cfg.loss),
                              persistent=False)
+        self.register_buffer("channel_scale", self._channel_scale(), persistent=False)
 
     def sample_mask(self, dense: Tensor, observed: Tensor, time_of_week: Tensor,
                     generator: torch.Generator, task: Tensor | None = None) -> MaskSample:
@@ -57,17 +58,18 @@ class UMask(nn.Module):
         self._check_shapes(dense, observed, time_of_week, slot_sparse)
         if mask is None:
             mask = self.sample_mask(dense, observed, time_of_week, generator)
-        z_short, z_long = self.uscope.views(dense, slot_sparse, time_of_week, mask.evidence,
+        scaled = dense / self.channel_scale
+        z_short, z_long = self.uscope.views(scaled, slot_sparse, time_of_week, mask.evidence,
                                             self.cfg.short_view_slots, profile)
         # Only target slots are diffused; every other non-evidence slot starts from x0 = 0 so
         # slots outside the target window cannot leak values the evidence does not hold.
-        x0 = torch.where(mask.target[..., None], dense, torch.zeros_like(dense))
+        x0 = torch.where(mask.target[..., None], scaled, torch.zeros_like(scaled))
         t = self.diffusion.sample_steps(dense.shape[0], generator)
         noise = torch.randn(dense.shape, generator=generator, device=dense.device, dtype=dense.dtype)
         x_t = self.diffusion.add_noise(x0, t, noise)
-        x0_hat = self.dit(x_t, t, z_long, dense, mask.evidence, time_of_week, slot_sparse)
+        x0_hat = self.dit(x_t, t, z_long, scaled, mask.evidence, time_of_week, slot_sparse)
         scored = mask.target & observed
-        reconstruction = reconstruction_loss(x0_hat, dense, scored, self.loss_weights)
+        reconstruction = reconstruction_loss(x0_hat, scaled, scored, self.loss_weights)
         consistency = info_nce(z_short, z_long, self.gather_negatives(z_long),
                                self.cfg.loss.infonce_temperature)
         loss = reconstruction + self.cfg.loss.consistency_weight * consistency
@@ -81,14 +83,17 @@ class UMask(nn.Module):
                  generator: torch.Generator) -> Tensor:
         """Fills every non-evidence slot by DDIM; evidence slots come back bit-exactly; [B,T,F]."""
         self._check_shapes(dense, evidence, time_of_week, slot_sparse)
-        z_u = self.uscope(dense, slot_sparse, time_of_week, evidence, profile)
-        evidence_values = torch.where(evidence[..., None], dense, torch.zeros_like(dense))
+        scaled = dense / self.channel_scale
+        z_u = self.uscope(scaled, slot_sparse, time_of_week, evidence, profile)
+        evidence_values = torch.where(evidence[..., None], scaled, torch.zeros_like(scaled))
 
         def predict_x0(x_t: Tensor, t: Tensor) -> Tensor:
             return self.dit(x_t, t, z_u, evidence_values, evidence, time_of_week, slot_sparse)
 
-        return self.diffusion.ddim_sample(predict_x0, evidence_values, evidence,
-                                          steps or self.cfg.diffusion.sample_steps, generator)
+        completed = self.diffusion.ddim_sample(predict_x0, evidence_values, evidence,
+                                               steps or self.cfg.diffusion.sample_steps, generator)
+        # Composite the caller's values, not scaled-and-back ones, so evidence is bit-exact.
+        return torch.where(evidence[..., None], dense, completed * self.channel_scale)
 
     def param_count(self) -> dict[str, int]:
         """Parameters per part and in total (works on a meta-device model)."""
@@ -96,6 +101,14 @@ class UMask(nn.Module):
         counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
         counts["total"] = sum(counts.values())
         return counts
+
+    def _channel_scale(self) -> Tensor:
+        """Divisor per dense channel [F] that brings every channel family to order 1."""
+        scale = torch.ones(self.channels)
+        scale[: self.num_categories + 1] = self.cfg.count_scale
+        scale[self.channels - 2] = self.cfg.count_scale  # activity
+        scale[self.channels - 1] = self.cfg.volume_scale
+        return scale
 
     def _check_shapes(self, dense: Tensor, slots_mask: Tensor, time_of_week: Tensor,
                       slot_sparse: Tensor) -> None:
