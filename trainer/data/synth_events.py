@@ -54,12 +54,13 @@ class Window:
 def chunk_events(world: World, window: Window, users: Population,
                  rng: np.random.Generator) -> pa.Table:
     """All records of the chunk's users, sorted by (user, ts), in EVENTS_SCHEMA."""
-    state, clock = _states(world, window, users, rng)  # [U, H] each
+    state = _states(world, window, users, rng)  # [U, H]
     cell = _record_cells(window, users, state, rng)  # [N] flat (user, hour) index per record
     user, hour = np.divmod(cell, window.hours)
     ts = window.start + hour * 3600 + rng.integers(0, 3600, size=len(cell))
-    place = _places(window, users, state.ravel()[cell], user, hour, clock.ravel()[cell], rng)
-    category = _categories(world, users, user, state.ravel()[cell], clock.ravel()[cell], rng)
+    state, clock = state.ravel()[cell], _clock(window, users, user, hour)  # [N] each
+    place = _places(window, users, state, user, hour, clock, rng)
+    category = _categories(world, users, user, state, clock, rng)
     slot = _draw_rows(users.app_set_cdf[user, category], rng.random(len(cell)))
     app = users.app_sets[user, category, slot]
     has_app = rng.random(len(cell)) >= LOCATION_ONLY_SHARE
@@ -71,35 +72,41 @@ def chunk_events(world: World, window: Window, users: Population,
                    event=np.where(has_app, USE, -1))
     records = _install_and_uninstall(world, window, users, records, rng)
     records = _duplicate(records, rng)
-    order = np.lexsort((records["ts"], records["user"]))
+    # almost sorted already (by user and hour), which the stable sort (timsort) exploits
+    order = np.argsort(records["user"] << 32 | (records["ts"] - window.start), kind="stable")
     return _table(world, users, {k: v[order] for k, v in records.items()})
 
 
 def _states(world: World, window: Window, users: Population, rng: np.random.Generator):
-    """[U, H] state of every user in every hour, and the user's own clock hour [U, H]."""
-    abs_hour = window.start // 3600 + np.arange(window.hours)  # [H]
-    day = abs_hour // 24 - abs_hour[0] // 24  # [H] day of the window
-    weekday = (np.arange(day[-1] + 1) + abs_hour[0] // 24 + 3) % 7  # [D] 1970-01-01 was a Thursday
+    """[U, H] state of every user in every hour of the window (int8)."""
+    first_day, offset = divmod(window.start // 3600, 24)
+    days = (offset + window.hours + 23) // 24  # calendar days the window touches
+    weekday = (first_day + np.arange(days) + 3) % 7  # [D], 1970-01-01 was a Thursday
     n = len(users.persona)
     workday = (personas.works_on_weekdays()[users.persona][:, None] & (weekday < 5)[None, :]
-               & (rng.random((n, len(weekday))) >= DAY_OFF_CHANCE))  # [U, D]
-    goes_out = rng.random((n, len(weekday))) < personas.out_chances()[users.persona[:, None],
-                                                                      workday.astype(int)]
-    clock = (abs_hour[None, :] % 24 - users.clock_shift[:, None]) % 24  # [U, H]
-    code = world.routines[users.persona[:, None], workday[:, day].astype(int), clock]
-    out_now = goes_out[:, day]
-    state = np.where(code == personas.MAYBE_OUT, np.where(out_now, personas.OUT, personas.HOME),
-                     code)
-    return state.astype(np.int8), clock
+               & (rng.random((n, days)) >= DAY_OFF_CHANCE)).astype(np.int64)  # [U, D]
+    goes_out = rng.random((n, days)) < personas.out_chances()[users.persona[:, None], workday]
+    # routine[p, workday, shift + 1, hour]: the routine seen on a clock running `shift` hours late
+    shifted = np.stack([np.roll(world.routines, shift, axis=2) for shift in (-1, 0, 1)], axis=2)
+    code = shifted[users.persona[:, None], workday, users.clock_shift[:, None] + 1]  # [U, D, 24]
+    state = np.where(code == personas.MAYBE_OUT,
+                     np.where(goes_out[:, :, None], personas.OUT, personas.HOME), code)
+    return state.astype(np.int8).reshape(n, days * 24)[:, offset:offset + window.hours]
+
+
+def _clock(window: Window, users: Population, user: np.ndarray, hour: np.ndarray) -> np.ndarray:
+    """[N] hour of day on each record's user's own clock."""
+    return (window.start // 3600 + hour - users.clock_shift[user]) % 24
 
 
 def _record_cells(window: Window, users: Population, state: np.ndarray,
                   rng: np.random.Generator) -> np.ndarray:
     """[N] flat (user * H + hour) index of every use record, one entry per record."""
-    rate = personas.STATE_ACTIVITY[state]  # [U, H]
+    rate = personas.STATE_ACTIVITY.astype(np.float32)[state]  # [U, H]
     rate[np.arange(window.hours)[None, :] < users.first_hour[:, None]] = 0.0
     scale = users.expected_events / np.maximum(rate.sum(axis=1), 1e-9)
-    rate *= scale[:, None] * rng.gamma(BURST_SHAPE, 1.0 / BURST_SHAPE, size=rate.shape)
+    burst = rng.standard_gamma(BURST_SHAPE, size=rate.shape, dtype=np.float32) / BURST_SHAPE
+    rate *= scale[:, None] * burst
     counts = rng.poisson(rate).ravel()
     return np.repeat(np.arange(counts.size), counts)
 
@@ -123,13 +130,15 @@ def _places(window: Window, users: Population, state: np.ndarray, user: np.ndarr
 def _categories(world: World, users: Population, user: np.ndarray, state: np.ndarray,
                 clock: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """[N] category of each record, drawn in batches so memory stays [batch, C]."""
-    persona = users.persona[user]
+    mix = world.category_mix.reshape(-1, personas.NUM_CATEGORIES).astype(np.float32)  # [P*S*24, C]
+    taste = users.taste.astype(np.float32)
+    row = (users.persona[user] * personas.NUM_STATES + state) * 24 + clock  # [N] row of mix
     out = np.empty(len(user), dtype=np.int64)
     for lo in range(0, len(user), _CATEGORY_BATCH):
         hi = min(lo + _CATEGORY_BATCH, len(user))
-        weight = world.category_mix[persona[lo:hi], state[lo:hi], clock[lo:hi]] * users.taste[user[lo:hi]]
-        cdf = np.cumsum(weight, axis=1)  # [batch, C]
-        out[lo:hi] = _draw_rows(cdf / cdf[:, -1:], rng.random(hi - lo))
+        cdf = np.cumsum(mix[row[lo:hi]] * taste[user[lo:hi]], axis=1)  # [batch, C], unnormalized
+        uniform = rng.random(hi - lo, dtype=np.float32) * cdf[:, -1]
+        out[lo:hi] = _draw_rows(cdf, uniform)
     return out
 
 
@@ -142,8 +151,7 @@ def _install_and_uninstall(world: World, window: Window, users: Population, reco
                            rng: np.random.Generator) -> dict:
     """Adds install/uninstall records; drops uses before an install and after an uninstall."""
     num_apps = len(world.catalog.app_ids)
-    uses = np.flatnonzero(records["app"] >= 0)
-    uses = uses[np.lexsort((records["ts"][uses], records["user"][uses]))]
+    uses = np.flatnonzero(records["app"] >= 0)  # grouped by user, as records come in user order
     per_user = np.bincount(records["user"][uses], minlength=len(users.persona))
     first_use = np.concatenate([[0], np.cumsum(per_user)[:-1]])
     installs_mean = np.array([t.installs for t in TIERS])[users.tier]
