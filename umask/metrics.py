@@ -1,0 +1,98 @@
+"""Evaluation metrics of completed slots (method section 6), as pure functions on tensors.
+
+Ranking metrics take scores [N,V] (higher = more likely) and the true index [N]; slot metrics
+read the dense layout [C+1 categories, K+1 regions, activity, volume] and score only the
+slots a caller marks (target slots with activity). Empty inputs give NaN, never an error,
+so a sparsity bucket without slots shows up as NaN in a report.
+"""
+import torch
+from torch import Tensor
+
+# Upper edges of the sparsity buckets, as the share of a user's slots that hold a record.
+SPARSITY_EDGES = (0.05, 0.15, 0.3, 0.5)
+
+
+def true_rank(scores: Tensor, truth: Tensor) -> Tensor:
+    """1-based rank of the true index among the scores, ties counted pessimistically; [N]."""
+    true_score = scores.gather(1, truth[:, None].long())  # [N,1]
+    return (scores >= true_score).sum(1)
+
+
+def topk_accuracy(scores: Tensor, truth: Tensor, k: int) -> Tensor:
+    """Share of rows whose true index ranks within the top k (Acc@k)."""
+    return (true_rank(scores, truth) <= k).float().mean() if len(truth) else _nan()
+
+
+def mean_reciprocal_rank(scores: Tensor, truth: Tensor) -> Tensor:
+    return (1.0 / true_rank(scores, truth).float()).mean() if len(truth) else _nan()
+
+
+def mean_absolute_error(prediction: Tensor, truth: Tensor) -> Tensor:
+    return (prediction - truth).abs().mean() if truth.numel() else _nan()
+
+
+def root_mean_squared_error(prediction: Tensor, truth: Tensor) -> Tensor:
+    return ((prediction - truth) ** 2).mean().sqrt() if truth.numel() else _nan()
+
+
+def recall_at_k(scores: Tensor, relevant: Tensor, k: int = 10) -> Tensor:
+    """Mean over rows with any relevant item of |top-k of scores that are relevant| / |relevant|.
+
+    scores [N,V], relevant [N,V] bool (e.g. the fine-grained app ids used in the window).
+    """
+    rows = relevant.any(1)
+    if not rows.any():
+        return _nan()
+    scores, relevant = scores[rows], relevant[rows]
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [N',k]
+    hits = relevant.gather(1, top).sum(1).float()
+    return (hits / relevant.sum(1).float()).mean()
+
+
+def sparsity_bucket(observed_share: Tensor, edges: tuple[float, ...] = SPARSITY_EDGES) -> Tensor:
+    """Bucket index per user: 0 for share <= edges[0], ..., len(edges) above the last; [N]."""
+    return torch.bucketize(observed_share, torch.tensor(edges, dtype=observed_share.dtype))
+
+
+def bucket_labels(edges: tuple[float, ...] = SPARSITY_EDGES) -> list[str]:
+    bounds = (0.0, *edges, 1.0)
+    return [f"({lo:g}, {hi:g}]" if i else f"[{lo:g}, {hi:g}]" for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+
+
+def completion_metrics(prediction: Tensor, truth: Tensor, scored: Tensor, num_categories: int,
+                       num_regions: int) -> dict[str, float]:
+    """Category Acc@1/Acc@5/MRR, region Acc@1, volume MAE/RMSE over the scored slots.
+
+    prediction, truth [B,T,F] in the dense layout; scored [B,T] bool.
+    """
+    categories = slice(0, num_categories + 1)
+    regions = slice(num_categories + 1, num_categories + num_regions + 2)
+    volume = num_categories + num_regions + 3
+    pred, true = prediction[scored], truth[scored]  # [S,F]
+    category_truth = true[:, categories].argmax(1)
+    region_truth = true[:, regions].argmax(1)
+    return {
+        "slots": int(scored.sum()),
+        "category_acc1": float(topk_accuracy(pred[:, categories], category_truth, 1)),
+        "category_acc5": float(topk_accuracy(pred[:, categories], category_truth, 5)),
+        "category_mrr": float(mean_reciprocal_rank(pred[:, categories], category_truth)),
+        "region_acc1": float(topk_accuracy(pred[:, regions], region_truth, 1)),
+        "volume_mae": float(mean_absolute_error(pred[:, volume], true[:, volume])),
+        "volume_rmse": float(root_mean_squared_error(pred[:, volume], true[:, volume])),
+    }
+
+
+def completion_metrics_by_sparsity(prediction: Tensor, truth: Tensor, scored: Tensor,
+                                   observed_share: Tensor, num_categories: int, num_regions: int,
+                                   edges: tuple[float, ...] = SPARSITY_EDGES) -> dict[str, dict[str, float]]:
+    """completion_metrics per sparsity bucket of the users (observed_share [B]), plus "all"."""
+    bucket = sparsity_bucket(observed_share, edges)  # [B]
+    report = {"all": completion_metrics(prediction, truth, scored, num_categories, num_regions)}
+    for index, label in enumerate(bucket_labels(edges)):
+        in_bucket = scored & (bucket == index)[:, None]
+        report[label] = completion_metrics(prediction, truth, in_bucket, num_categories, num_regions)
+    return report
+
+
+def _nan() -> Tensor:
+    return torch.tensor(float("nan"))
