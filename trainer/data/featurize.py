@@ -65,6 +65,14 @@ MANIFEST = "manifest.json"
 # what a previous featurize run leaves in its output folder, removed before a new run
 OUTPUTS = (STAGING, "quarantine", MANIFEST, "config.yaml", "summary.json")
 
+# staging files are read once, soon after they are written: compressing, dictionary-encoding
+# and summarizing them would cost more CPU than the disk traffic it saves
+STAGING_WRITE_OPTIONS = dict(compression="none", use_dictionary=False, write_statistics=False)
+# dictionaries and statistics of the long list columns cost a third of the write time
+# and buy nothing: their values are not looked up or filtered on
+EXAMPLE_WRITE_OPTIONS = dict(compression="zstd", use_dictionary=["split"],
+                             write_statistics=["user_id", "split", "window_start"])
+
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
 
@@ -141,7 +149,7 @@ def partition_events(batches: Iterable[pa.RecordBatch], staging: Path, num_shard
         for bucket, parts in pending.items():
             if bucket not in writers:
                 writers[bucket] = pq.ParquetWriter(staging / f"bucket-{bucket:05d}.parquet",
-                                                   NORMALIZED_EVENTS, compression="lz4")
+                                                   NORMALIZED_EVENTS, **STAGING_WRITE_OPTIONS)
             writers[bucket].write_table(pa.Table.from_batches(parts, NORMALIZED_EVENTS))
         pending.clear()
 
@@ -154,7 +162,8 @@ def partition_events(batches: Iterable[pa.RecordBatch], staging: Path, num_shard
                                kind="stable")
             counts = np.bincount(bucket, minlength=num_shards)
             ends = np.cumsum(counts)
-            grouped = batch.take(order).combine_chunks()
+            # a batch of one bucket's users (always so with one shard) needs no regrouping
+            grouped = batch if counts.max() == batch.num_rows else batch.take(order).combine_chunks()
             for b in np.flatnonzero(counts):
                 part = grouped.slice(ends[b] - counts[b], counts[b])
                 pending.setdefault(int(b), []).extend(part.to_batches())
@@ -175,14 +184,15 @@ def partition_events(batches: Iterable[pa.RecordBatch], staging: Path, num_shard
 @dataclass
 class _Events:
     """A bucket's deduplicated events in (split, user, ts) order, as numpy columns [N]."""
-    split: np.ndarray
-    user: np.ndarray
+    rank: np.ndarray  # user's index into `users`
     ts: np.ndarray
-    app: np.ndarray
+    app: np.ndarray  # 0 where null
     app_valid: np.ndarray
-    loc: np.ndarray
+    loc: np.ndarray  # 0 where null
     loc_valid: np.ndarray
-    traffic: np.ndarray  # float64, null -> 0
+    traffic: np.ndarray  # float64, 0 where null
+    users: np.ndarray  # [U] the bucket's distinct user_ids, ascending
+    user_split: np.ndarray  # [U] index into SPLITS
     duplicates: int
 
 
@@ -197,7 +207,7 @@ def featurize_bucket(bucket_file: str | Path, shard: int, side: SideTables, cfg:
     window = np.floor_divide(events.ts - ORIGIN, span)
     slot = (events.ts - ORIGIN - window * span) // cfg.slot_seconds
     starts = np.ones(len(events.ts), bool)
-    starts[1:] = (events.user[1:] != events.user[:-1]) | (window[1:] != window[:-1])
+    starts[1:] = (events.rank[1:] != events.rank[:-1]) | (window[1:] != window[:-1])
     example = np.cumsum(starts) - 1  # [N] example index of each event
     first = np.flatnonzero(starts)  # [E] first event of each example
     flat_slot = example * T + slot  # [N] index into the bucket's E*T slots, non-decreasing
@@ -211,7 +221,7 @@ def featurize_bucket(bucket_file: str | Path, shard: int, side: SideTables, cfg:
         category_value=(events.traffic[events.app_valid] if cfg.category_value == "bytes" else None),
         loc_slot=flat_slot[events.loc_valid], region=side.region(events.loc[events.loc_valid]))
 
-    example_split = events.split[first]
+    example_split = events.user_split[events.rank[first]]  # [E], ascending
     report = {"shard": shard, "events": len(table), "duplicates_dropped": events.duplicates,
               "users": {}, "examples": {}, "row_groups": {}}
     for split_index in np.flatnonzero(np.bincount(example_split, minlength=len(SPLITS))).tolist():
@@ -220,12 +230,12 @@ def featurize_bucket(bucket_file: str | Path, shard: int, side: SideTables, cfg:
         path = Path(out) / f"split={name}" / f"shard={shard:05d}" / "part-00000.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         sizes = []
-        with pq.ParquetWriter(path, EXAMPLES, compression="zstd") as writer:
+        with pq.ParquetWriter(path, EXAMPLES, **EXAMPLE_WRITE_OPTIONS) as writer:
             for e0 in range(lo, hi, cfg.row_group_size):
                 e1 = min(e0 + cfg.row_group_size, hi)
                 dense, observed = channels.dense(e0, e1, T, layout)
                 writer.write_table(pa.Table.from_arrays([
-                    pa.array(events.user[first[e0:e1]]),
+                    pa.array(events.users[events.rank[first[e0:e1]]]),
                     pa.array([name] * (e1 - e0), pa.string()),
                     pa.array(ORIGIN + window[first[e0:e1]] * span),
                     _fixed_lists(_time_of_week(window[first[e0:e1]], cfg), T),
@@ -236,54 +246,77 @@ def featurize_bucket(bucket_file: str | Path, shard: int, side: SideTables, cfg:
                 ], schema=EXAMPLES))
                 sizes.append(int(e1 - e0))
         report["examples"][name] = int(hi - lo)
-        report["users"][name] = int(np.count_nonzero(np.diff(events.user[first[lo:hi]])) + 1)
+        report["users"][name] = int(np.count_nonzero(np.diff(events.rank[first[lo:hi]])) + 1)
         report["row_groups"][name] = sizes
     return report
 
 
 def _sorted_unique_events(table: pa.Table, cfg: DataConfig) -> _Events:
-    user = table.column("user_id").to_numpy()
-    ts = table.column("ts").to_numpy()
-    # dense user rank, so (split, user, ts) usually packs into one uint64 sort key
+    user, _ = _column_values(table.column("user_id"))
+    ts, _ = _column_values(table.column("ts"))
     by_user = np.argsort(user)
     sorted_users = user[by_user]
     new_user = np.empty(len(user), bool)
     new_user[:1] = True
     np.not_equal(sorted_users[1:], sorted_users[:-1], out=new_user[1:])
-    rank = np.empty(len(user), np.int64)
-    rank[by_user] = np.cumsum(new_user) - 1
-    split = split_of(sorted_users[new_user], cfg)[rank]  # [N] via each user's rank
-    ts_offset = ts - ts.min() if len(ts) else ts
-    rank_bits, ts_bits = int(rank.max(initial=0)).bit_length(), int(ts_offset.max(initial=0)).bit_length()
-    if rank_bits + ts_bits <= 62:
-        key = ((split.astype(np.uint64) << np.uint64(62)) | (rank.astype(np.uint64) << np.uint64(ts_bits))
-               | ts_offset.astype(np.uint64))
-        order = np.argsort(key)
-    else:
+    rank_by_user = np.cumsum(new_user) - 1  # [N] dense user index of the rows in by_user order
+    users = sorted_users[new_user]
+    user_split = split_of(users, cfg)
+    order, rank, ts = _split_user_time_order(user_split[rank_by_user], rank_by_user,
+                                             ts[by_user], by_user)
+
+    (app, app_valid), (loc, loc_valid), (traffic, traffic_valid), (event, _) = (
+        _column_values(table.column(name)) for name in ("app_id", "loc_id", "traffic_bytes", "event"))
+    keep = _first_of_identical_rows(rank, ts, order, (app, app_valid, loc, loc_valid, traffic,
+                                                      traffic_valid, event))
+    kept = order[keep]
+    return _Events(rank=rank[keep], ts=ts[keep], app=app[kept], app_valid=app_valid[kept],
+                   loc=loc[kept], loc_valid=loc_valid[kept], traffic=traffic[kept].astype(np.float64),
+                   users=users, user_split=user_split, duplicates=int(len(keep) - len(kept)))
+
+
+def _column_values(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """values [N] (0 where null) and validity [N] bool of a numeric column; cheaper than fill_null."""
+    array = column.combine_chunks()
+    dtype = np.dtype(array.type.to_pandas_dtype())
+    values = np.frombuffer(array.buffers()[1], dtype, len(array), array.offset * dtype.itemsize)
+    if array.null_count == 0:
+        return values, np.ones(len(array), bool)
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    return np.where(valid, values, 0), valid
+
+
+def _split_user_time_order(split: np.ndarray, rank: np.ndarray, ts: np.ndarray,
+                           rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorts rows by (split, user rank, ts): (row order, rank, ts), each [N] in that order.
+
+    The inputs are [N] arrays in any common order; `rows` holds their table row indices.
+    """
+    row_bits = (len(ts) - 1).bit_length()
+    ts_min, ts_max = (int(ts.min()), int(ts.max())) if len(ts) else (0, 0)
+    rank_bits, ts_bits = int(rank.max(initial=0)).bit_length(), (ts_max - ts_min).bit_length()
+    if rank_bits + ts_bits + row_bits > 62:
         order = np.lexsort((ts, rank, split))
-
-    columns = {name: table.column(name) for name in ("app_id", "loc_id", "traffic_bytes")}
-    app = columns["app_id"].fill_null(0).to_numpy()[order]
-    app_valid = columns["app_id"].is_valid().to_numpy()[order]
-    loc = columns["loc_id"].fill_null(0).to_numpy()[order]
-    loc_valid = columns["loc_id"].is_valid().to_numpy()[order]
-    traffic = columns["traffic_bytes"].fill_null(0).to_numpy()[order]
-    traffic_valid = columns["traffic_bytes"].is_valid().to_numpy()[order]
-    event = table.column("event").to_numpy()[order]
-    rank, ts = rank[order], ts[order]
-
-    keep = _first_of_identical_rows(rank, ts, (app, app_valid, loc, loc_valid, traffic,
-                                               traffic_valid, event))
-    return _Events(split=split[order][keep], user=user[order][keep], ts=ts[keep], app=app[keep],
-                   app_valid=app_valid[keep], loc=loc[keep], loc_valid=loc_valid[keep],
-                   traffic=traffic[keep].astype(np.float64), duplicates=int(len(keep) - keep.sum()))
+        return rows[order], rank[order], ts[order]
+    # all four fields pack into one uint64, so a plain sort (several times faster than an
+    # argsort or lexsort) orders the rows, and the sorted keys give back rank and ts
+    u64 = np.uint64
+    key = ((split.astype(u64) << u64(62)) | (rank.astype(u64) << u64(ts_bits + row_bits))
+           | ((ts - ts_min).astype(u64) << u64(row_bits)) | rows.astype(u64))
+    key.sort()
+    order = (key & u64((1 << row_bits) - 1)).astype(np.int64)
+    rank = ((key >> u64(ts_bits + row_bits)) & u64((1 << rank_bits) - 1)).astype(np.int64)
+    ts = ((key >> u64(row_bits)) & u64((1 << ts_bits) - 1)).astype(np.int64) + ts_min
+    return order, rank, ts
 
 
-def _first_of_identical_rows(rank: np.ndarray, ts: np.ndarray, rest: tuple[np.ndarray, ...]) -> np.ndarray:
+def _first_of_identical_rows(rank: np.ndarray, ts: np.ndarray, order: np.ndarray,
+                             columns: tuple[np.ndarray, ...]) -> np.ndarray:
     """keep mask [N] over rows sorted by (user, ts): False for exact repeats of an earlier row.
 
-    Identical rows share (user, ts), so only runs of equal (user, ts) are compared on the
-    other columns; those runs are rare, so the full sort touches few rows.
+    rank and ts are already in sorted order; the other columns are in table order and are
+    read through `order`. Identical rows share (user, ts), so only runs of equal (user, ts)
+    are compared on the other columns; such runs are rare, so the full sort touches few rows.
     """
     keep = np.ones(len(ts), bool)
     same = (rank[1:] == rank[:-1]) & (ts[1:] == ts[:-1])  # [N-1]: row i+1 continues row i's run
@@ -294,12 +327,12 @@ def _first_of_identical_rows(rank: np.ndarray, ts: np.ndarray, rest: tuple[np.nd
     in_run[:-1] |= same
     rows = np.flatnonzero(in_run)
     run = np.cumsum(np.concatenate([[True], ~same]))[rows]
-    fields = [column[rows] for column in rest]
-    order = np.lexsort((*reversed(fields), run))
-    repeat = run[order][1:] == run[order][:-1]
-    for column in fields:
-        repeat &= column[order][1:] == column[order][:-1]
-    keep[rows[order][1:][repeat]] = False
+    fields = [column[order[rows]] for column in columns]
+    by_content = np.lexsort((*fields, run))
+    repeat = run[by_content][1:] == run[by_content][:-1]
+    for field in fields:
+        repeat &= field[by_content][1:] == field[by_content][:-1]
+    keep[rows[by_content][1:][repeat]] = False
     return keep
 
 
@@ -392,7 +425,7 @@ def featurize_events(batches: Iterable[pa.RecordBatch], apps: pa.Table | None,
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_limits(cfg)
+    check_limits(cfg)
     side = SideTables.build(apps, locations, cfg)
     bucket_files, rows = partition_events(batches, out / STAGING, cfg.num_shards)
     jobs = [(str(path), bucket, side, cfg, str(out)) for bucket, path in bucket_files.items()]
@@ -434,7 +467,8 @@ def config_hash(cfg: DataConfig) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def _check_limits(cfg: DataConfig) -> None:
+def check_limits(cfg: DataConfig) -> None:
+    """Settings the example schema cannot hold, refused before any data is touched."""
     if WEEK // cfg.slot_seconds > np.iinfo(np.int16).max:
         raise UserError(f"data.slot_seconds={cfg.slot_seconds}: a week would have more slots than "
                         "time_of_week (int16) can number; use slots of 19 s or more")
@@ -477,6 +511,7 @@ def register(subparsers) -> None:
 def _featurize_command(args) -> int:
     cfg = config_from_args(args)
     data, out = cfg.data, Path(cfg.data.features)
+    check_limits(data)
     dataset = open_dataset(data.source)
     prepare_output(out)
     reader = EventReader(dataset, data.invalid_rows,

@@ -1,0 +1,118 @@
+"""`u-mask data summary`: what the featurized data holds, read back from its Parquet files.
+
+Users, examples and events per split (from the manifest), the share of observed slots per
+example as quantiles and sparsity buckets (the axis the evaluation reports along), the most
+used app categories and how location records spread over regions. One pass over the files,
+a row group at a time; printed for people and written as `<features>/summary.json`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from trainer.cli import add_config_arguments, config_from_args
+from trainer.data.featurize import MANIFEST
+from trainer.data.schema import SPLITS
+from trainer.errors import UserError
+
+SPARSITY_EDGES = (0.05, 0.2, 0.5)  # observed-slot share buckets: <=5 %, <=20 %, <=50 %, more
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+TOP_CATEGORIES = 10
+
+
+def summarize(features: str | Path) -> dict:
+    """The summary of a featurize output folder as a JSON-ready dict."""
+    features = Path(features)
+    try:
+        manifest = json.loads((features / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{features}: no {MANIFEST}; run `u-mask data featurize` first") from None
+    T, C, K = manifest["slots"], manifest["num_categories"], manifest["num_regions"]
+    layout = manifest["dense_layout"]
+    category, region = slice(*layout["category"]), slice(*layout["region"])
+    observed_counts = {s: np.zeros(T + 1, np.int64) for s in SPLITS}  # examples by #observed slots
+    usage = np.zeros(C + 1)
+    in_region = np.zeros(K + 1)
+    for path in sorted(features.glob("split=*/shard=*/*.parquet")):
+        split = path.parent.parent.name.removeprefix("split=")
+        for batch in pq.ParquetFile(path).iter_batches(columns=["observed", "dense"]):
+            n = batch.num_rows
+            observed = batch.column("observed").flatten().to_numpy(zero_copy_only=False).reshape(n, T)
+            observed_counts[split] += np.bincount(observed.sum(axis=1), minlength=T + 1)
+            dense = batch.column("dense").flatten().to_numpy().reshape(n * T, -1)  # [n*T, F]
+            usage += np.expm1(dense[:, category].astype(np.float64)).sum(axis=0)
+            in_region += dense[:, region].sum(axis=0, dtype=np.float64)
+
+    every_split = sum(observed_counts.values())
+    names = [str(c) for c in range(C)] + ["unknown"]
+    order = np.argsort(-usage, kind="stable")[:TOP_CATEGORIES]
+    located = in_region.sum()
+    return {
+        "features": str(features),
+        "slots": T, "slot_seconds": manifest["slot_seconds"],
+        "users": manifest["users"], "examples": manifest["examples"], "events": manifest["events"],
+        "quarantined_rows": (manifest.get("quarantine") or {}).get("rows_quarantined", 0),
+        "observed_slot_share": _share_summary(every_split, T),
+        "observed_slot_share_by_split": {s: _share_summary(observed_counts[s], T) for s in SPLITS
+                                         if observed_counts[s].any()},
+        "category_value": manifest["category_value"],
+        "top_categories": [{"category": names[i], "usage": int(round(usage[i])),
+                            "share": float(usage[i] / max(usage.sum(), 1e-12))}
+                           for i in order if usage[i] > 0],
+        "regions": {"source": manifest["region_source"], "located_slots": int(round(located)),
+                    "regions_used": int(np.count_nonzero(in_region[:K] > 0)),
+                    "unknown_share": float(in_region[K] / located) if located else 0.0,
+                    "share": [float(v / located) if located else 0.0 for v in in_region[:K]]},
+    }
+
+
+def _share_summary(counts: np.ndarray, T: int) -> dict:
+    """Quantiles and buckets of the observed-slot share from counts[k] = examples with k slots."""
+    total = int(counts.sum())
+    if total == 0:
+        return {"examples": 0}
+    shares = np.arange(T + 1) / T
+    cumulative = np.cumsum(counts) / total
+    quantiles = {f"p{round(q * 100)}": float(shares[np.searchsorted(cumulative, q)]) for q in QUANTILES}
+    bucket = np.searchsorted(SPARSITY_EDGES, shares, side="left")  # share <= edge -> that bucket
+    labels = [f"<={e:.0%}" for e in SPARSITY_EDGES] + [f">{SPARSITY_EDGES[-1]:.0%}"]
+    return {"examples": total, "mean": float((counts * shares).sum() / total), "quantiles": quantiles,
+            "buckets": {label: int(counts[bucket == i].sum()) for i, label in enumerate(labels)}}
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a few readable lines."""
+    share = summary["observed_slot_share"]
+    lines = [f"features: {summary['features']} ({summary['slots']} slots of {summary['slot_seconds']} s)"]
+    lines += [f"  {s:5s}: {summary['users'][s]:>9} users {summary['examples'][s]:>10} examples" for s in SPLITS]
+    events = summary["events"]
+    lines.append(f"events: {events['featurized']} featurized, {events['duplicates_dropped']} duplicates "
+                 f"dropped, {summary['quarantined_rows']} rows quarantined")
+    if share.get("examples"):
+        quantiles = " ".join(f"{k}={v:.1%}" for k, v in share["quantiles"].items())
+        buckets = " ".join(f"{k}: {v}" for k, v in share["buckets"].items())
+        lines.append(f"observed slots per example: mean {share['mean']:.1%}, {quantiles}")
+        lines.append(f"sparsity buckets (examples): {buckets}")
+    top = ", ".join(f"{c['category']} {c['share']:.1%}" for c in summary["top_categories"])
+    lines.append(f"top categories by {summary['category_value']}: {top}")
+    regions = summary["regions"]
+    lines.append(f"regions ({regions['source']}): {regions['regions_used']} used over "
+                 f"{regions['located_slots']} located slots, unknown {regions['unknown_share']:.1%}")
+    return "\n".join(lines)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("summary", help="summarize featurized data (also as summary.json)")
+    add_config_arguments(parser)
+    parser.set_defaults(handler=_summary_command)
+
+
+def _summary_command(args) -> int:
+    features = Path(config_from_args(args).data.features)
+    summary = summarize(features)
+    (features / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_summary(summary))
+    return 0
