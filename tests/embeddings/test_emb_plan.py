@@ -1,0 +1,100 @@
+"""Sharding plans: per-table constraints from config, the early CPU check, config validation.
+
+The planner runs in this process for a world of 2 (planning needs no process group); the
+2-process tests in test_emb_sharded.py check that real ranks shard as planned.
+"""
+import pytest
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+
+from embeddings.config import SHARDING_TYPES, EmbeddingsConfig, TableConfig
+from embeddings.plan import AVAILABLE_SHARDING_TYPES, check_sharding_types, describe_plan, plan_tables
+from embeddings.tables import build_tables
+from trainer.config import ConfigError, load_config
+from trainer.errors import UserError
+
+
+def cfg_with(app_types, loc_types, **loc) -> EmbeddingsConfig:
+    return EmbeddingsConfig(
+        app=TableConfig(num_embeddings=64, dim=16, sharding_types=app_types),
+        loc=TableConfig(num_embeddings=32, dim=16, sharding_types=loc_types, **loc))
+
+
+def test_row_wise_on_cpu_fails_early_naming_table_request_and_offer():
+    cfg = cfg_with(["table_wise"], ["row_wise", "column_wise"])
+    with pytest.raises(UserError) as err:
+        check_sharding_types(cfg, "cpu")
+    assert str(err.value) == (
+        "embeddings.loc.sharding_types: ['row_wise'] cannot run on cpu "
+        "(asked for ['row_wise', 'column_wise']); available on cpu: "
+        "['data_parallel', 'table_wise', 'column_wise', 'table_column_wise']. "
+        "Row-wise sharding needs CUDA GPUs.")
+
+
+def test_row_wise_is_allowed_on_cuda_and_empty_means_any():
+    allowed = check_sharding_types(cfg_with([], ["row_wise", "table_row_wise"]), "cuda")
+    assert allowed == {"app": list(SHARDING_TYPES), "loc": ["row_wise", "table_row_wise"]}
+    assert check_sharding_types(cfg_with([], []), "cpu")["app"] == list(AVAILABLE_SHARDING_TYPES["cpu"])
+
+
+def test_unknown_device_type_is_a_user_error():
+    with pytest.raises(UserError, match="no sharding support for device type 'mps'"):
+        check_sharding_types(cfg_with([], []), "mps")
+
+
+@pytest.mark.parametrize("sharding_type", SHARDING_TYPES)
+def test_cpu_offer_matches_what_torchrec_can_plan(sharding_type):
+    # Our static table must agree with TorchRec's own enumerator, asked without our check.
+    constraints = {name: ParameterConstraints(sharding_types=[sharding_type])
+                   for name in ("app", "loc")}
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=2, compute_device="cpu"),
+                                       constraints=constraints, debug=False)
+    module = build_tables(cfg_with([], []), device="meta")
+    if sharding_type in AVAILABLE_SHARDING_TYPES["cpu"]:
+        plan = describe_plan(planner.plan(module, [EmbeddingBagCollectionSharder()]))
+        assert {p.sharding_type for p in plan.values()} == {sharding_type}
+    else:
+        with pytest.raises(RuntimeError, match="No available sharding type"):
+            planner.plan(module, [EmbeddingBagCollectionSharder()])
+
+
+def test_plan_follows_per_table_constraints():
+    cfg = cfg_with(["table_wise"], ["column_wise"], column_shard_dim=8)
+    plan = describe_plan(plan_tables(cfg, 2, "cpu", [EmbeddingBagCollectionSharder()]))
+    assert plan["app"].sharding_type == "table_wise" and plan["app"].compute_kernel == "fused"
+    assert len(plan["app"].ranks) == 1 and plan["app"].shard_dims == (16,)
+    assert plan["loc"].sharding_type == "column_wise" and plan["loc"].compute_kernel == "fused"
+    assert sorted(plan["loc"].ranks) == [0, 1] and plan["loc"].shard_dims == (8, 8)
+
+
+def test_data_parallel_table_is_dense_and_everywhere():
+    cfg = cfg_with(["data_parallel"], ["table_wise"])
+    plan = describe_plan(plan_tables(cfg, 2, "cpu", [EmbeddingBagCollectionSharder()]))
+    assert plan["app"].sharding_type == "data_parallel" and plan["app"].compute_kernel == "dense"
+    assert plan["app"].ranks == (0, 1)
+    assert plan["loc"].sharding_type == "table_wise"
+
+
+def test_plan_tables_checks_hardware_before_planning():
+    with pytest.raises(UserError, match=r"embeddings\.app\.sharding_types: \['table_row_wise'\]"):
+        plan_tables(cfg_with(["table_row_wise"], []), 2, "cpu", [EmbeddingBagCollectionSharder()])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("embeddings.app.sharding_types=[rowwise]", r"embeddings\.app\.sharding_types: unknown \['rowwise'\]"),
+    ("embeddings.loc.column_shard_dim=5", r"embeddings\.loc\.column_shard_dim: must divide dim \(16\)"),
+    ("embeddings.pooling=max", r"embeddings\.pooling: must be one of \['sum', 'mean'\]"),
+    ("embeddings.optimizer=sgd", r"embeddings\.optimizer: must be one of"),
+    ("embeddings.eps=0", r"embeddings\.eps: must be positive"),
+])
+def test_bad_embedding_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message + r".*\(set in the command line\)"):
+        load_config([], [override])
+
+
+def test_row_wise_plans_for_cuda_without_a_gpu():
+    # The planner only models the hardware, so the GPU plan is checked here on CPU.
+    cfg = cfg_with(["row_wise"], ["table_row_wise"])
+    plan = describe_plan(plan_tables(cfg, 2, "cuda", [EmbeddingBagCollectionSharder()]))
+    assert plan["app"].sharding_type == "row_wise" and sorted(plan["app"].ranks) == [0, 1]
+    assert plan["loc"].sharding_type == "table_row_wise" and plan["app"].compute_kernel == "fused"
