@@ -15,9 +15,11 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -68,7 +70,7 @@ def synthesize(out: str | Path, users: int, days: int = 28, seed: int = 0, apps:
     tasks = [(out, seed, apps, locations, window, *chunk) for chunk in chunks]
     profiles_path = out / "profiles.parquet"
     events = 0
-    with _mapper(workers) as run, _atomic_writer(profiles_path, _profiles_schema()) as profiles:
+    with _chunk_map(workers) as run, _atomic_writer(profiles_path, _profiles_schema()) as profiles:
         for count, profile_rows in run(_write_chunk, tasks):
             events += count
             profiles.write_table(profile_rows)
@@ -81,11 +83,11 @@ def register(subparsers) -> None:
         description="Write synthetic users (personas with daily and weekly routines) as "
                     "contract Parquet: events/, apps.parquet, locations.parquet, profiles.parquet.")
     parser.add_argument("--out", required=True, help="output directory (new, empty or a previous synth output)")
-    parser.add_argument("--users", type=int, required=True)
-    parser.add_argument("--days", type=int, default=28)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--apps", type=int, default=2000)
-    parser.add_argument("--locations", type=int, default=500)
+    parser.add_argument("--users", type=int, required=True, help="number of users")
+    parser.add_argument("--days", type=int, default=28, help="length of the window in days")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same Parquet content")
+    parser.add_argument("--apps", type=int, default=2000, help="apps in the catalog")
+    parser.add_argument("--locations", type=int, default=500, help="places (cells) in the city")
     parser.add_argument("--start", default=DEFAULT_START,
                         help="first hour of the window, UTC (YYYY-MM-DD or YYYY-MM-DDTHH:00)")
     parser.add_argument("--workers", type=int, default=1, help="processes generating chunks")
@@ -177,37 +179,27 @@ def _write(table: pa.Table, path: Path) -> None:
         writer.write_table(table)
 
 
-class _atomic_writer:
+@contextmanager
+def _atomic_writer(path: Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
     """A ParquetWriter to a hidden temporary name, renamed into place on success."""
-
-    def __init__(self, path: Path, schema: pa.Schema):
-        self.path = path
-        self.temporary = path.with_name(f".{path.name}.tmp")
-        self.schema = schema
-
-    def __enter__(self) -> pq.ParquetWriter:
-        self.writer = pq.ParquetWriter(self.temporary, self.schema)
-        return self.writer
-
-    def __exit__(self, kind, error, trace) -> None:
-        self.writer.close()
-        if kind is None:
-            os.replace(self.temporary, self.path)
-        else:
-            self.temporary.unlink(missing_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    writer = pq.ParquetWriter(temporary, schema)
+    try:
+        yield writer
+    except BaseException:
+        writer.close()
+        temporary.unlink(missing_ok=True)
+        raise
+    writer.close()
+    os.replace(temporary, path)
 
 
-class _mapper:
-    """`map` in this process (workers=1) or in a process pool; results come back in order."""
-
-    def __init__(self, workers: int):
-        # spawn, not fork: forking a process that runs pyarrow's thread pools can deadlock
-        self.pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-                     if workers > 1 else None)
-
-    def __enter__(self):
-        return self.pool.map if self.pool else map
-
-    def __exit__(self, kind, error, trace) -> None:
-        if self.pool:
-            self.pool.shutdown(cancel_futures=kind is not None)
+@contextmanager
+def _chunk_map(workers: int) -> Iterator[Callable]:
+    """`map` in this process (workers=1) or over a process pool; results come back in order."""
+    if workers == 1:
+        yield map
+        return
+    # spawn, not fork: forking a process that runs pyarrow's thread pools can deadlock
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool.map
