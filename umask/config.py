@@ -155,7 +155,7 @@ class ModelConfig:
     size: str = "tiny"  # the name of the preset in configs/model/ that set these numbers
     hidden: int = 64  # DiT width
     depth: int = 2  # DiT blocks
-    heads: int = 4  # hidden / heads must be a power of two >= 16 for the Triton kernel
+    heads: int = 4  # hidden / heads must be a power of two >= 16 (the Triton kernel's tiles)
     mlp_ratio: float = 4.0
     user_dim: int = 32  # z_u
     day_slots: int = 24  # U-SCOPE groups this many consecutive slots into a day
@@ -175,6 +175,11 @@ class ModelConfig:
                if getattr(self, k) <= 0]
         if self.heads > 0 and self.hidden % self.heads:
             out.append(("heads", f"must divide hidden ({self.hidden})"))
+        elif self.heads > 0 and self.hidden > 0:
+            head_dim = self.hidden // self.heads
+            if head_dim < 16 or head_dim & (head_dim - 1):
+                out.append(("heads", f"hidden / heads = {head_dim}: the attention kernel needs a "
+                                     "power of two >= 16"))
         for key in ("mlp_ratio", "count_scale", "volume_scale"):
             if getattr(self, key) <= 0:
                 out.append((key, "must be positive"))

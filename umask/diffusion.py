@@ -1,5 +1,8 @@
 """Gaussian diffusion over a user's dense slot tensor: noise schedule, forward noising, DDIM.
 
+Random numbers are drawn on the generator's device and moved to the data's, so one CPU
+generator gives the same draws whether the model runs on CPU or GPU.
+
 Method section 4. The network predicts x0 directly; sampling is deterministic DDIM (eta = 0)
 on a few evenly spaced steps, with evidence slots reset to their observed values after every
 step and composited into the output, so evidence comes back bit-exactly.
@@ -39,7 +42,7 @@ class Diffusion(nn.Module):
     def sample_steps(self, batch: int, generator: torch.Generator) -> Tensor:
         """Training steps t ~ U{0..train_steps-1}; [B] int64."""
         return torch.randint(0, self.cfg.train_steps, (batch,), generator=generator,
-                             device=generator.device)
+                             device=generator.device).to(self.abar.device)
 
     def add_noise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; x0 [B,T,F], t [B]."""
@@ -57,8 +60,8 @@ class Diffusion(nn.Module):
         if not 1 <= steps <= self.cfg.train_steps:
             raise ValueError(f"steps must be in [1, {self.cfg.train_steps}], got {steps}")
         keep = evidence[..., None]  # [B,T,1]
-        x = torch.randn(evidence_values.shape, generator=generator, device=evidence_values.device,
-                        dtype=evidence_values.dtype)
+        x = torch.randn(evidence_values.shape, generator=generator, device=generator.device,
+                        dtype=evidence_values.dtype).to(evidence_values.device)
         x = torch.where(keep, evidence_values, x)
         timesteps = torch.linspace(self.cfg.train_steps - 1, 0, steps).round().long().tolist()
         for i, step in enumerate(timesteps):

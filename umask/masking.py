@@ -7,7 +7,7 @@ compute the user's reliability r_u, the evidence ratio rho(u, tau), a utility pe
 (temporal emphasis + feature-weighted spatial affinity), a softmax sampling distribution
 flattened toward uniform for cold start, and draw exactly K = round(rho * #candidates)
 slots without replacement with Gumbel-top-k. Everything is vectorized over the batch and
-draws its randomness from one torch.Generator, so a seed fixes the mask.
+draws its randomness from one torch.Generator (on its own device), so a seed fixes the mask.
 """
 import math
 from dataclasses import dataclass
@@ -53,12 +53,11 @@ def target_windows(task: Tensor, slots: int, cfg: MaskConfig,
     device = task.device
     lo = _per_task(cfg, "target_min", task).long().clamp(max=slots - 1)
     hi = _per_task(cfg, "target_max", task).long().clamp(max=slots - 1)
-    length = lo + (torch.rand(task.shape, generator=generator, device=device) * (hi - lo + 1)).long()
+    length = lo + (_uniform(task.shape, generator, device) * (hi - lo + 1)).long()
     length = torch.minimum(length, hi)
     first_cut = torch.clamp(slots - length, max=cfg.min_history).clamp(min=1)
     last_cut = slots - length
-    cut = first_cut + (torch.rand(task.shape, generator=generator, device=device)
-                       * (last_cut - first_cut + 1)).long()
+    cut = first_cut + (_uniform(task.shape, generator, device) * (last_cut - first_cut + 1)).long()
     cut = torch.minimum(cut, last_cut)
     cold = task == TASKS.index("cold")
     cut = torch.where(cold, torch.full_like(cut, min(cfg.cold_history, slots - 1)), cut)
@@ -132,7 +131,7 @@ def gumbel_top_k(p: Tensor, budget: Tensor, generator: torch.Generator) -> Tenso
     Taking the top-k of log p + Gumbel noise is sampling k items without replacement in
     proportion to p; slots with p = 0 score -inf and are never drawn while budget <= #(p > 0).
     """
-    uniform = torch.rand(p.shape, generator=generator, device=p.device).clamp(min=1e-20)
+    uniform = _uniform(p.shape, generator, p.device).clamp(min=1e-20)
     scores = torch.log(p) - torch.log(-torch.log(uniform))  # [B,T]
     order = torch.argsort(scores, dim=1, descending=True, stable=True)
     chosen_rank = torch.arange(p.shape[1], device=p.device) < budget[:, None]  # [B,T]
@@ -148,7 +147,7 @@ def sample_mask(dense: Tensor, observed: Tensor, time_of_week: Tensor, num_categ
     """
     batch, slots = observed.shape
     if task is None:
-        task = sample_tasks(batch, cfg, generator)
+        task = sample_tasks(batch, cfg, generator).to(observed.device)
     cut, target = target_windows(task, slots, cfg, generator)
     before_cut = torch.arange(slots, device=observed.device) < cut[:, None]
     candidates = observed & before_cut  # [B,T]
@@ -160,6 +159,11 @@ def sample_mask(dense: Tensor, observed: Tensor, time_of_week: Tensor, num_categ
     budget = evidence_budget(ratio, candidates)
     evidence = gumbel_top_k(p, budget, generator)
     return MaskSample(task, cut, target, candidates, evidence, r, ratio, budget)
+
+
+def _uniform(shape: torch.Size, generator: torch.Generator, device: torch.device) -> Tensor:
+    """U[0,1) drawn on the generator's device, so a CPU generator also serves GPU data."""
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
 
 def _per_task(cfg: MaskConfig, key: str, task: Tensor) -> Tensor:

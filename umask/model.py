@@ -65,7 +65,8 @@ class UMask(nn.Module):
         # slots outside the target window cannot leak values the evidence does not hold.
         x0 = torch.where(mask.target[..., None], scaled, torch.zeros_like(scaled))
         t = self.diffusion.sample_steps(dense.shape[0], generator)
-        noise = torch.randn(dense.shape, generator=generator, device=dense.device, dtype=dense.dtype)
+        noise = torch.randn(dense.shape, generator=generator, device=generator.device,
+                            dtype=dense.dtype).to(dense.device)
         x_t = self.diffusion.add_noise(x0, t, noise)
         x0_hat = self.dit(x_t, t, z_long, scaled, mask.evidence, time_of_week, slot_sparse)
         scored = mask.target & observed

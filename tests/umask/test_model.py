@@ -153,3 +153,13 @@ def test_param_count_on_meta_device_matches_the_real_model():
     counts = make_model().param_count()
     assert meta.param_count() == counts
     assert counts["total"] == counts["uscope"] + counts["dit"] == sum(p.numel() for p in make_model().parameters())
+
+
+@pytest.mark.gpu
+def test_a_cpu_generator_drives_a_cuda_model_like_a_cpu_one():
+    model = make_model()
+    data = make_batch(seed=5)
+    cpu_loss = loss_of(model, data)["loss"]
+    cuda = make_model().cuda()
+    moved = type(data)(*(t.cuda() for t in (data.dense, data.observed, data.time_of_week, data.slot_sparse)))
+    torch.testing.assert_close(loss_of(cuda, moved)["loss"].cpu(), cpu_loss, atol=1e-4, rtol=1e-4)
