@@ -85,7 +85,7 @@ class UMask(nn.Module):
         """Fills every non-evidence slot by DDIM; evidence slots come back bit-exactly; [B,T,F]."""
         self._check_shapes(dense, evidence, time_of_week, slot_sparse)
         scaled = dense / self.channel_scale
-        z_u = self.uscope(scaled, slot_sparse, time_of_week, evidence, profile)
+        z_u = self.uscope(scaled, slot_sparse, time_of_week, evidence, profile)  # [B,U]
         evidence_values = torch.where(evidence[..., None], scaled, torch.zeros_like(scaled))
 
         def predict_x0(x_t: Tensor, t: Tensor) -> Tensor:
@@ -95,6 +95,13 @@ class UMask(nn.Module):
                                                steps or self.cfg.diffusion.sample_steps, generator)
         # Composite the caller's values, not scaled-and-back ones, so evidence is bit-exact.
         return torch.where(evidence[..., None], dense, completed * self.channel_scale)
+
+    @torch.no_grad()
+    def user_embedding(self, dense: Tensor, evidence: Tensor, time_of_week: Tensor, slot_sparse: Tensor,
+                       profile: Tensor | None = None) -> Tensor:
+        """z_u [B,U] from the evidence slots, as the DiT sees it (for export and analysis)."""
+        self._check_shapes(dense, evidence, time_of_week, slot_sparse)
+        return self.uscope(dense / self.channel_scale, slot_sparse, time_of_week, evidence, profile)
 
     def param_count(self) -> dict[str, int]:
         """Parameters per part and in total (works on a meta-device model)."""

@@ -52,8 +52,8 @@ def test_targets_never_reach_the_conditioning():
     other = perturbed(data, mask.target)
     mask2 = model.sample_mask(other.dense, other.observed, other.time_of_week, torch.Generator().manual_seed(0))
     assert torch.equal(mask2.evidence, mask.evidence) and torch.equal(mask2.target, mask.target)
-    z = model.uscope(data.dense, data.slot_sparse, data.time_of_week, mask.evidence)
-    z2 = model.uscope(other.dense, other.slot_sparse, other.time_of_week, mask.evidence)
+    z = model.user_embedding(data.dense, mask.evidence, data.time_of_week, data.slot_sparse)
+    z2 = model.user_embedding(other.dense, mask.evidence, other.time_of_week, other.slot_sparse)
     assert torch.equal(z, z2)
     x_t = torch.zeros_like(data.dense)
     tokens = model.dit.embedder(x_t, data.dense, mask.evidence, data.time_of_week, data.slot_sparse)
@@ -163,3 +163,28 @@ def test_a_cpu_generator_drives_a_cuda_model_like_a_cpu_one():
     cuda = make_model().cuda()
     moved = type(data)(*(t.cuda() for t in (data.dense, data.observed, data.time_of_week, data.slot_sparse)))
     torch.testing.assert_close(loss_of(cuda, moved)["loss"].cpu(), cpu_loss, atol=1e-4, rtol=1e-4)
+
+
+def test_a_profile_vector_enters_z_u_when_configured():
+    torch.manual_seed(0)
+    model = UMask(ModelConfig(hidden=32, heads=2, user_dim=16), NUM_CATEGORIES, NUM_REGIONS, SPARSE_DIM,
+                  profile_dim=5)
+    data = make_batch(2, 24)
+    evidence = data.observed
+    profile = torch.randn(2, 5)
+    z = model.user_embedding(data.dense, evidence, data.time_of_week, data.slot_sparse, profile)
+    z_other = model.user_embedding(data.dense, evidence, data.time_of_week, data.slot_sparse, profile + 1)
+    assert z.shape == (2, 16) and not torch.allclose(z, z_other)
+    with pytest.raises(ValueError, match="needs `profile`"):
+        model.user_embedding(data.dense, evidence, data.time_of_week, data.slot_sparse)
+
+
+def test_users_without_evidence_get_a_defined_z_u():
+    model = make_model()
+    data = make_batch(2, 24)
+    none = torch.zeros_like(data.observed)
+    z = model.user_embedding(data.dense, none, data.time_of_week, data.slot_sparse)
+    assert torch.isfinite(z).all()
+    done = model.complete(data.dense, none, data.time_of_week, data.slot_sparse, steps=2,
+                          generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(done).all()
