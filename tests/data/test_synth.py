@@ -45,7 +45,8 @@ def events(dataset) -> dict[str, np.ndarray]:
         "ts": table["ts"].cast(pa.int64()).to_numpy() // 1000,
         "app": table["app_id"].fill_null(-1).to_numpy(),
         "loc": table["loc_id"].fill_null(-1).to_numpy(),
-        "traffic": table["traffic_bytes"].fill_null(-1).to_numpy(),
+        "traffic": table["traffic_bytes"].fill_null(0).to_numpy(),
+        "traffic_known": table["traffic_bytes"].is_valid().to_numpy(zero_copy_only=False),
         "event": np.asarray(table["event"].cast(pa.string()).fill_null("").to_pylist()),
     }
 
@@ -113,8 +114,9 @@ def test_every_kind_of_record_occurs(events):
 
 def test_values_are_in_range(dataset, events, category_of):
     assert events["ts"].min() >= START and events["ts"].max() < END
-    assert events["user"].min() >= 0 and np.all(events["traffic"] >= -1)
-    assert np.all(events["traffic"][events["event"] == "use"] >= 0)
+    assert events["user"].min() >= 0 and events["traffic"].min() >= 0
+    # bytes are known for app use and installs, unknown for pings and uninstalls
+    assert np.all(events["traffic_known"] == np.isin(events["event"], ["use", "install"]))
     assert set(events["app"][events["app"] >= 0].tolist()) <= set(category_of)
     assert set(category_of.values()) == set(range(len(CATEGORY_NAMES)))
     locations = pq.read_table(dataset / "locations.parquet")
