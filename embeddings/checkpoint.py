@@ -9,30 +9,22 @@ accumulators; the optimizer's hyperparameters come from the config of the run th
 """
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from embeddings.sharded import ShardedTables
 from trainer.errors import UserError
 
 
-def _tensor_state(module: ShardedTables) -> dict[str, object]:
-    """Flat fqn -> tensor (ShardedTensor for sharded tables), views of the live state."""
-    state: dict[str, object] = {f"tables.{k}": v for k, v in module.dmp.state_dict().items()}
-    for param, slots in module.optimizer.state_dict()["state"].items():
-        for slot, value in slots.items():
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"optimizer state {param}.{slot} is {type(value).__name__}, "
-                                f"not a tensor; this checkpoint format holds tensors only")
-            state[f"optimizer.{param}.{slot}"] = value
-    return state
-
-
 def save_sharded(module: ShardedTables, path: str | Path, pg: dist.ProcessGroup | None = None) -> None:
-    """Writes this rank's shards under `path` (a directory shared by all ranks)."""
-    dcp.save(_tensor_state(module), process_group=pg,
+    """Writes this rank's shards under `path`: a new directory that all ranks can reach.
+
+    A reused directory would keep other ranks' files from an earlier save, and loading reads
+    every safetensors file in it.
+    """
+    dcp.save(module.state_dict(), process_group=pg,
              storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=True))
 
 
@@ -40,12 +32,18 @@ def load_sharded(module: ShardedTables, path: str | Path, pg: dist.ProcessGroup 
     """Restores weights and optimizer state saved by `save_sharded` with the same sharding plan."""
     if not Path(path).is_dir():
         raise UserError(f"embeddings checkpoint not found: {path}")
-    state = _tensor_state(module)
-    dcp.load(state, process_group=pg, storage_reader=HuggingFaceStorageReader(str(path)))
-    tables = {k.removeprefix("tables."): v for k, v in state.items() if k.startswith("tables.")}
-    module.dmp.load_state_dict(tables)
-    optim_state = module.optimizer.state_dict()
-    for param, slots in optim_state["state"].items():
-        for slot in slots:
-            slots[slot] = state[f"optimizer.{param}.{slot}"]
-    module.optimizer.load_state_dict(optim_state)
+    state = module.state_dict()
+    try:
+        dcp.load(state, process_group=pg, storage_reader=HuggingFaceStorageReader(str(path)))
+    except CheckpointException as err:
+        raise UserError(f"embeddings checkpoint {path} does not fit these tables (were "
+                        f"embeddings.* sizes or the optimizer changed?): {_first_cause(err)}") from None
+    module.load_state_dict(state)
+
+
+def _first_cause(err: CheckpointException) -> str:
+    """The first rank's underlying error, one line (DCP wraps every rank's traceback)."""
+    for failure in err.failures.values():
+        cause = failure[0] if isinstance(failure, tuple) else failure  # (error, its frames)
+        return f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
+    return str(err).splitlines()[0]

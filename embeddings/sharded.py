@@ -62,9 +62,9 @@ class ShardedTables(nn.Module):
     """`forward(kjt) -> pooled [B*T, E_app + E_loc]` for this rank's batch; every rank calls it.
 
     `plan` is TorchRec's ShardingPlan, `placements` the same as plain values per table.
-    `state_dict()` holds ShardedTensor for sharded tables; `optimizer` is a keyed view of every
-    table's in-backward optimizer (never step() it: the tables step in backward), whose
-    state_dict() holds the Adagrad state in the same layout (see embeddings.checkpoint).
+    `optimizer` is a keyed view of every table's in-backward optimizer (never step() it: the
+    tables step in backward). `state_dict()` is weights and optimizer state together, flat,
+    as embeddings.checkpoint saves them.
     """
 
     def __init__(self, cfg: EmbeddingsConfig, pg: dist.ProcessGroup, device: torch.device):
@@ -103,3 +103,30 @@ class ShardedTables(nn.Module):
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         return self.dmp(kjt).values()  # [B*T, E_app + E_loc], app columns first
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor: `tables.<param>` and `optimizer.<param>.<slot>`, for DCP.
+
+        Sharded entries are ShardedTensor holding this rank's shards; all are views of the
+        live state, so DCP can load into them in place. Tensors only: the optimizer's
+        hyperparameters belong to the config.
+        """
+        state: dict[str, torch.Tensor] = {
+            f"tables.{name}": value for name, value in self.dmp.state_dict().items()}
+        for param, slots in self.optimizer.state_dict()["state"].items():
+            for slot, value in slots.items():
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"optimizer state {param}.{slot} is {type(value).__name__}, "
+                                    f"not a tensor")
+                state[f"optimizer.{param}.{slot}"] = value
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restores what `state_dict()` gave, under the same sharding plan."""
+        self.dmp.load_state_dict({name.removeprefix("tables."): value
+                                  for name, value in state.items() if name.startswith("tables.")})
+        optim_state = self.optimizer.state_dict()
+        for param, slots in optim_state["state"].items():
+            for slot in slots:
+                slots[slot] = state[f"optimizer.{param}.{slot}"]
+        self.optimizer.load_state_dict(optim_state)

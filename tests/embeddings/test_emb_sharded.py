@@ -5,6 +5,7 @@ tensors; the tests below assert on them. Scenario "sharded": app table-wise, loc
 in two 8-column shards, row-wise Adagrad, sum pooling. Scenario "replicated": app
 data-parallel, loc table-wise, Adagrad, mean pooling.
 """
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,11 @@ def run_scenario(rank, pg, name, ckpt_dir):
         load_sharded(restored, path / "missing", pg)
     except UserError as err:
         out["missing_error"] = str(err)
+    resized = replace(cfg, loc=replace(cfg.loc, num_embeddings=2 * ROWS["loc"]))
+    try:
+        load_sharded(ShardedTables(resized, pg, torch.device("cpu")), path, pg)
+    except UserError as err:
+        out["resized_error"] = str(err)
     return out
 
 
@@ -203,7 +209,11 @@ def test_checkpoint_is_safetensors_per_rank_without_pickle(ranks):
                      "shard-00002-model-00001-of-00001.safetensors"]
 
 
-def test_missing_checkpoint_is_a_user_error(ranks):
+def test_missing_or_misfit_checkpoint_is_a_user_error(ranks):
     _, results, ckpt = ranks
     for out in results:
         assert out["missing_error"] == f"embeddings checkpoint not found: {ckpt / 'missing'}"
+        assert out["resized_error"].startswith(f"embeddings checkpoint {ckpt} does not fit "
+                                               f"these tables"), out["resized_error"]
+        assert "ValueError: Size mismatch" in out["resized_error"]
+        assert "embedding_bags.loc.weight" in out["resized_error"]
