@@ -37,7 +37,8 @@ class TimestepEmbedder(nn.Module):
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, dim]
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(self.timestep_embedding(t, self.frequency_size))
+        frequencies = self.timestep_embedding(t, self.frequency_size)  # float32 for precision
+        return self.mlp(frequencies.to(self.mlp[0].weight.dtype))
 
 
 class SlotEmbedder(nn.Module):

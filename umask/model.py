@@ -58,7 +58,7 @@ class UMask(nn.Module):
         self._check_shapes(dense, observed, time_of_week, slot_sparse)
         if mask is None:
             mask = self.sample_mask(dense, observed, time_of_week, generator)
-        scaled = dense / self.channel_scale
+        scaled, slot_sparse, profile = self._model_inputs(dense, slot_sparse, profile)
         z_short, z_long = self.uscope.views(scaled, slot_sparse, time_of_week, mask.evidence,
                                             self.cfg.short_view_slots, profile)
         # Only target slots are diffused; every other non-evidence slot starts from x0 = 0 so
@@ -66,7 +66,7 @@ class UMask(nn.Module):
         x0 = torch.where(mask.target[..., None], scaled, torch.zeros_like(scaled))
         t = self.diffusion.sample_steps(dense.shape[0], generator)
         noise = torch.randn(dense.shape, generator=generator, device=generator.device,
-                            dtype=dense.dtype).to(dense.device)
+                            dtype=scaled.dtype).to(dense.device)
         x_t = self.diffusion.add_noise(x0, t, noise)
         x0_hat = self.dit(x_t, t, z_long, scaled, mask.evidence, time_of_week, slot_sparse)
         scored = mask.target & observed
@@ -84,7 +84,7 @@ class UMask(nn.Module):
                  generator: torch.Generator) -> Tensor:
         """Fills every non-evidence slot by DDIM; evidence slots come back bit-exactly; [B,T,F]."""
         self._check_shapes(dense, evidence, time_of_week, slot_sparse)
-        scaled = dense / self.channel_scale
+        scaled, slot_sparse, profile = self._model_inputs(dense, slot_sparse, profile)
         z_u = self.uscope(scaled, slot_sparse, time_of_week, evidence, profile)  # [B,U]
         evidence_values = torch.where(evidence[..., None], scaled, torch.zeros_like(scaled))
 
@@ -101,7 +101,8 @@ class UMask(nn.Module):
                        profile: Tensor | None = None) -> Tensor:
         """z_u [B,U] from the evidence slots, as the DiT sees it (for export and analysis)."""
         self._check_shapes(dense, evidence, time_of_week, slot_sparse)
-        return self.uscope(dense / self.channel_scale, slot_sparse, time_of_week, evidence, profile)
+        scaled, slot_sparse, profile = self._model_inputs(dense, slot_sparse, profile)
+        return self.uscope(scaled, slot_sparse, time_of_week, evidence, profile)
 
     def param_count(self) -> dict[str, int]:
         """Parameters per part and in total (works on a meta-device model)."""
@@ -117,6 +118,14 @@ class UMask(nn.Module):
         scale[self.channels - 2] = self.cfg.count_scale  # activity
         scale[self.channels - 1] = self.cfg.volume_scale
         return scale
+
+    def _model_inputs(self, dense: Tensor, slot_sparse: Tensor,
+                      profile: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Scaled dense values and the float inputs in the model's dtype: the loader gives
+        float32 while DeepSpeed may hold the weights (and this buffer) in bf16 or fp16."""
+        dtype = self.channel_scale.dtype
+        profile = profile.to(dtype) if profile is not None else None
+        return (dense / self.channel_scale).to(dtype), slot_sparse.to(dtype), profile
 
     def _check_shapes(self, dense: Tensor, slots_mask: Tensor, time_of_week: Tensor,
                       slot_sparse: Tensor) -> None:

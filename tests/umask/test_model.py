@@ -188,3 +188,15 @@ def test_users_without_evidence_get_a_defined_z_u():
     done = model.complete(data.dense, none, data.time_of_week, data.slot_sparse, steps=2,
                           generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(done).all()
+
+
+def test_a_bf16_model_takes_the_loaders_float32_batch():
+    model = make_model().to(torch.bfloat16)
+    data = make_batch(2, 24)
+    out = loss_of(model, data)
+    assert out["loss"].dtype == torch.bfloat16 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    evidence = data.observed
+    done = model.complete(data.dense, evidence, data.time_of_week, data.slot_sparse, steps=2,
+                          generator=torch.Generator().manual_seed(0))
+    assert done.dtype == torch.float32 and torch.equal(done[evidence], data.dense[evidence])
