@@ -266,3 +266,11 @@ def test_refuses_a_directory_with_other_files(tmp_path):
     with pytest.raises(UserError, match=r"holds files synth did not write \(events/export.parquet\)"):
         synth.synthesize(tmp_path, users=5, days=7)
     assert (tmp_path / "events" / "export.parquet").exists()
+
+
+def test_a_window_may_start_at_any_hour(tmp_path):
+    synth.synthesize(tmp_path, users=40, days=2, seed=1, apps=40, locations=20,
+                     start="2026-11-04T05:00")
+    ts = pads.dataset(tmp_path / "events").to_table()["ts"].cast(pa.int64()).to_numpy() // 1000
+    first = START + 2 * 86400 + 5 * 3600
+    assert first <= ts.min() and ts.max() < first + 2 * 86400
