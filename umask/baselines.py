@@ -6,7 +6,7 @@ UMask.complete, returns evidence slots unchanged, so the same metrics apply to a
 import torch
 from torch import Tensor
 
-HOURS_PER_WEEK = 168
+from umask.config import HOURS_PER_WEEK
 
 
 def popularity_profile(dense: Tensor, observed: Tensor) -> Tensor:

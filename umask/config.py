@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 TASKS = ("short", "long", "cold")  # task tau; its index is the task id used in tensors
 ATTENTION_MODES = ("evidence_keys", "evidence_causal", "bias")
+# time_of_week (every batch carries it per slot) is the hour of the week, in [0, 168).
+HOURS_PER_DAY, HOURS_PER_WEEK = 24, 168
 
 
 @dataclass

@@ -10,10 +10,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from umask.config import HOURS_PER_WEEK
 from umask.kernels import mask_guided_attention
 from umask.kernels.sorting import evidence_first_permutation, permute_tokens, unpermute_tokens
-
-HOURS_PER_WEEK = 168
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

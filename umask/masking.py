@@ -15,10 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from umask.config import TASKS, MaskConfig
+from umask.config import HOURS_PER_DAY, HOURS_PER_WEEK, TASKS, MaskConfig
 
-HOURS_PER_DAY = 24
-HOURS_PER_WEEK = 168
 # r_u is kept inside (0, 1) so that no user is fully trusted or fully ignored.
 RELIABILITY_FLOOR, RELIABILITY_CEIL = 0.01, 0.99
 

@@ -10,7 +10,7 @@ the most recent evidence slots, the long view all of them.
 import torch
 from torch import Tensor, nn
 
-HOURS_PER_WEEK = 168
+from umask.config import HOURS_PER_WEEK
 
 
 def recent_evidence(evidence: Tensor, keep: int) -> Tensor:
