@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from trainer.config import ConfigError, load_config
-from umask.config import ModelConfig
+from umask.config import ATTENTION_MODES, ModelConfig
+from umask.kernels import MODES
 from umask.model import UMask
 
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "model"
@@ -38,3 +39,8 @@ def test_nested_mask_settings_are_checked_with_their_key():
     assert "model.mask.long.target_min: must satisfy 1 <= target_min <= target_max" in message
     assert "model.mask.temperature: must be positive" in message
     assert "model.diffusion.sample_steps: must be in [1, train_steps=200]" in message
+
+
+def test_config_offers_exactly_the_kernels_attention_modes():
+    # umask/config.py stays torch-free for the Ray driver, so it lists the modes itself.
+    assert ATTENTION_MODES == MODES
