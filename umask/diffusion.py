@@ -39,7 +39,7 @@ class Diffusion(nn.Module):
         self.cfg = cfg
         self.register_buffer("abar", alphas_cumprod(cfg).float(), persistent=False)
 
-    def sample_steps(self, batch: int, generator: torch.Generator) -> Tensor:
+    def training_steps(self, batch: int, generator: torch.Generator) -> Tensor:
         """Training steps t ~ U{0..train_steps-1}; [B] int64."""
         return torch.randint(0, self.cfg.train_steps, (batch,), generator=generator,
                              device=generator.device).to(self.abar.device)
