@@ -49,7 +49,8 @@ def synthetic_events(n: int, users: int, seed: int = 0) -> pa.Table:
         "ts": ORIGIN + 2900 * WEEK + rng.integers(0, 2 * WEEK, unique),
         "app_id": pa.array(app, mask=rng.random(unique) < 0.10),
         "loc_id": pa.array(homes[user, rng.integers(0, 3, unique)], mask=rng.random(unique) < 0.05),
-        "traffic_bytes": pa.array(rng.lognormal(8, 2, unique).astype(np.int64), mask=rng.random(unique) < 0.02),
+        "traffic_bytes": pa.array(rng.lognormal(8, 2, unique).astype(np.int64),
+                                  mask=rng.random(unique) < 0.02),
         "event": (rng.random(unique) < 0.01).astype(np.int8),  # 1 % installs
     }
     table = pa.table(columns).cast(NORMALIZED_EVENTS)
@@ -62,7 +63,8 @@ def side_tables(seed: int = 0) -> tuple[pa.Table, pa.Table]:
     apps = pa.table({"app_id": pa.array(np.arange(CATEGORIZED_APPS), pa.int64()),
                      "category_id": pa.array(rng.integers(0, 20, CATEGORIZED_APPS), pa.int32())})
     locations = pa.table({"loc_id": pa.array(np.arange(LOCATIONS), pa.int64()),
-                          "lat": rng.uniform(39.7, 40.1, LOCATIONS), "lon": rng.uniform(116.1, 116.7, LOCATIONS)})
+                          "lat": rng.uniform(39.7, 40.1, LOCATIONS),
+                          "lon": rng.uniform(116.1, 116.7, LOCATIONS)})
     return apps, locations
 
 
@@ -71,7 +73,8 @@ def ours(events: pa.Table, apps: pa.Table, locations: pa.Table, cfg: DataConfig,
     featurize_events(events.to_batches(max_chunksize=BATCH_ROWS), apps, locations, cfg, out)
 
 
-def pandas_featurize(events: pa.Table, apps: pa.Table, locations: pa.Table, cfg: DataConfig, out: Path) -> None:
+def pandas_featurize(events: pa.Table, apps: pa.Table, locations: pa.Table, cfg: DataConfig,
+                     out: Path) -> None:
     """The same examples as featurize_events, written with pandas groupbys."""
     side = SideTables.build(apps, locations, cfg)
     T, C, K = cfg.slots, cfg.num_categories, cfg.num_regions
@@ -96,7 +99,8 @@ def pandas_featurize(events: pa.Table, apps: pa.Table, locations: pa.Table, cfg:
     category = pd.Series(side.categories, index=side.app_ids)
     with_app["category"] = with_app["app_id"].map(category).fillna(C).astype(np.int64)
     grouped = with_app.groupby(keys + ["category"])
-    usage = (grouped.size() if cfg.category_value == "count" else grouped["traffic_bytes"].sum()).unstack(fill_value=0)
+    usage = grouped.size() if cfg.category_value == "count" else grouped["traffic_bytes"].sum()
+    usage = usage.unstack(fill_value=0)
     ex, slot = (usage.index.get_level_values(k).to_numpy() for k in keys)
     for c in usage.columns:
         dense[ex, slot, layout.category.start + c] = np.log1p(usage[c].to_numpy(np.float64))
@@ -109,11 +113,12 @@ def pandas_featurize(events: pa.Table, apps: pa.Table, locations: pa.Table, cfg:
     for r in shares.columns:
         dense[ex, slot, layout.region.start + r] = shares[r].to_numpy(np.float64)
 
-    bags = [_pandas_bag(frame, column, E, T) for frame, column in ((with_app, "app_id"), (with_loc, "loc_id"))]
+    bags = [_pandas_bag(with_app, "app_id", E, T), _pandas_bag(with_loc, "loc_id", E, T)]
     user = examples["user_id"].to_numpy(np.int64)
     window = examples["window"].to_numpy(np.int64)
     split = split_of(user, cfg)
-    tow = (((window[:, None] * span + np.arange(T) * cfg.slot_seconds) % WEEK) // cfg.slot_seconds).astype(np.int16)
+    slot_start = window[:, None] * span + np.arange(T) * cfg.slot_seconds  # [E, T] since ORIGIN
+    tow = ((slot_start % WEEK) // cfg.slot_seconds).astype(np.int16)
     for s, name in enumerate(SPLITS):
         rows = np.flatnonzero(split == s)
         if len(rows) == 0:
@@ -140,7 +145,9 @@ def _bag_lists(bag, rows: np.ndarray) -> tuple[pa.ListArray, pa.ListArray]:
     lengths, ids, example = bag
     starts = np.searchsorted(example, rows)
     per_example = lengths[rows].sum(axis=1)
-    take = np.repeat(starts - np.concatenate([[0], np.cumsum(per_example)[:-1]]), per_example) + np.arange(per_example.sum())
+    # positions in `ids` of each kept example's ids, in example order
+    shift = starts - np.concatenate([[0], np.cumsum(per_example)[:-1]])
+    take = np.repeat(shift, per_example) + np.arange(per_example.sum())
     offsets = pa.array(np.concatenate([[0], np.cumsum(per_example)]).astype(np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(ids[take])), _lists(lengths[rows])
 

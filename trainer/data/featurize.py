@@ -401,7 +401,8 @@ def _fixed_lists(values: np.ndarray, per_row: int) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1)))
 
 
-def _bags(pair_slot: np.ndarray, pair_ids: np.ndarray, e0: int, e1: int, T: int) -> tuple[pa.ListArray, pa.ListArray]:
+def _bags(pair_slot: np.ndarray, pair_ids: np.ndarray, e0: int, e1: int,
+          T: int) -> tuple[pa.ListArray, pa.ListArray]:
     """ids (flattened per example) and per-slot lengths [n, T] for examples [e0, e1)."""
     p0, p1 = np.searchsorted(pair_slot, [e0 * T, e1 * T])
     lengths = np.bincount(pair_slot[p0:p1] - e0 * T, minlength=(e1 - e0) * T).astype(np.int32)
@@ -463,7 +464,8 @@ def prepare_output(out: Path) -> None:
 
 def config_hash(cfg: DataConfig) -> str:
     """sha256 of the data settings that decide the examples (not where they go or how fast)."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("features", "featurize_workers")}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("features", "featurize_workers")}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 

@@ -44,6 +44,7 @@ class RegionTable:
         found = self.loc_ids[pos] == loc_ids
         return np.where(found, self.regions[pos], ABSENT).astype(np.int32)
 
+
 def build_region_table(locations: pa.Table | None, num_regions: int) -> RegionTable:
     """RegionTable from locations.parquet's (loc_id, lat, lon, region_id?) or from nothing."""
     if locations is None:
@@ -70,8 +71,8 @@ def kmeans_regions(lat: np.ndarray, lon: np.ndarray, k: int, seed: int = KMEANS_
     centroids = _kmeans_plus_plus(sample, k, rng)  # [k, 3]
     assignment = _nearest(sample, centroids)
     for _ in range(KMEANS_ITERATIONS):
-        sums = np.zeros((k, 3))
-        np.add.at(sums, assignment, sample)
+        sums = np.stack([np.bincount(assignment, weights=sample[:, d], minlength=k)
+                         for d in range(3)], axis=1)  # [k, 3]
         counts = np.bincount(assignment, minlength=k)
         # an emptied cluster keeps its old centroid rather than collapsing to the origin
         filled = counts > 0

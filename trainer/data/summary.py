@@ -87,7 +87,8 @@ def format_summary(summary: dict) -> str:
     """The summary as a few readable lines."""
     share = summary["observed_slot_share"]
     lines = [f"features: {summary['features']} ({summary['slots']} slots of {summary['slot_seconds']} s)"]
-    lines += [f"  {s:5s}: {summary['users'][s]:>9} users {summary['examples'][s]:>10} examples" for s in SPLITS]
+    lines += [f"  {s:5s}: {summary['users'][s]:>9} users {summary['examples'][s]:>10} examples"
+              for s in SPLITS]
     events = summary["events"]
     lines.append(f"events: {events['featurized']} featurized, {events['duplicates_dropped']} duplicates "
                  f"dropped, {summary['quarantined_rows']} rows quarantined")
