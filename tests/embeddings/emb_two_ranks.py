@@ -1,4 +1,4 @@
-"""Runs a function on 2 real processes joined by a gloo process group on 127.0.0.1.
+"""Runs a function on 2 real processes joined by a process group on 127.0.0.1 (gloo by default).
 
 `run_two_ranks(fn, *args)` spawns rank 0 and rank 1, calls `fn(rank, pg, *args)` in each and
 returns their results in rank order. A rank's exception comes back as a RuntimeError carrying
@@ -22,9 +22,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(rank, port, fn, args, results, received):
+def _rank_main(rank, port, backend, fn, args, results, received):
     torch.set_num_threads(1)  # two ranks share a 2-core machine
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD_SIZE)
     try:
         results.put((rank, None, fn(rank, dist.group.WORLD, *args)))
@@ -37,12 +39,12 @@ def _rank_main(rank, port, fn, args, results, received):
         dist.destroy_process_group()
 
 
-def run_two_ranks(fn, *args, timeout: float = 120.0) -> list:
+def run_two_ranks(fn, *args, backend: str = "gloo", timeout: float = 120.0) -> list:
     ctx = mp.get_context("spawn")
     results, received = ctx.Queue(), ctx.Event()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(rank, port, fn, args, results, received),
-                         daemon=True)
+    procs = [ctx.Process(target=_rank_main, daemon=True,
+                         args=(rank, port, backend, fn, args, results, received))
              for rank in range(WORLD_SIZE)]
     try:
         for proc in procs:

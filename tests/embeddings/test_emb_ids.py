@@ -95,3 +95,10 @@ def test_inconsistent_bags_are_rejected_with_the_key():
     with pytest.raises(ValueError, match="app ids must be int64"):
         mapper.to_kjt(torch.tensor([1], dtype=torch.int32), torch.tensor([1]),
                       torch.tensor([1]), torch.tensor([1]))
+
+
+@pytest.mark.gpu
+def test_gpu_gives_the_same_rows_as_cpu():
+    ids = torch.cat([torch.arange(10_000), torch.tensor([-1, -(2**63), 2**63 - 1])])
+    for num_rows in (7, 4096, 10**7):
+        assert torch.equal(hash_rows(ids.cuda(), num_rows).cpu(), hash_rows(ids, num_rows))

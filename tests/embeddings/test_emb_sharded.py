@@ -1,9 +1,10 @@
-"""Sharded tables on 2 real gloo ranks: plan, lookups, fused optimizer step, DCP round trip.
+"""Sharded tables on 2 real ranks: plan, lookups, fused optimizer step, DCP round trip.
 
-Each scenario runs once per module (two processes, one gloo group) and returns plain
-tensors; the tests below assert on them. Scenario "sharded": app table-wise, loc column-wise
-in two 8-column shards, row-wise Adagrad, sum pooling. Scenario "replicated": app
-data-parallel, loc table-wise, Adagrad, mean pooling.
+Each scenario runs once per module (two processes, one process group) and returns plain
+tensors; the tests below assert on them. On CPU over gloo: "sharded" (app table-wise, loc
+column-wise in two 8-column shards, row-wise Adagrad, sum pooling) and "replicated" (app
+data-parallel, loc table-wise, Adagrad, mean pooling). On 2 GPUs over nccl (`-m gpu`):
+"row_wise" (app row-wise, loc table-row-wise), the kinds a CPU cannot run.
 """
 from dataclasses import replace
 from pathlib import Path
@@ -19,9 +20,11 @@ DIM = 16
 ROWS = {"app": 64, "loc": 32}
 SCENARIOS = {
     "sharded": dict(app=["table_wise"], loc=["column_wise"], optimizer="row_wise_adagrad",
-                    pooling="sum"),
+                    pooling="sum", device="cpu"),
     "replicated": dict(app=["data_parallel"], loc=["table_wise"], optimizer="adagrad",
-                       pooling="mean"),
+                       pooling="mean", device="cpu"),
+    "row_wise": dict(app=["row_wise"], loc=["table_row_wise"], optimizer="row_wise_adagrad",
+                     pooling="sum", device="cuda"),
 }
 # Per rank: app bags and loc bags for B*T = 4 slots (ids raw, some negative or huge).
 BAGS = [
@@ -47,9 +50,9 @@ def full_weights() -> dict[str, torch.Tensor]:
 def local_pieces(value) -> list[tuple[tuple[int, ...], torch.Tensor]]:
     """(offsets, tensor) of what this rank holds of a state entry: its shards, or all of it."""
     if hasattr(value, "local_shards"):
-        return [(tuple(s.metadata.shard_offsets), s.tensor.detach().clone())
+        return [(tuple(s.metadata.shard_offsets), s.tensor.detach().cpu().clone())
                 for s in value.local_shards()]
-    return [((0,) * value.dim(), value.detach().clone())]
+    return [((0,) * value.dim(), value.detach().cpu().clone())]
 
 
 def table_pieces(module) -> dict:
@@ -76,8 +79,11 @@ def run_scenario(rank, pg, name, ckpt_dir):
     from embeddings.tables import build_tables
     from trainer.errors import UserError
 
+    torch.manual_seed(rank)  # ranks initialise differently unless sharding makes them agree
     cfg = scenario_cfg(name)
-    module = ShardedTables(cfg, pg, torch.device("cpu"))
+    device = torch.device("cuda", rank) if SCENARIOS[name]["device"] == "cuda" else torch.device("cpu")
+    module = ShardedTables(cfg, pg, device)
+    out = {"placements": module.placements, "initial": table_pieces(module)}
     full = full_weights()
     with torch.no_grad():
         for key, value in module.dmp.state_dict().items():
@@ -93,19 +99,20 @@ def run_scenario(rank, pg, name, ckpt_dir):
     mapper = IdMapper(cfg)
     bags = {k: (torch.tensor(v), torch.tensor(n)) for k, (v, n) in BAGS[rank].items()}
     kjt = mapper.to_kjt(*bags["app"], *bags["loc"])
-    out = {"placements": module.placements, "looked_up": {t: kjt[t].values() for t in ROWS},
-           "out_of_contract": mapper.out_of_contract()}
+    out["looked_up"] = {t: kjt[t].values() for t in ROWS}
+    out["out_of_contract"] = mapper.out_of_contract()
+    out["pooled_reference"] = reference(kjt).values().detach()
+    kjt = kjt.to(device)
 
     pooled = module(kjt)  # [B*T, 2 * DIM]
-    out["pooled"] = pooled.detach().clone()
-    out["pooled_reference"] = reference(kjt).values().detach()
+    out["pooled"] = pooled.detach().cpu().clone()
     out["before"] = table_pieces(module)
     pooled.sum().backward()  # the fused and the replicated optimizers step in here
     out["after"] = table_pieces(module)
 
     path = Path(ckpt_dir)
     save_sharded(module, path, pg)
-    restored = ShardedTables(cfg, pg, torch.device("cpu"))
+    restored = ShardedTables(cfg, pg, device)
     out["fresh_differs"] = not same_pieces(table_pieces(restored), out["after"])
     load_sharded(restored, path, pg)
     out["weights_restored"] = same_pieces(table_pieces(restored), out["after"])
@@ -121,7 +128,7 @@ def run_scenario(rank, pg, name, ckpt_dir):
         out["missing_error"] = str(err)
     resized = replace(cfg, loc=replace(cfg.loc, num_embeddings=2 * ROWS["loc"]))
     try:
-        load_sharded(ShardedTables(resized, pg, torch.device("cpu")), path, pg)
+        load_sharded(ShardedTables(resized, pg, device), path, pg)
     except UserError as err:
         out["resized_error"] = str(err)
     return out
@@ -135,11 +142,17 @@ def assemble(pieces_by_rank: list[list], shape) -> torch.Tensor:
     return full
 
 
-@pytest.fixture(scope="module", params=list(SCENARIOS))
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=[pytest.mark.gpu] if s["device"] == "cuda" else [])
+    for name, s in SCENARIOS.items()])
 def ranks(request, tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp(request.param) / "tables"
-    results = run_two_ranks(run_scenario, request.param, str(ckpt))
-    return request.param, results, ckpt
+    name = request.param
+    on_gpu = SCENARIOS[name]["device"] == "cuda"
+    if on_gpu and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    ckpt = tmp_path_factory.mktemp(name) / "tables"
+    results = run_two_ranks(run_scenario, name, str(ckpt), backend="nccl" if on_gpu else "gloo")
+    return name, results, ckpt
 
 
 def test_plan_uses_the_requested_sharding_types(ranks):
@@ -151,9 +164,20 @@ def test_plan_uses_the_requested_sharding_types(ranks):
     if name == "sharded":
         assert len(placements["app"].ranks) == 1
         assert sorted(placements["loc"].ranks) == [0, 1] and placements["loc"].shard_dims == (8, 8)
-    else:
+    elif name == "replicated":
         assert placements["app"].ranks == (0, 1) and placements["app"].compute_kernel == "dense"
+    else:
+        assert sorted(placements["app"].ranks) == [0, 1]
     assert results[0]["placements"] == results[1]["placements"]
+
+
+def test_replicated_tables_start_identical_on_both_ranks(ranks):
+    _, results, _ = ranks
+    for table, placement in results[0]["placements"].items():
+        if placement.sharding_type == "data_parallel":
+            (_, replica0), = results[0]["initial"][table]
+            (_, replica1), = results[1]["initial"][table]
+            assert torch.equal(replica0, replica1)
 
 
 def test_sharded_lookup_equals_unsharded_collection(ranks):
@@ -194,11 +218,11 @@ def test_checkpoint_round_trip_is_bit_exact_with_optimizer_state(ranks):
         assert out["fresh_differs"]  # otherwise restoring would prove nothing
         assert out["weights_restored"] and out["optimizer_restored"] and out["next_step_equal"]
     keys = set(results[0]["optimizer_state_keys"]) | set(results[1]["optimizer_state_keys"])
-    if name == "sharded":
-        assert keys == {"embedding_bags.app.weight.app.momentum1",
+    if name == "replicated":
+        assert keys == {"embedding_bags.app.weight.step", "embedding_bags.app.weight.sum",
                         "embedding_bags.loc.weight.loc.momentum1"}
     else:
-        assert keys == {"embedding_bags.app.weight.step", "embedding_bags.app.weight.sum",
+        assert keys == {"embedding_bags.app.weight.app.momentum1",
                         "embedding_bags.loc.weight.loc.momentum1"}
 
 
