@@ -82,7 +82,8 @@ def register(subparsers) -> None:
         "synth", help="write a synthetic dataset in the data contract",
         description="Write synthetic users (personas with daily and weekly routines) as "
                     "contract Parquet: events/, apps.parquet, locations.parquet, profiles.parquet.")
-    parser.add_argument("--out", required=True, help="output directory (new, empty or a previous synth output)")
+    parser.add_argument("--out", required=True,
+                        help="output directory: new, empty or an earlier synth output")
     parser.add_argument("--users", type=int, required=True, help="number of users")
     parser.add_argument("--days", type=int, default=28, help="length of the window in days")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same Parquet content")
@@ -158,7 +159,7 @@ def _prepare(out: Path) -> None:
                if p.name not in ours and not _is_temporary(p)] if out.is_dir() else []
     if events.is_dir():
         foreign += [f"{EVENTS_DIR}/{p.name}" for p in events.iterdir()
-                    if not (_is_temporary(p) or p.name.startswith("part-") and p.suffix == ".parquet")]
+                    if not (_is_temporary(p) or _is_part(p))]
     if foreign:
         raise UserError(f"synth: --out {out} holds files synth did not write "
                         f"({', '.join(sorted(foreign)[:5])}); choose a new or empty directory")
@@ -166,6 +167,10 @@ def _prepare(out: Path) -> None:
         for part in events.iterdir():
             part.unlink()
     events.mkdir(parents=True, exist_ok=True)
+
+
+def _is_part(path: Path) -> bool:
+    return path.is_file() and path.name.startswith("part-") and path.suffix == ".parquet"
 
 
 def _is_temporary(path: Path) -> bool:

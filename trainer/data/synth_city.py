@@ -74,7 +74,8 @@ def make_city(rng: np.random.Generator, loc_ids: np.ndarray) -> City:
         if use == TRANSIT:
             # stations sit on the line from a random suburb to the centre
             along = rng.random(len(where))[:, None]
-            base = suburbs[rng.integers(len(suburbs), size=len(where))] * (1 - along) + _CENTRE * along
+            suburb = suburbs[rng.integers(len(suburbs), size=len(where))]
+            base = suburb * (1 - along) + _CENTRE * along
         else:
             base = centres[use][rng.integers(len(centres[use]), size=len(where))]
         point = base + rng.normal(0, _DISTRICT_SPREAD[use], size=(len(where), 2))

@@ -38,6 +38,7 @@ UNKNOWN_CELL_SHARE = 0.03  # app records whose cell is unknown
 DUPLICATE_SHARE = 0.002  # records exported twice
 TRIAL_UNINSTALL_CHANCE = 0.2  # an app installed in the window is removed again
 UNINSTALLS_PER_USER = 0.1  # mean apps a user had before the window and removes in it
+_EARLIEST, _LATEST = np.iinfo(np.int64).min, np.iinfo(np.int64).max
 _CATEGORY_BATCH = 1 << 18  # records per batch when drawing categories ([batch, C] floats)
 
 
@@ -147,56 +148,76 @@ def _draw_rows(cdf: np.ndarray, uniform: np.ndarray) -> np.ndarray:
     return np.minimum((cdf < uniform[:, None]).sum(axis=1), cdf.shape[1] - 1)
 
 
+@dataclass(frozen=True)
+class _AppChanges:
+    """Installs or uninstalls: one per (user, app) key = user * num_apps + app, keys sorted."""
+    key: np.ndarray
+    ts: np.ndarray
+    place: np.ndarray
+    traffic: np.ndarray  # -1: unknown
+
+    def records(self, num_apps: int, event: int) -> dict:
+        return dict(user=self.key // num_apps, ts=self.ts, app=self.key % num_apps,
+                    place=self.place, traffic=self.traffic,
+                    event=np.full(len(self.key), event))
+
+
 def _install_and_uninstall(world: World, window: Window, users: Population, records: dict,
                            rng: np.random.Generator) -> dict:
     """Adds install/uninstall records; drops uses before an install and after an uninstall."""
     num_apps = len(world.catalog.app_ids)
+    key = np.where(records["app"] >= 0, records["user"] * num_apps + records["app"], -1)
+    pick = _use_picker(records, len(users.persona), rng)
+    installs = _installs(window, users, records, key, pick, rng)
+    removals = _uninstalls(window, records, key, installs, pick, rng)
+    keep = (key < 0) | ((records["ts"] >= _lookup(installs.key, installs.ts, key, _EARLIEST))
+                        & (records["ts"] < _lookup(removals.key, removals.ts, key, _LATEST)))
+    added = [installs.records(num_apps, INSTALL), removals.records(num_apps, UNINSTALL)]
+    return {k: np.concatenate([v[keep]] + [a[k] for a in added]) for k, v in records.items()}
+
+
+def _use_picker(records: dict, num_users: int, rng: np.random.Generator):
+    """pick(mean): random use records, about mean (a number or [U]) for each user with any."""
     uses = np.flatnonzero(records["app"] >= 0)  # grouped by user, as records come in user order
-    per_user = np.bincount(records["user"][uses], minlength=len(users.persona))
+    per_user = np.bincount(records["user"][uses], minlength=num_users)
     first_use = np.concatenate([[0], np.cumsum(per_user)[:-1]])
-    installs_mean = np.array([t.installs for t in TIERS])[users.tier]
 
     def pick(mean: np.ndarray) -> np.ndarray:
-        """Random use records, about mean[u] of them for each user u who has any."""
-        who = np.repeat(np.arange(len(per_user)), rng.poisson(mean) * (per_user > 0))
+        who = np.repeat(np.arange(num_users),
+                        rng.poisson(np.broadcast_to(mean, num_users)) * (per_user > 0))
         return uses[first_use[who] + (rng.random(len(who)) * per_user[who]).astype(np.int64)]
 
-    # an installed app is first used some minutes after the install
-    anchor = pick(installs_mean)
-    inst_key, first = np.unique(records["user"][anchor] * num_apps + records["app"][anchor],
-                                return_index=True)
-    anchor = anchor[first]
-    inst_ts = np.maximum(records["ts"][anchor] - rng.integers(60, 1800, size=len(anchor)),
-                         window.start)
-    # some new apps are tried and removed again, some older apps are removed
-    trial = rng.random(len(anchor)) < TRIAL_UNINSTALL_CHANCE
-    # removed a while after the first use, so every installed app is used at least once
-    trial_ts = (records["ts"][anchor][trial] + 60
-                + rng.exponential(3 * 86400, size=trial.sum()).astype(np.int64))
-    older = pick(np.full(len(per_user), UNINSTALLS_PER_USER))
-    older_key = records["user"][older] * num_apps + records["app"][older]
-    older = older[~np.isin(older_key, inst_key)]
-    un_key = np.concatenate([inst_key[trial], records["user"][older] * num_apps + records["app"][older]])
-    un_ts = np.concatenate([trial_ts, records["ts"][older] + rng.integers(60, 1800, size=len(older))])
-    un_place = np.concatenate([records["place"][anchor][trial], records["place"][older]])
-    inside = un_ts < window.start + window.hours * 3600
-    un_key, un_ts, un_place = un_key[inside], un_ts[inside], un_place[inside]
-    un_key, first = np.unique(un_key, return_index=True)
-    un_ts, un_place = un_ts[first], un_place[first]
+    return pick
 
-    key = np.where(records["app"] >= 0, records["user"] * num_apps + records["app"], -1)
-    keep = (key < 0) | ((records["ts"] >= _lookup(inst_key, inst_ts, key, np.iinfo(np.int64).min))
-                        & (records["ts"] < _lookup(un_key, un_ts, key, np.iinfo(np.int64).max)))
-    inst_bytes = np.exp(rng.normal(np.log(INSTALL_MEDIAN_BYTES), 0.8, size=len(inst_key)))
-    added = dict(
-        user=np.concatenate([inst_key // num_apps, un_key // num_apps]),
-        ts=np.concatenate([inst_ts, un_ts]),
-        app=np.concatenate([inst_key % num_apps, un_key % num_apps]),
-        place=np.concatenate([records["place"][anchor], un_place]),
-        traffic=np.concatenate([inst_bytes.astype(np.int64), np.full(len(un_key), -1)]),
-        event=np.concatenate([np.full(len(inst_key), INSTALL), np.full(len(un_key), UNINSTALL)]),
-    )
-    return {k: np.concatenate([v[keep], added[k]]) for k, v in records.items()}
+
+def _installs(window: Window, users: Population, records: dict, key: np.ndarray, pick,
+              rng: np.random.Generator) -> _AppChanges:
+    """Apps installed in the window, each some minutes before a use of it (its anchor)."""
+    anchor = pick(np.array([t.installs for t in TIERS])[users.tier])
+    unique_key, first = np.unique(key[anchor], return_index=True)
+    anchor = anchor[first]
+    ts = np.maximum(records["ts"][anchor] - rng.integers(60, 1800, size=len(anchor)),
+                    window.start)
+    size = np.exp(rng.normal(np.log(INSTALL_MEDIAN_BYTES), 0.8, size=len(anchor)))
+    return _AppChanges(unique_key, ts, records["place"][anchor], size.astype(np.int64))
+
+
+def _uninstalls(window: Window, records: dict, key: np.ndarray, installs: _AppChanges, pick,
+                rng: np.random.Generator) -> _AppChanges:
+    """Some new apps tried and removed again, some older apps removed after a last use."""
+    trial = rng.random(len(installs.key)) < TRIAL_UNINSTALL_CHANCE
+    # an install precedes its anchor use by under 30 minutes, so a tried app is used once
+    trial_ts = (installs.ts[trial] + 1800
+                + rng.exponential(3 * 86400, size=trial.sum()).astype(np.int64))
+    older = pick(UNINSTALLS_PER_USER)
+    older = older[~np.isin(key[older], installs.key)]
+    removal_key = np.concatenate([installs.key[trial], key[older]])
+    ts = np.concatenate([trial_ts, records["ts"][older] + rng.integers(60, 1800, size=len(older))])
+    place = np.concatenate([installs.place[trial], records["place"][older]])
+    inside = ts < window.start + window.hours * 3600
+    removal_key, first = np.unique(removal_key[inside], return_index=True)
+    return _AppChanges(removal_key, ts[inside][first], place[inside][first],
+                       np.full(len(removal_key), -1))
 
 
 def _lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray, missing: int) -> np.ndarray:
@@ -214,7 +235,7 @@ def _duplicate(records: dict, rng: np.random.Generator) -> dict:
 
 def _table(world: World, users: Population, records: dict) -> pa.Table:
     """Numbers to ids; -1 marks a null."""
-    app, place, traffic, event = records["app"], records["place"], records["traffic"], records["event"]
+    app, place, traffic, event = (records[k] for k in ("app", "place", "traffic", "event"))
     return pa.table([
         pa.array(users.user_ids[records["user"]], pa.int64()),
         pa.array(records["ts"] * 1000, pa.timestamp("ms", tz="UTC")),

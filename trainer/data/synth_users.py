@@ -104,7 +104,8 @@ def _activity(rng: np.random.Generator, tier: np.ndarray, hours: int):
     """First active hour and expected number of use records, per user."""
     days = hours // 24
     cold = tier == COLD_START
-    first_day = days - cold_start_days(days) + rng.integers(0, cold_start_days(days), size=len(tier))
+    cold_days = cold_start_days(days)
+    first_day = days - cold_days + rng.integers(0, cold_days, size=len(tier))
     first_hour = np.where(cold, first_day * 24 + rng.integers(0, 24, size=len(tier)), 0)
     low = np.array([TIERS[t].events[0] for t in range(len(TIERS))])[tier]
     high = np.array([TIERS[t].events[1] for t in range(len(TIERS))])[tier]
