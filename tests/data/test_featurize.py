@@ -353,3 +353,10 @@ def _library_run(tmp_path) -> Path:
     prepare_output(out)
     featurize_events(batches_of(EVENTS), APPS, LOCATIONS, small_config(), out)
     return out
+
+
+def test_config_hash_follows_feature_settings_only():
+    base = featurize.config_hash(small_config())
+    assert featurize.config_hash(small_config(featurize_workers=2, features="elsewhere")) == base
+    assert featurize.config_hash(small_config(slots=8)) != base
+    assert featurize.config_hash(small_config(split_salt=1)) != base

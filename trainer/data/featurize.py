@@ -34,7 +34,6 @@ data.row_group_size examples) and `<features>/manifest.json`.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -49,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainer.cli import add_config_arguments, config_from_args
-from trainer.config import DataConfig, save_config
+from trainer.config import DataConfig, RunConfig, save_config
 from trainer.data.contract import EventReader, open_dataset, read_apps, read_locations
 from trainer.data.regions import ABSENT, RegionTable, build_region_table
 from trainer.data.schema import EXAMPLES, NORMALIZED_EVENTS, SPLITS, DenseLayout
@@ -72,6 +71,11 @@ STAGING_WRITE_OPTIONS = dict(compression="none", use_dictionary=False, write_sta
 # and buy nothing: their values are not looked up or filtered on
 EXAMPLE_WRITE_OPTIONS = dict(compression="zstd", use_dictionary=["split"],
                              write_statistics=["user_id", "split", "window_start"])
+
+# the data.* keys whose values decide the examples featurize writes
+HASHED_SETTINGS = ("source", "invalid_rows", "slot_seconds", "slots", "num_categories", "num_regions",
+                   "category_value", "val_fraction", "test_fraction", "cold_fraction", "split_salt",
+                   "num_shards", "row_group_size")
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
@@ -463,9 +467,9 @@ def prepare_output(out: Path) -> None:
 
 
 def config_hash(cfg: DataConfig) -> str:
-    """sha256 of the data settings that decide the examples (not where they go or how fast)."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                if k not in ("features", "featurize_workers")}
+    """sha256 of the data settings that decide the examples (not where they go, how fast they
+    are made or how the loader reads them)."""
+    settings = {key: getattr(cfg, key) for key in HASHED_SETTINGS}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -510,8 +514,9 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=_featurize_command)
 
 
-def _featurize_command(args) -> int:
-    cfg = config_from_args(args)
+def featurize(cfg: RunConfig) -> dict:
+    """What `u-mask data featurize` does: data.source -> examples, manifest and the resolved
+    config in data.features, invalid rows handled by data.invalid_rows. Returns the manifest."""
     data, out = cfg.data, Path(cfg.data.features)
     check_limits(data)
     dataset = open_dataset(data.source)
@@ -521,9 +526,15 @@ def _featurize_command(args) -> int:
     manifest = featurize_events(reader.batches(), read_apps(dataset, data.num_categories),
                                 read_locations(dataset), data, out, reader.report.as_dict)
     save_config(cfg, out / "config.yaml")
+    return manifest
+
+
+def _featurize_command(args) -> int:
+    cfg = config_from_args(args)
+    manifest = featurize(cfg)
     examples, users, events = manifest["examples"], manifest["users"], manifest["events"]
     print(f"featurized {events['featurized']} events ({events['duplicates_dropped']} duplicates "
-          f"dropped, {reader.report.rows_quarantined} rows quarantined) into "
+          f"dropped, {manifest['quarantine']['rows_quarantined']} rows quarantined) into "
           f"{sum(examples.values())} examples of {sum(users.values())} users ("
-          + ", ".join(f"{s} {examples[s]}" for s in SPLITS) + f") in {out}")
+          + ", ".join(f"{s} {examples[s]}" for s in SPLITS) + f") in {cfg.data.features}")
     return 0
