@@ -85,7 +85,7 @@ def make_population(world: World, rng: np.random.Generator, first_user: int, n: 
     latent = world.persona_centres[persona] + offset  # [U, LATENT_DIM]
     activity = (np.log(expected * 168 / np.maximum(hours - first_hour, 1)) - np.log(30)) / 1.5
     profile = (np.concatenate([latent, activity[:, None]], axis=1) @ world.profile_projection.T
-               + rng.normal(0.0, 0.5, size=(n, PROFILE_DIM)))
+               + rng.normal(0.0, 1.5, size=(n, PROFILE_DIM)))
     return Population(
         user_ids=sparse_ids(world.seed, USER_IDS, np.arange(first_user, first_user + n)),
         persona=persona, tier=tier, clock_shift=rng.integers(-1, 2, size=n),
