@@ -1,17 +1,17 @@
 """Gaussian diffusion over a user's dense slot tensor: noise schedule, forward noising, DDIM.
 
-Random numbers are drawn on the generator's device and moved to the data's, so one CPU
-generator gives the same draws whether the model runs on CPU or GPU.
-
 Method section 4. The network predicts x0 directly; sampling is deterministic DDIM (eta = 0)
 on a few evenly spaced steps, with evidence slots reset to their observed values after every
 step and composited into the output, so evidence comes back bit-exactly.
+
+Random numbers are drawn on the generator's device and moved to the data's, so one CPU
+generator gives the same draws whether the model runs on CPU or GPU.
 """
 import math
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from umask.config import DiffusionConfig
 
@@ -31,45 +31,58 @@ def alphas_cumprod(cfg: DiffusionConfig) -> Tensor:
     return torch.cumprod(1 - betas, dim=0)
 
 
-class Diffusion(nn.Module):
-    """Holds the schedule as a buffer so it follows the model across devices and dtypes."""
+class Diffusion:
+    """The schedule and its two uses: noising for training, DDIM for completion.
+
+    Not an nn.Module on purpose: the schedule must stay float32 (or better) when DeepSpeed
+    casts the model to bf16/fp16, which would round 1 - abar_t to 0 at small t.
+    """
 
     def __init__(self, cfg: DiffusionConfig):
-        super().__init__()
         self.cfg = cfg
-        self.register_buffer("abar", alphas_cumprod(cfg).float(), persistent=False)
+        self.abar = alphas_cumprod(cfg)  # float64, on the CPU
+        self._abar_on_device: dict[torch.device, Tensor] = {}
 
-    def training_steps(self, batch: int, generator: torch.Generator) -> Tensor:
-        """Training steps t ~ U{0..train_steps-1}; [B] int64."""
+    def abar_on(self, device: torch.device) -> Tensor:
+        """The schedule as float32 on `device`, copied there once."""
+        device = torch.device(device)
+        if device not in self._abar_on_device:
+            self._abar_on_device[device] = self.abar.float().to(device)
+        return self._abar_on_device[device]
+
+    def training_steps(self, batch: int, generator: torch.Generator, device: torch.device) -> Tensor:
+        """Training steps t ~ U{0..train_steps-1} on `device`; [B] int64."""
         return torch.randint(0, self.cfg.train_steps, (batch,), generator=generator,
-                             device=generator.device).to(self.abar.device)
+                             device=generator.device).to(device)
 
     def add_noise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; x0 [B,T,F], t [B]."""
-        abar = self.abar[t].view(-1, *([1] * (x0.dim() - 1)))
-        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise in float32, returned in x0's dtype;
+        x0, noise [B,T,F], t [B]."""
+        abar = self.abar_on(x0.device)[t].view(-1, *([1] * (x0.dim() - 1)))  # [B,1,1]
+        return (abar.sqrt() * x0.float() + (1 - abar).sqrt() * noise.float()).to(x0.dtype)
 
     @torch.no_grad()
     def ddim_sample(self, predict_x0: Callable[[Tensor, Tensor], Tensor], evidence_values: Tensor,
                     evidence: Tensor, steps: int, generator: torch.Generator) -> Tensor:
-        """Completes evidence_values [B,T,F] where evidence [B,T] is False.
+        """Completes evidence_values [B,T,F] where evidence [B,T] is False; float32 [B,T,F].
 
-        predict_x0(x_t, t) -> x0_hat, both [B,T,F], t [B]. Evidence slots of the result are
-        evidence_values exactly.
+        predict_x0(x_t, t) -> x0_hat, both [B,T,F], t [B]; the update runs in float32
+        whatever dtype the predictor computes in. Evidence slots of the result are
+        evidence_values exactly (as float32).
         """
         if not 1 <= steps <= self.cfg.train_steps:
             raise ValueError(f"steps must be in [1, {self.cfg.train_steps}], got {steps}")
         keep = evidence[..., None]  # [B,T,1]
-        x = torch.randn(evidence_values.shape, generator=generator, device=generator.device,
-                        dtype=evidence_values.dtype).to(evidence_values.device)
-        x = torch.where(keep, evidence_values, x)
+        known = evidence_values.float()
+        x = torch.randn(known.shape, generator=generator, device=generator.device).to(known.device)
+        x = torch.where(keep, known, x)
         timesteps = torch.linspace(self.cfg.train_steps - 1, 0, steps).round().long().tolist()
         for i, step in enumerate(timesteps):
             t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
-            x0_hat = predict_x0(x, t)
-            abar = self.abar[step]
-            abar_prev = self.abar[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.ones_like(abar)
-            eps_hat = (x - abar.sqrt() * x0_hat) / (1 - abar).sqrt()
-            x = abar_prev.sqrt() * x0_hat + (1 - abar_prev).sqrt() * eps_hat
-            x = torch.where(keep, evidence_values, x)
+            x0_hat = predict_x0(x.to(evidence_values.dtype), t).float()
+            abar = float(self.abar[step])
+            abar_prev = float(self.abar[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
+            eps_hat = (x - abar ** 0.5 * x0_hat) / (1 - abar) ** 0.5
+            x = abar_prev ** 0.5 * x0_hat + (1 - abar_prev) ** 0.5 * eps_hat
+            x = torch.where(keep, known, x)
         return x

@@ -64,7 +64,7 @@ class UMask(nn.Module):
         # Only target slots are diffused; every other non-evidence slot starts from x0 = 0 so
         # slots outside the target window cannot leak values the evidence does not hold.
         x0 = torch.where(mask.target[..., None], scaled, torch.zeros_like(scaled))
-        t = self.diffusion.training_steps(dense.shape[0], generator)
+        t = self.diffusion.training_steps(dense.shape[0], generator, dense.device)
         noise = torch.randn(dense.shape, generator=generator, device=generator.device,
                             dtype=scaled.dtype).to(dense.device)
         x_t = self.diffusion.add_noise(x0, t, noise)

@@ -192,6 +192,9 @@ def test_users_without_evidence_get_a_defined_z_u():
 
 def test_a_bf16_model_takes_the_loaders_float32_batch():
     model = make_model().to(torch.bfloat16)
+    # the schedule keeps float32: in bf16, abar at t=0 (1 - 2.5e-4) would round to 1
+    abar = model.diffusion.abar_on(torch.device("cpu"))
+    assert abar.dtype == torch.float32 and 2e-4 < 1 - abar[0].item() < 3e-4
     data = make_batch(2, 24)
     out = loss_of(model, data)
     assert out["loss"].dtype == torch.bfloat16 and torch.isfinite(out["loss"])
