@@ -339,9 +339,17 @@ def test_featurize_and_summary_commands(tmp_path, capsys):
     assert summary["examples"] == manifest["examples"] and summary["events"]["featurized"] == 10
     # 7 observed slots over 4 examples of 4 slots
     assert summary["observed_slot_share"]["mean"] == pytest.approx((3 / 4 + 1 / 4 + 1 / 4 + 1 / 4) / 4)
+    assert summary["observed_slot_share"]["quantiles"]["p50"] == 0.25
+    assert summary["observed_slot_share"]["quantiles"]["p90"] == 0.75
+    assert summary["observed_slot_share"]["buckets"] == {"<=5%": 0, "<=20%": 0, "<=50%": 3, ">50%": 1}
     top = summary["top_categories"]
     assert [c["category"] for c in top] == ["1", "0", "unknown"]  # app records: 11 x4, 10 x3, 99 x2
     assert [c["usage"] for c in top] == [4, 3, 2]
+    regions = summary["regions"]
+    hashed_103 = splitmix64(103, REGION_SALT) % 2
+    expected = [1 / 3 + 1 + (hashed_103 == 0), 2 / 3 + 1 + (hashed_103 == 1)]  # 4 located slots
+    assert regions["located_slots"] == 4 and regions["unknown_share"] == 0
+    np.testing.assert_allclose(regions["share"], np.array(expected) / 4, rtol=1e-6)
     assert "examples" in text and "observed" in text
 
     assert cli_main(["data", "featurize", *args[:-1], "data.featurize_workers=1", "data.slot_seconds=1"]) == 2
