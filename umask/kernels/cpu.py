@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 
+from umask.kernels.self_key import accumulation_dtype, self_key_gradients, self_scores
+
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -68,10 +70,6 @@ def _key_padding(tokens: TokenList, dtype: torch.dtype) -> torch.Tensor:
     return pad.masked_fill(~tokens.valid, float("-inf"))[:, None, None, :]
 
 
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def forward(q, k, v, evidence, mode, key_bias, include_self):
     """(out [B,H,N,D] in q's dtype, lse [B,H,N] float32 (float64 for float64 inputs))."""
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -92,19 +90,10 @@ def backward(dout, q, k, v, out, lse, evidence, mode, key_bias, include_self):
     return _bias_backward(dout, q, k, v, out, lse, evidence, key_bias, scale)
 
 
-def _self_scores(q, k, evidence, scale):
-    """[B,H,N]: each target query's score against its own key, -inf for evidence queries.
-
-    Evidence queries already see their own key among the evidence keys.
-    """
-    scores = (q.to(_lse_dtype(q)) * k.to(_lse_dtype(q))).sum(-1) * scale
-    return scores.masked_fill(evidence[:, None, :], float("-inf"))
-
-
 def _evidence_keys_forward(q, k, v, evidence, include_self, scale):
     b, h, n, d = q.shape
     keys = token_list(evidence)
-    lse_dtype = _lse_dtype(q)
+    lse_dtype = accumulation_dtype(q)
     if keys.length > 0:
         out, lse = _flash_forward(q, _gather_tokens(k, keys), _gather_tokens(v, keys), 0.0, False,
                                   attn_mask=_key_padding(keys, q.dtype), scale=scale)
@@ -113,10 +102,10 @@ def _evidence_keys_forward(q, k, v, evidence, include_self, scale):
         out = torch.zeros_like(q)
         lse = q.new_full((b, h, n), float("-inf"), dtype=lse_dtype)
     if include_self:
-        self_scores = _self_scores(q, k, evidence, scale)
-        total = torch.logaddexp(lse, self_scores)  # finite: every row has at least its own key
+        own_scores = self_scores(q, k, evidence, scale)
+        total = torch.logaddexp(lse, own_scores)  # finite: every row has at least its own key
         out = (torch.exp(lse - total)[..., None] * out.to(lse_dtype)
-               + torch.exp(self_scores - total)[..., None] * v.to(lse_dtype)).to(q.dtype)
+               + torch.exp(own_scores - total)[..., None] * v.to(lse_dtype)).to(q.dtype)
         lse = total
     return out, lse.masked_fill(torch.isneginf(lse), float("inf"))
 
@@ -136,20 +125,13 @@ def _evidence_keys_backward(dout, q, k, v, out, lse, evidence, include_self, sca
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if not include_self:
         return dq, dk, dv
-    acc = _lse_dtype(q)
-    p_self = torch.exp(_self_scores(q, k, evidence, scale) - lse)  # [B,H,N], 0 on evidence rows
-    dout_acc = dout.to(acc)
-    delta = (dout_acc * out.to(acc)).sum(-1)  # rowsum(dO * O), as in the flash backward
-    ds_self = p_self * ((dout_acc * v.to(acc)).sum(-1) - delta)
-    dq = (dq.to(acc) + scale * ds_self[..., None] * k.to(acc)).to(q.dtype)
-    dk = (dk.to(acc) + scale * ds_self[..., None] * q.to(acc)).to(k.dtype)
-    dv = (dv.to(acc) + p_self[..., None] * dout_acc).to(v.dtype)
-    return dq, dk, dv
+    dq_self, dk_self, dv_self = self_key_gradients(dout, q, k, v, out, lse, evidence, scale)
+    return (dq + dq_self).to(q.dtype), (dk + dk_self).to(k.dtype), (dv + dv_self).to(v.dtype)
 
 
 def _evidence_causal_forward(q, k, v, evidence, scale):
     b, h, n, d = q.shape
-    lse_dtype = _lse_dtype(q)
+    lse_dtype = accumulation_dtype(q)
     evid, targ = token_list(evidence), token_list(~evidence)
     out = q.new_zeros(b, h, n + 1, d)
     lse = q.new_zeros(b, h, n + 1, dtype=lse_dtype)
@@ -203,7 +185,7 @@ def _with_bias_channel(q, k, v, evidence, key_bias, scale):
 def _bias_forward(q, k, v, evidence, key_bias, scale):
     q_aug, k_aug, v_aug = _with_bias_channel(q, k, v, evidence, key_bias, scale)
     out, lse = _flash_forward(q_aug, k_aug, v_aug, 0.0, False, scale=scale)
-    return out[..., :-1].contiguous(), lse.to(_lse_dtype(q))
+    return out[..., :-1].contiguous(), lse.to(accumulation_dtype(q))
 
 
 def _bias_backward(dout, q, k, v, out, lse, evidence, key_bias, scale):

@@ -7,12 +7,17 @@ pre-pass (one torch line), a dK/dV kernel (one program per key tile) and a dQ ke
 program per query tile); nothing N x N is materialised and no atomics are used, so the
 gradients are deterministic.
 
-Work follows the allowed keys, not N^2. A key tile holding no evidence key is skipped by a
-uniform branch, and the key loop stops at `kv_hi[b]`, one past the sample's last evidence
-key. In evidence-first order (sorting.py) the allowed keys are a prefix, so the loop visits
-exactly ceil(|evidence| / BLOCK_N) tiles; any other order stays correct, just slower.
-A target's own key (evidence_keys with include_self) is one extra softmax term seeded into
-the online softmax before the loop, not a diagonal tile.
+Work follows the allowed keys, not N^2, in evidence-first token order (sorting.py): there
+the evidence keys of sample b are the prefix [0, kv_hi[b]), so a query tile that sees only
+evidence stops its key loop at kv_hi[b] and visits ceil(kv_hi / BLOCK_N) tiles; a key tile
+with no evidence key starts its query loop at the sample's first target (evidence_causal)
+or does not loop at all (evidence_keys). A per-sample bound replaces an element mask and a
+tile list. Any other order stays correct (the element mask still applies; the bounds just
+cover more tiles). A uniform `if` that skipped empty tiles inside the loop cost enough
+registers at D=128 to spill, so skipping is by loop bounds only. A target's own key
+(evidence_keys with include_self) is one more online-softmax step after the forward loop,
+not a diagonal tile; its gradient is added elementwise by self_key.py, so the backward
+kernels are compiled for MODE_EVIDENCE_KEYS only.
 
 Modes are compile-time constants (MODE_*). Tile shapes come from `triton.autotune` over the
 shipped configurations on a GPU, and are passed explicitly under the interpreter
@@ -26,6 +31,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from umask.kernels.self_key import self_key_gradients
 
 # kernel modes (compile-time); evidence_keys splits on include_self
 MODE_EVIDENCE_KEYS = tl.constexpr(0)  # evidence keys only
@@ -61,17 +68,17 @@ DKDV_CONFIGS = {64: [TileConfig(64, 128, 8, 2)], 128: [TileConfig(64, 64, 4, 2)]
 DQ_CONFIGS = {64: [TileConfig(128, 64, 8, 2)], 128: [TileConfig(64, 64, 4, 2)]}
 
 @triton.jit
-def _key_tile_range(EV, KV_HI, b, N, ev_q, row_ok, MODE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """How many key tiles a query tile visits, and whether it holds a target query."""
-    has_target = tl.max(((ev_q == 0) & row_ok).to(tl.int32), 0) > 0
+def _key_extent(KV_HI, b, N, ev_q, row_ok, MODE: tl.constexpr):
+    """One past the last key any query of this tile may see: the loop's upper bound."""
     kv_hi = tl.load(KV_HI + b)
-    if MODE == MODE_EVIDENCE_CAUSAL:
-        hi = tl.where(has_target, N, kv_hi)
-    elif MODE == MODE_BIAS:
+    if MODE == MODE_BIAS:
         hi = kv_hi * 0 + N
+    elif MODE == MODE_EVIDENCE_CAUSAL:
+        has_target = tl.max(((ev_q == 0) & row_ok).to(tl.int32), 0) > 0
+        hi = tl.where(has_target, N, kv_hi)
     else:
         hi = kv_hi
-    return tl.cdiv(hi, BLOCK_N), has_target
+    return hi
 
 
 @triton.jit
@@ -91,14 +98,10 @@ def _scores(q, k, ev_q, ev_k, col_ok, key_bias_ev, key_bias_gen, qk_scale,
 
 
 @triton.jit
-def _key_tile_active(ev_k, has_target, MODE: tl.constexpr):
-    """Whether a key tile holds any key the query tile may see."""
-    any_ev = tl.max(ev_k.to(tl.int32), 0) > 0
-    if MODE == MODE_EVIDENCE_CAUSAL:
-        any_ev = any_ev | has_target
-    elif MODE == MODE_BIAS:
-        any_ev = any_ev | (ev_k.to(tl.int32) == ev_k.to(tl.int32))  # every tile below kv_hi = N
-    return any_ev
+def _self_scores(q, k_self, ev_q, row_ok, qk_scale):
+    """[BM] each target query's log2-domain score against its own key; -inf elsewhere."""
+    s_self = tl.sum(q.to(tl.float32) * k_self.to(tl.float32), 1) * qk_scale
+    return tl.where((ev_q == 0) & row_ok, s_self, float("-inf"))
 
 
 @triton.jit
@@ -110,15 +113,23 @@ def _forward_kernel(Q, K, V, EV, KV_HI, KEY_BIAS, OUT, LSE, VISITED, N, H, scale
     b = bh // H
     h = bh % H
     qk_scale = scale * LOG2E
-    base = bh.to(tl.int64) * N * HEAD_DIM
+    # move the pointers to this (b, h) once, so per-element offsets stay 32-bit (64-bit
+    # offset tiles cost enough registers to spill)
+    head = bh.to(tl.int64) * N * HEAD_DIM
+    Q += head
+    K += head
+    V += head
+    OUT += head
+    EV += b.to(tl.int64) * N
+    LSE += bh.to(tl.int64) * N
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N
-    rows = base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]  # [BM,D] offsets
+    rows = offs_m[:, None] * HEAD_DIM + offs_d[None, :]  # [BM,D]
     q = tl.load(Q + rows, mask=row_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    ev_q = tl.load(EV + b * N + offs_m, mask=row_ok, other=1)  # padding rows act as evidence
+    ev_q = tl.load(EV + offs_m, mask=row_ok, other=1)  # padding rows act as evidence
     key_bias_ev = 0.0
     key_bias_gen = 0.0
     if MODE == MODE_BIAS:
@@ -129,44 +140,47 @@ def _forward_kernel(Q, K, V, EV, KV_HI, KEY_BIAS, OUT, LSE, VISITED, N, H, scale
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if MODE == MODE_EVIDENCE_KEYS_SELF:
-        # seed the online softmax with each target's own key: m = s_ii, l = 1, acc = v_i
-        is_extra = (ev_q == 0) & row_ok
-        k_self = tl.load(K + rows, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        v_self = tl.load(V + rows, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        s_self = tl.sum(q.to(tl.float32) * k_self, 1) * qk_scale
-        m_i = tl.where(is_extra, s_self, m_i)
-        l_i = tl.where(is_extra, 1.0, 0.0)
-        acc = tl.where(is_extra[:, None], v_self, 0.0)
-
-    n_tiles, has_target = _key_tile_range(EV, KV_HI, b, N, ev_q, row_ok, MODE, BLOCK_N)
-    visited = n_tiles * 0
-    for t in range(0, n_tiles):
-        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        # before the loop, so q need not stay in registers for an elementwise product after it
+        s_self = _self_scores(q, tl.load(K + rows, mask=row_ok[:, None], other=0.0), ev_q, row_ok, qk_scale)
+    hi = _key_extent(KV_HI, b, N, ev_q, row_ok, MODE)
+    visited = hi * 0
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
-        ev_k = tl.load(EV + b * N + offs_n, mask=col_ok, other=0)
-        if _key_tile_active(ev_k, has_target, MODE):
-            cols = base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # [BN,D] offsets
-            k = tl.load(K + cols, mask=col_ok[:, None], other=0.0)
-            v = tl.load(V + cols, mask=col_ok[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = _scores(q, k, ev_q, ev_k, col_ok, key_bias_ev, key_bias_gen, qk_scale, MODE, DOT_PRECISION)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows still empty stay at 0
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
-            visited += 1
+        ev_k = tl.load(EV + offs_n, mask=col_ok, other=0)
+        cols = offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # [BN,D]
+        k = tl.load(K + cols, mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + cols, mask=col_ok[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _scores(q, k, ev_q, ev_k, col_ok, key_bias_ev, key_bias_gen, qk_scale, MODE, DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows still empty stay at 0
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+        visited += 1
+
+    if MODE == MODE_EVIDENCE_KEYS_SELF:
+        # a target's own key: one more online-softmax step with a single key per row
+        v_self = tl.load(V + rows, mask=row_ok[:, None], other=0.0)
+        m_new = tl.maximum(m_i, s_self)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p_self = tl.exp2(s_self - m_safe)
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + p_self
+        acc = acc * alpha[:, None] + p_self[:, None] * v_self.to(tl.float32)
+        m_i = m_new
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * LN2)
     tl.store(OUT + rows, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
+    tl.store(LSE + offs_m, lse, mask=row_ok)
     if COUNT_TILES:
         tl.store(VISITED + bh * tl.num_programs(0) + start_m, visited)
 
@@ -180,17 +194,27 @@ def _dkdv_kernel(Q, K, V, EV, FIRST_TARGET, KEY_BIAS, DO, LSE, DELTA, DK, DV, DK
     b = bh // H
     h = bh % H
     qk_scale = scale * LOG2E
-    base = bh.to(tl.int64) * N * HEAD_DIM
+    head = bh.to(tl.int64) * N * HEAD_DIM
+    Q += head
+    K += head
+    V += head
+    DO += head
+    DK += head
+    DV += head
+    EV += b.to(tl.int64) * N
+    LSE += bh.to(tl.int64) * N
+    DELTA += bh.to(tl.int64) * N
+    DKEY_BIAS += bh.to(tl.int64) * N
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < N
-    cols = base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # [BN,D] offsets
+    cols = offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # [BN,D]
     k = tl.load(K + cols, mask=col_ok[:, None], other=0.0)
     v = tl.load(V + cols, mask=col_ok[:, None], other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    ev_k = tl.load(EV + b * N + offs_n, mask=col_ok, other=0)
+    ev_k = tl.load(EV + offs_n, mask=col_ok, other=0)
     key_is_ev = ev_k != 0
     any_ev = tl.max(ev_k.to(tl.int32), 0) > 0
     key_bias_ev = 0.0
@@ -199,66 +223,62 @@ def _dkdv_kernel(Q, K, V, EV, FIRST_TARGET, KEY_BIAS, DO, LSE, DELTA, DK, DV, DK
         key_bias_ev = tl.load(KEY_BIAS + h * 2).to(tl.float32)
         key_bias_gen = tl.load(KEY_BIAS + h * 2 + 1).to(tl.float32)
 
-    # Which query tiles can see this key tile: all of them when it holds evidence (or in
-    # bias mode); in evidence_causal only target queries otherwise, which start at the
-    # sample's first target; in evidence_keys none (the self key is the dQ kernel's job).
-    n_q_tiles = tl.cdiv(N, BLOCK_M)
+    # The queries that can see this key tile: all of them when it holds evidence (or in
+    # bias mode); otherwise, in evidence_causal, the targets, which in evidence-first
+    # order start at the sample's first target; in evidence_keys none (a target's own key
+    # is self_key.py's job).
     first_target = tl.load(FIRST_TARGET + b)
     if MODE == MODE_BIAS:
         lo = first_target * 0
-        hi = first_target * 0 + n_q_tiles
     elif MODE == MODE_EVIDENCE_CAUSAL:
-        lo = tl.where(any_ev, 0, first_target // BLOCK_M)
-        hi = first_target * 0 + n_q_tiles
+        lo = tl.where(any_ev, 0, (first_target // BLOCK_M) * BLOCK_M)
     else:
-        lo = first_target * 0
-        hi = tl.where(any_ev, n_q_tiles, 0)
+        lo = tl.where(any_ev, 0, N)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dbias = tl.zeros([BLOCK_N], tl.float32)
     visited = lo * 0
-    for t in range(lo, hi):
-        offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    for start_m in range(lo, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N
-        ev_q = tl.load(EV + b * N + offs_m, mask=row_ok, other=1)
-        has_target = tl.max(((ev_q == 0) & row_ok).to(tl.int32), 0) > 0
-        if any_ev | has_target | (MODE == MODE_BIAS):
-            rows = base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]  # [BM,D] offsets
-            q = tl.load(Q + rows, mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + rows, mask=row_ok[:, None], other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse2 = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=row_ok, other=float("inf")) * LOG2E
-            delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BN,BM]
-            if MODE == MODE_BIAS:
-                # padding keys need no mask here: their rows of dK/dV are never stored
-                s_t += tl.where(key_is_ev, key_bias_ev, key_bias_gen)[:, None] * LOG2E
-                allowed = col_ok[:, None]
-            elif MODE == MODE_EVIDENCE_CAUSAL:
-                allowed = (key_is_ev[:, None] | (ev_q == 0)[None, :]) & col_ok[:, None]
-            else:
-                allowed = key_is_ev[:, None]
+        rows = offs_m[:, None] * HEAD_DIM + offs_d[None, :]  # [BM,D]
+        q = tl.load(Q + rows, mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + rows, mask=row_ok[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        ev_q = tl.load(EV + offs_m, mask=row_ok, other=1)
+        lse2 = tl.load(LSE + offs_m, mask=row_ok, other=float("inf")) * LOG2E  # padding rows get P = 0
+        delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BN,BM]
+        if MODE == MODE_BIAS:
+            # padding keys need no mask here: their rows of dK/dV are never stored
+            s_t += tl.where(key_is_ev, key_bias_ev, key_bias_gen)[:, None] * LOG2E
+            p_t = tl.exp2(s_t - lse2[None, :])
+        elif MODE == MODE_EVIDENCE_CAUSAL:
+            allowed = key_is_ev[:, None] | (ev_q == 0)[None, :]
             p_t = tl.where(allowed, tl.exp2(s_t - lse2[None, :]), 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN,BM]
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        else:
+            p_t = tl.where(key_is_ev[:, None], tl.exp2(s_t - lse2[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN,BM]
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        if MODE == MODE_BIAS:
             dbias += tl.sum(ds_t, 1)
-            visited += 1
+        visited += 1
 
     tl.store(DK + cols, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + cols, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
     if MODE == MODE_BIAS:
-        tl.store(DKEY_BIAS + bh.to(tl.int64) * N + offs_n, dbias, mask=col_ok)
+        tl.store(DKEY_BIAS + offs_n, dbias, mask=col_ok)
     if COUNT_TILES:
         tl.store(VISITED + bh * tl.num_programs(0) + start_n, visited)
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, EV, KV_HI, KEY_BIAS, DO, LSE, DELTA, DQ, DK, DV, VISITED, N, H, scale,
+def _dq_kernel(Q, K, V, EV, KV_HI, KEY_BIAS, DO, LSE, DELTA, DQ, VISITED, N, H, scale,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
                UPCAST: tl.constexpr, COUNT_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     start_m = tl.program_id(0)
@@ -266,19 +286,27 @@ def _dq_kernel(Q, K, V, EV, KV_HI, KEY_BIAS, DO, LSE, DELTA, DQ, DK, DV, VISITED
     b = bh // H
     h = bh % H
     qk_scale = scale * LOG2E
-    base = bh.to(tl.int64) * N * HEAD_DIM
+    head = bh.to(tl.int64) * N * HEAD_DIM
+    Q += head
+    K += head
+    V += head
+    DO += head
+    DQ += head
+    EV += b.to(tl.int64) * N
+    LSE += bh.to(tl.int64) * N
+    DELTA += bh.to(tl.int64) * N
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N
-    rows = base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]  # [BM,D] offsets
+    rows = offs_m[:, None] * HEAD_DIM + offs_d[None, :]  # [BM,D]
     q = tl.load(Q + rows, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + rows, mask=row_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    ev_q = tl.load(EV + b * N + offs_m, mask=row_ok, other=1)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=row_ok, other=float("inf")) * LOG2E
-    delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
+    ev_q = tl.load(EV + offs_m, mask=row_ok, other=1)
+    lse2 = tl.load(LSE + offs_m, mask=row_ok, other=float("inf")) * LOG2E
+    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
     key_bias_ev = 0.0
     key_bias_gen = 0.0
     if MODE == MODE_BIAS:
@@ -286,41 +314,25 @@ def _dq_kernel(Q, K, V, EV, KV_HI, KEY_BIAS, DO, LSE, DELTA, DQ, DK, DV, VISITED
         key_bias_gen = tl.load(KEY_BIAS + h * 2 + 1).to(tl.float32)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    n_tiles, has_target = _key_tile_range(EV, KV_HI, b, N, ev_q, row_ok, MODE, BLOCK_N)
-    visited = n_tiles * 0
-    for t in range(0, n_tiles):
-        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    hi = _key_extent(KV_HI, b, N, ev_q, row_ok, MODE)
+    visited = hi * 0
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
-        ev_k = tl.load(EV + b * N + offs_n, mask=col_ok, other=0)
-        if _key_tile_active(ev_k, has_target, MODE):
-            cols = base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # [BN,D] offsets
-            k = tl.load(K + cols, mask=col_ok[:, None], other=0.0)
-            v = tl.load(V + cols, mask=col_ok[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = _scores(q, k, ev_q, ev_k, col_ok, key_bias_ev, key_bias_gen, qk_scale, MODE, DOT_PRECISION)
-            p = tl.exp2(s - lse2[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM,BN]
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-            visited += 1
+        ev_k = tl.load(EV + offs_n, mask=col_ok, other=0)
+        cols = offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # [BN,D]
+        k = tl.load(K + cols, mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + cols, mask=col_ok[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _scores(q, k, ev_q, ev_k, col_ok, key_bias_ev, key_bias_gen, qk_scale, MODE, DOT_PRECISION)
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM,BN]
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        visited += 1
     dq = dq * scale
-
-    if MODE == MODE_EVIDENCE_KEYS_SELF:
-        # the self term seeded in the forward: its dK/dV rows belong to this query tile
-        # (the dK/dV kernel left them at 0, since a target key is never an evidence key)
-        is_extra = (ev_q == 0) & row_ok
-        k_self = tl.load(K + rows, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        v_self = tl.load(V + rows, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        q32 = q.to(tl.float32)
-        do32 = do.to(tl.float32)
-        s_self = tl.sum(q32 * k_self, 1) * qk_scale
-        p_self = tl.where(is_extra, tl.exp2(s_self - lse2), 0.0)
-        ds_self = p_self * (tl.sum(do32 * v_self, 1) - delta)
-        dq += scale * ds_self[:, None] * k_self
-        tl.store(DK + rows, (scale * ds_self[:, None] * q32).to(DK.dtype.element_ty), mask=is_extra[:, None])
-        tl.store(DV + rows, (p_self[:, None] * do32).to(DV.dtype.element_ty), mask=is_extra[:, None])
     tl.store(DQ + rows, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
     if COUNT_TILES:
         tl.store(VISITED + bh * tl.num_programs(0) + start_m, visited)
@@ -416,13 +428,16 @@ def backward(dout, q, k, v, out, lse, evidence, mode, key_bias, include_self, ti
     dbias_per_key = torch.zeros(b, h, n, device=q.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(d)
     count_dkdv, count_dq = visited if visited is not None else (lse, lse)
-    constants = _common_constants(q, mode, include_self, visited is not None)
-    # dK/dV first: the dQ kernel then writes the self-key rows of dK/dV over its zeros
+    # the self key's gradient is added below, so the kernels see plain evidence_keys
+    constants = _common_constants(q, mode, False, visited is not None)
     _launch(_dkdv_kernel, _dkdv_tuned, tiles.dkdv if tiles else None, "BLOCK_N", n, b * h,
             (q, k, v, ev, first_target, bias, dout, lse, delta, dk, dv, dbias_per_key, count_dkdv, n, h, scale),
             constants)
     _launch(_dq_kernel, _dq_tuned, tiles.dq if tiles else None, "BLOCK_M", n, b * h,
-            (q, k, v, ev, kv_hi, bias, dout, lse, delta, dq, dk, dv, count_dq, n, h, scale), constants)
+            (q, k, v, ev, kv_hi, bias, dout, lse, delta, dq, count_dq, n, h, scale), constants)
+    if mode == "evidence_keys" and include_self:
+        dq_self, dk_self, dv_self = self_key_gradients(dout, q, k, v, out, lse, evidence, scale)
+        dq, dk, dv = (dq + dq_self).to(q.dtype), (dk + dk_self).to(k.dtype), (dv + dv_self).to(v.dtype)
     if key_bias is None:
         return dq, dk, dv, None
     ev_f = evidence[:, None, :].float()
