@@ -63,3 +63,9 @@ def test_defaults_cycle_is_an_error(tmp_path):
 
 def test_defaults_are_a_valid_config():
     assert load_config() == RunConfig()
+
+
+def test_day_slots_must_fit_the_slot_length():
+    with pytest.raises(ConfigError, match=r"model\.day_slots: must be the slots in one day .* = 48"):
+        load_config([], ["data.slot_seconds=1800"])
+    assert load_config([], ["data.slot_seconds=1800", "model.day_slots=48"]).model.day_slots == 48

@@ -41,6 +41,7 @@ class DataConfig:
     split_salt: int = 0  # changes which users fall in which split
     num_shards: int = 8  # hash partitions of the featurized output
     row_group_size: int = 512  # examples per Parquet row group (the loader's unit of work)
+    shuffle_window: int = 4  # row groups whose rows the loader shuffles together (memory: 2 windows per rank)
     featurize_workers: int = 2  # processes (locally) or Ray tasks (on a cluster)
 
     def problems(self) -> list[tuple[str, str]]:
@@ -136,6 +137,13 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Rules that tie sections together; each section checks its own keys."""
+        if self.model.day_slots * self.data.slot_seconds != 86400:
+            return [("model.day_slots", f"must be the slots in one day (86400 / data.slot_seconds = "
+                                        f"{86400 / self.data.slot_seconds:g})")]
+        return []
 
 
 def load_config(paths: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
