@@ -62,7 +62,7 @@ PARTITION_BUFFER_ROWS = 1 << 22  # rows buffered across buckets before a flush (
 STAGING = "_staging"
 MANIFEST = "manifest.json"
 # what a previous featurize run leaves in its output folder, removed before a new run
-OUTPUTS = (STAGING, "quarantine", MANIFEST, "config.yaml", "summary.json")
+OUTPUTS = (STAGING, "quarantine", MANIFEST, MANIFEST + ".tmp", "config.yaml", "summary.json")
 
 # staging files are read once, soon after they are written: compressing, dictionary-encoding
 # and summarizing them would cost more CPU than the disk traffic it saves
@@ -463,7 +463,10 @@ def prepare_output(out: Path) -> None:
         raise UserError(f"{out}: data.features points at a folder that holds other files than a "
                         "featurize output; refusing to overwrite it (choose an empty or new folder)")
     for path in ours:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def config_hash(cfg: DataConfig) -> str:
