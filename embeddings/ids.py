@@ -24,22 +24,28 @@ _MUL1 = _int64(0xBF58476D1CE4E5B9)
 _MUL2 = _int64(0x94D049BB133111EB)
 
 
-def _shift_right_logical(x: torch.Tensor, bits: int) -> torch.Tensor:
-    # torch's >> on int64 is arithmetic (copies the sign bit); mask the copies away.
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
+def _xor_shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """z ^= z >>> bits (logical shift), in place. torch's >> on int64 copies the sign bit in;
+    the mask clears those copies."""
+    shifted = z >> bits
+    shifted &= (1 << (64 - bits)) - 1
+    return z.bitwise_xor_(shifted)
 
 
 def splitmix64(ids: torch.Tensor) -> torch.Tensor:
     """The splitmix64 mix of int64 ids, bits returned as int64 (products wrap mod 2^64)."""
-    z = ids.to(torch.int64) + _GAMMA
-    z = (z ^ _shift_right_logical(z, 30)) * _MUL1
-    z = (z ^ _shift_right_logical(z, 27)) * _MUL2
-    return z ^ _shift_right_logical(z, 31)
+    z = ids.to(torch.int64) + _GAMMA  # a new tensor, so the in-place steps leave ids alone
+    _xor_shift_right(z, 30).mul_(_MUL1)
+    _xor_shift_right(z, 27).mul_(_MUL2)
+    return _xor_shift_right(z, 31)
 
 
 def hash_rows(ids: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Rows in [0, num_rows) for int64 ids of any value: the top 63 mixed bits mod num_rows."""
-    return _shift_right_logical(splitmix64(ids), 1) % num_rows
+    z = splitmix64(ids)
+    z >>= 1
+    z &= (1 << 63) - 1  # non-negative, so remainder is the plain modulus
+    return z.remainder_(num_rows)
 
 
 class IdMapper:

@@ -2,7 +2,7 @@
 
 Only the tables go through DistributedModelParallel, built with init_data_parallel=False:
 DeepSpeed owns the dense model, and TorchRec must not wrap anything else in DDP. The optimizer
-(row-wise Adagrad or Adagrad, lr from the config) is attached with apply_optimizer_in_backward
+(row-wise Adagrad or Adagrad, lr from the config) is attached in backward
 before sharding, so the sharder fuses it into FBGEMM's kernel: a sharded table steps during
 backward, touching only the rows that were looked up, and needs no optimizer.step() call.
 A data-parallel (replicated) table is the exception: TorchRec keeps it as a plain weight inside
@@ -13,12 +13,12 @@ trainer never calls step() for any of them.
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv
 from torchrec.optim import RowWiseAdagrad
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -70,8 +70,10 @@ class ShardedTables(nn.Module):
     def __init__(self, cfg: EmbeddingsConfig, pg: dist.ProcessGroup, device: torch.device):
         super().__init__()
         tables = build_tables(cfg, device="meta")  # materialised shard by shard on `device`
-        apply_optimizer_in_backward(_OPTIMIZERS[cfg.optimizer], tables.parameters(),
-                                    {"lr": cfg.lr, "eps": cfg.eps})
+        # torch's (TorchRec 1.8 deprecates its own wrapper in favour of it); the sharder reads
+        # the optimizer class and kwargs it leaves on each weight and fuses them.
+        _apply_optimizer_in_backward(_OPTIMIZERS[cfg.optimizer], tables.parameters(),
+                                     {"lr": cfg.lr, "eps": cfg.eps})
         sharders = [EmbeddingBagCollectionSharder()]
         self.plan = plan_tables(cfg, dist.get_world_size(pg), device.type, sharders, pg)
         self.placements = describe_plan(self.plan)

@@ -47,6 +47,7 @@ def test_extreme_ids_land_in_range():
         rows = hash_rows(ids, num_rows)
         assert rows.dtype == torch.int64
         assert bool(((rows >= 0) & (rows < num_rows)).all())
+    assert ids.tolist() == [0, 1, 2**62, 2**63 - 1, -1, -(2**63)]  # hashed in place of a copy
 
 
 def test_sequential_and_strided_ids_spread_evenly():

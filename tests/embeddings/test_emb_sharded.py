@@ -13,7 +13,12 @@ import pytest
 import torch
 from emb_two_ranks import run_two_ranks
 
+from embeddings.checkpoint import load_sharded, save_sharded
 from embeddings.config import EmbeddingsConfig, TableConfig
+from embeddings.ids import IdMapper
+from embeddings.sharded import ShardedTables
+from embeddings.tables import build_tables
+from trainer.errors import UserError
 
 LR = 0.05
 DIM = 16
@@ -73,12 +78,6 @@ def same_pieces(a: dict, b: dict) -> bool:
 
 
 def run_scenario(rank, pg, name, ckpt_dir):
-    from embeddings.checkpoint import load_sharded, save_sharded
-    from embeddings.ids import IdMapper
-    from embeddings.sharded import ShardedTables
-    from embeddings.tables import build_tables
-    from trainer.errors import UserError
-
     torch.manual_seed(rank)  # ranks initialise differently unless sharding makes them agree
     cfg = scenario_cfg(name)
     device = torch.device("cuda", rank) if SCENARIOS[name]["device"] == "cuda" else torch.device("cpu")
