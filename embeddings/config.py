@@ -36,6 +36,9 @@ class EmbeddingsConfig:
     optimizer: str = "row_wise_adagrad"  # fused into backward: row_wise_adagrad | adagrad
     lr: float = 0.05
     eps: float = 1e-8  # Adagrad's denominator guard
+    # Memory per rank the planner may fill: HBM on GPU, RAM on CPU; 0 = TorchRec's default.
+    planner_memory_gb: float = 0.0
+    planner_reserved_share: float = 0.15  # of it, left to activations and the dense model
 
     def tables(self) -> dict[str, TableConfig]:
         """The tables by name, in the order of their columns in the pooled output."""
@@ -51,4 +54,8 @@ class EmbeddingsConfig:
             out.append(("lr", "must be positive"))
         if self.eps <= 0:
             out.append(("eps", "must be positive"))
+        if self.planner_memory_gb < 0:
+            out.append(("planner_memory_gb", "must be 0 (TorchRec's default) or positive"))
+        if not 0.0 <= self.planner_reserved_share < 1.0:
+            out.append(("planner_reserved_share", "must be in [0, 1)"))
         return out

@@ -29,7 +29,6 @@ AVAILABLE_SHARDING_TYPES = {
 # every sharded kind keeps its rows in FBGEMM's fused kernel, whose optimizer runs in backward.
 _KERNEL = {"data_parallel": "dense"}
 _FUSED = "fused"
-_RESERVED_MEMORY_SHARE = 0.15  # of each rank's memory, kept free for activations and the dense model
 
 
 def check_sharding_types(cfg: EmbeddingsConfig, device_type: str) -> dict[str, list[str]]:
@@ -64,8 +63,10 @@ def plan_tables(cfg: EmbeddingsConfig, world_size: int, device_type: str,
     """The sharding plan of `build_tables(cfg)` over `world_size` ranks.
 
     With a process group every rank must call it: rank 0 plans and broadcasts, so all ranks
-    shard alike. `sharders` must be the ones later given to DistributedModelParallel.
+    shard alike (and all raise the same UserError when nothing fits). `sharders` must be the
+    ones later given to DistributedModelParallel.
     """
+    import torch.distributed as dist
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
     from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
     from torchrec.distributed.planner.types import (KernelConfig, PlannerError, TopologyFactory,
@@ -80,23 +81,34 @@ def plan_tables(cfg: EmbeddingsConfig, world_size: int, device_type: str,
         constraints[name] = ParameterConstraints(
             sharding_types=allowed[name], compute_kernels=kernels,
             min_partition=table.column_shard_dim or None)
+    memory = int(cfg.planner_memory_gb * 2**30) or None  # None: TorchRec's default
+    memory_cap = {"hbm_cap_bytes" if device_type == "cuda" else "ddr_cap_bytes": memory}
     topology = TopologyFactory.create_topology(
-        trainer_config=TrainerConfig(world_size=world_size),
+        trainer_config=TrainerConfig(world_size=world_size, **memory_cap),
         kernel_config=KernelConfig(compute_device=device_type))
     # The tables are the only module planned here (DeepSpeed owns the dense model), so the
     # reservation is a plain share of memory, not TorchRec's guess at dense tensor sizes.
     planner = EmbeddingShardingPlanner(
         topology=topology, constraints=constraints, debug=False,
-        storage_reservation=FixedPercentageStorageReservation(_RESERVED_MEMORY_SHARE))
+        storage_reservation=FixedPercentageStorageReservation(cfg.planner_reserved_share))
     module = build_tables(cfg, device="meta")
-    try:
-        if pg is None:
-            return planner.plan(module, sharders)
-        return planner.collective_plan(module, sharders, pg)
-    except PlannerError as err:
-        raise UserError(f"embeddings: no sharding plan fits the tables on {world_size} "
-                        f"{device_type} rank(s) with the configured constraints "
-                        f"{allowed}: {str(err).splitlines()[0]}") from None
+    # Rank 0 plans and sends the plan, or its failure, to the others: like TorchRec's
+    # collective_plan, but a failure must not leave the other ranks waiting for a plan.
+    outcome: list = [None]
+    if pg is None or dist.get_rank(pg) == 0:
+        try:
+            outcome = [planner.plan(module, sharders)]
+        except PlannerError as err:
+            outcome = [f"embeddings: no sharding plan fits the tables on {world_size} "
+                       f"{device_type} rank(s) with the configured constraints {allowed}: "
+                       f"{str(err).splitlines()[0].strip()} Allow more sharding types, add "
+                       f"ranks, raise embeddings.planner_memory_gb or shrink the tables "
+                       f"(num_embeddings, dim)."]
+    if pg is not None:
+        dist.broadcast_object_list(outcome, src=dist.get_global_rank(pg, 0), group=pg)
+    if isinstance(outcome[0], str):
+        raise UserError(outcome[0])
+    return outcome[0]
 
 
 def describe_plan(plan: ShardingPlan) -> dict[str, TablePlacement]:

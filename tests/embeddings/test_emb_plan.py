@@ -98,3 +98,15 @@ def test_row_wise_plans_for_cuda_without_a_gpu():
     plan = describe_plan(plan_tables(cfg, 2, "cuda", [EmbeddingBagCollectionSharder()]))
     assert plan["app"].sharding_type == "row_wise" and sorted(plan["app"].ranks) == [0, 1]
     assert plan["loc"].sharding_type == "table_row_wise" and plan["app"].compute_kernel == "fused"
+
+
+def test_tables_too_big_for_the_memory_budget_are_a_user_error():
+    # 2 tables of 2^20 x 64 fp32 = 256 MiB each (plus optimizer state) on 2 ranks of 0.25 GiB.
+    cfg = EmbeddingsConfig(app=TableConfig(num_embeddings=2**20, dim=64, sharding_types=["table_wise"]),
+                           loc=TableConfig(num_embeddings=2**20, dim=64, sharding_types=["table_wise"]),
+                           planner_memory_gb=0.25)
+    with pytest.raises(UserError, match=r"no sharding plan fits the tables on 2 cpu rank\(s\)"):
+        plan_tables(cfg, 2, "cpu", [EmbeddingBagCollectionSharder()])
+    cfg.planner_memory_gb = 2.0
+    plan = describe_plan(plan_tables(cfg, 2, "cpu", [EmbeddingBagCollectionSharder()]))
+    assert sorted(plan["app"].ranks + plan["loc"].ranks) == [0, 1]  # one table per rank

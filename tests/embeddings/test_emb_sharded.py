@@ -240,3 +240,19 @@ def test_missing_or_misfit_checkpoint_is_a_user_error(ranks):
                                                f"these tables"), out["resized_error"]
         assert "ValueError: Size mismatch" in out["resized_error"]
         assert "embedding_bags.loc.weight" in out["resized_error"]
+
+
+def build_oversized(rank, pg):
+    cfg = EmbeddingsConfig(app=TableConfig(num_embeddings=2**20, dim=64),
+                           loc=TableConfig(num_embeddings=2**20, dim=64), planner_memory_gb=0.1)
+    try:
+        ShardedTables(cfg, pg, torch.device("cpu"))
+    except UserError as err:
+        return str(err)
+    return "built"
+
+
+def test_tables_that_fit_nowhere_fail_on_every_rank_without_hanging():
+    messages = run_two_ranks(build_oversized, timeout=60)
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("embeddings: no sharding plan fits the tables on 2 cpu rank(s)")
