@@ -1,6 +1,10 @@
-"""Test-wide settings: GPU tests skip (visibly) on machines without CUDA."""
+"""Test-wide settings and fixtures: GPU tests skip (visibly) without CUDA; a tiny featurized dataset."""
+from pathlib import Path
+
 import pytest
 import torch
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -10,3 +14,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A 2-week synthetic dataset of 240 users, featurized with configs/tiny.yaml.
+
+    Returns the folder holding raw/ (the contract) and features/ (the examples).
+    """
+    from trainer.config import load_config
+    from trainer.data.featurize import featurize
+    from trainer.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("tiny-data")
+    synthesize(root / "raw", users=240, days=14, seed=0)
+    featurize(load_config([str(CONFIGS / "tiny.yaml")],
+                          [f"data.source={root / 'raw'}", f"data.features={root / 'features'}"]))
+    return root

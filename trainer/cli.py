@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     ("data", "trainer.data.summary"),
     (None, "trainer.config_cmd"),
     (None, "trainer.launch"),
+    (None, "trainer.model_info"),
 ]
 
 

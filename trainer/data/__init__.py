@@ -1,0 +1,1 @@
+"""Data: the contract reader, importers, synthetic data, featurize and the per-rank loader."""

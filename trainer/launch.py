@@ -1,0 +1,96 @@
+"""`u-mask train`: the Ray driver. Light work only: validate, check the plan fits, submit the workers.
+
+With no Ray address (ray.address unset and no RAY_ADDRESS), it starts an embedded Ray on this
+machine bound to 127.0.0.1; under `ray job submit` (RAY_ADDRESS set by the job) it joins the
+cluster. Either way the same worker loop (trainer/loop.py) runs in Ray Train's workers.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from trainer.cli import add_config_arguments, config_from_args
+from trainer.config import RunConfig, save_config, to_yaml
+from trainer.errors import UserError
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("train", help="train U-MASK on Ray (embedded Ray unless RAY_ADDRESS is set)")
+    add_config_arguments(parser)
+    parser.set_defaults(handler=lambda args: _print_result(train(config_from_args(args))))
+
+
+def train(cfg: RunConfig):
+    """Runs the training job and returns Ray Train's Result (metrics and the last checkpoint)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from embeddings.plan import check_sharding_types
+    from trainer.data.loader import read_manifest
+
+    check_sharding_types(cfg.embeddings, "cuda" if cfg.ray.use_gpu else "cpu")
+    read_manifest(Path(cfg.data.features))  # fails here, on the driver, if featurize has not run
+    storage = _absolute_storage(cfg.ray.storage_path)
+    run_dir = Path(storage) / cfg.ray.name
+    if run_dir.exists() and not cfg.train.resume:
+        raise UserError(f"run {cfg.ray.name!r} already exists in {storage}; "
+                        "choose another ray.name or set train.resume=true to continue it")
+    save_config(cfg, run_dir / "config.yaml")
+    _start_ray(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker=_worker_main,
+        train_loop_config={"config_yaml": to_yaml(cfg), "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **cfg.ray.resources_per_worker}),
+        run_config=RayRunConfig(
+            name=cfg.ray.name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    return trainer.fit()
+
+
+def _worker_main(loop_config: dict) -> None:
+    """The body of every Ray Train worker (TorchRec and DeepSpeed are imported here, not on the driver)."""
+    import logging
+    import warnings
+
+    from omegaconf import OmegaConf
+
+    from trainer.config import RunConfig as _RunConfig
+    from trainer.loop import Trainer
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
+    logging.getLogger("torchrec").setLevel(logging.WARNING)
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(_RunConfig),
+                                              OmegaConf.create(loop_config["config_yaml"])))
+    Trainer(cfg, Path(loop_config["run_dir"])).train()
+
+
+def _start_ray(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    # Embedded: stay on loopback (Ray otherwise binds the machine's address) and give the
+    # workers exactly the CPUs they ask for plus one for Ray Train's controller.
+    ray.init(num_cpus=int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1,
+             _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"} if not cfg.ray.use_gpu else {}})
+
+
+def _absolute_storage(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def _print_result(result) -> int:
+    if result.error:
+        raise UserError(f"training failed: {result.error}")
+    print(f"done: {result.metrics} checkpoint={result.checkpoint.path if result.checkpoint else None}")
+    return 0
