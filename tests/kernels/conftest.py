@@ -1,10 +1,13 @@
-"""Kernel tests run the Triton kernels under the interpreter unless a GPU test asks otherwise.
+"""Kernel tests run the Triton kernels under the interpreter on machines without a GPU.
 
-TRITON_INTERPRET must be set before umask.kernels.triton_attention is imported (the
-launcher picks its driver at import), so it is set here, before any test module loads.
-`pytest -m gpu` on a GPU machine sets UMASK_TRITON_ON_GPU=1 to run the compiled kernels.
+TRITON_INTERPRET must be set before umask.kernels.triton_attention is imported (Triton
+picks its driver then), so it is set here, before any test module loads. On a machine
+with CUDA it is left alone: the `gpu` tests then run the compiled kernels and the
+interpreter tests skip.
 """
 import os
 
-if os.environ.get("UMASK_TRITON_ON_GPU") != "1":
+import torch
+
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -4,9 +4,11 @@ import math
 import pytest
 import torch
 from kernel_cases import evidence_layouts, random_qkv
+from triton_cases import MODE_VARIANTS, check_against_reference
 
 from umask.kernels import (MODES, evidence_first_permutation, mask_guided_attention,
                            mask_guided_attention_reference, permute_tokens, unpermute_tokens)
+from umask.kernels import dense_fallback
 from umask.kernels.reference import allowed_keys
 
 
@@ -135,3 +137,8 @@ def test_bad_arguments_are_named(bad, message):
     args.update(bad)
     with pytest.raises(ValueError, match=message):
         mask_guided_attention(q, k, v, **args)
+
+
+@pytest.mark.parametrize("mode,include_self", MODE_VARIANTS)
+def test_dense_fallback_for_unshipped_head_dims(mode, include_self):
+    check_against_reference(dense_fallback, mode, include_self, "sorted_mixed_counts", torch.float32, n=21, head_dim=8)

@@ -3,15 +3,16 @@
 `mask_guided_attention` checks its arguments, then calls the custom op
 `umask::mask_guided_attention_fwd`, whose autograd formula is the custom op
 `umask::mask_guided_attention_bwd`. Both pick their implementation by device: the Triton
-kernels (triton_attention.py) for CUDA tensors, the compacted flash path (cpu.py) for CPU
-tensors. Being opaque custom ops with fake (meta) implementations, they keep
+kernels (triton_attention.py) for CUDA tensors with a shipped head dim (64, 128), dense
+masked attention (dense_fallback.py) for other CUDA head dims, the compacted flash path
+(cpu.py) for CPU tensors. Being opaque custom ops with fake (meta) implementations, they keep
 `torch.compile` of the model in one graph.
 """
 from typing import Optional
 
 import torch
 
-from umask.kernels import cpu
+from umask.kernels import cpu, dense_fallback
 from umask.kernels.reference import MODES
 
 
@@ -23,7 +24,9 @@ def _implementation(q: torch.Tensor):
             from umask.kernels import triton_attention
         except ImportError as err:
             raise RuntimeError("mask_guided_attention on CUDA needs triton (the `kernels` extra)") from err
-        return triton_attention
+        if q.shape[-1] in triton_attention.SHIPPED_HEAD_DIMS and q.dtype != torch.float64:
+            return triton_attention
+        return dense_fallback
     raise RuntimeError(f"mask_guided_attention runs on cpu or cuda tensors, got {q.device}")
 
 
