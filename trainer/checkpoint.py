@@ -5,6 +5,7 @@ ranks' folders into one checkpoint in the run's storage. One checkpoint holds:
   engine/...                 DeepSpeed `save_checkpoint` (tag "engine"; its names are rank-unique)
   tables/...                 torch.distributed.checkpoint of the sharded tables + fused optimizer
   loader-rank{r}.json        the rank's loader state: the exact next batch
+  dense.safetensors          rank 0: the full dense model weights, for eval and export
   state.json, config.yaml    rank 0: step, world size, run name; the resolved config
   manifest-rank{r}.json      sha256 of every file rank r wrote, and the run's name
 Our code never unpickles, but DeepSpeed's engine files and DCP's metadata are pickles: a
@@ -13,9 +14,12 @@ manifests name this run, so only files this run wrote are ever unpickled.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
+
+from safetensors.torch import save_file
 
 from trainer.errors import UserError
 
@@ -30,6 +34,9 @@ def save_checkpoint(folder: Path, *, rank: int, world_size: int, run_name: str, 
     folder = Path(folder)
     engine.save_checkpoint(str(folder / "engine"), tag=ENGINE_TAG)
     save_sharded(tables, folder / "tables")
+    dense = _full_dense_state(engine)  # collective under ZeRO-3
+    if rank == 0:
+        save_file(dense, str(folder / "dense.safetensors"))
     _write_json(folder / f"loader-rank{rank}.json", loader_state)
     if rank == 0:
         _write_json(folder / "state.json", {"step": step, "world_size": world_size, "run": run_name})
@@ -75,6 +82,17 @@ def verify_checkpoint(folder: Path, run_name: str) -> dict:
             if _sha256(file) != digest:
                 raise UserError(f"{file}: checksum does not match {path.name}; the checkpoint was modified")
     return json.loads((folder / "state.json").read_text())
+
+
+def _full_dense_state(engine) -> dict:
+    """The dense model's full state dict on every rank, gathering ZeRO-3 partitions first."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    gather = (deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_stage() == 3
+              else contextlib.nullcontext())
+    with gather:
+        return {k: v.detach().cpu().contiguous().clone() for k, v in engine.module.state_dict().items()}
 
 
 def _write_json(path: Path, data: dict) -> None:

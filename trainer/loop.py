@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -79,11 +80,21 @@ class Trainer:
         return {k: out[k].detach() for k in ("loss", "reconstruction", "consistency")}
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step of the dense model: gradient_accumulation_steps micro-batches."""
-        parts = [self.forward_backward(self.next_batch())
-                 for _ in range(self.engine.gradient_accumulation_steps())]
+        """One optimizer step of the dense model: gradient_accumulation_steps micro-batches.
+
+        Also measures data_wait, the share of the step spent waiting for the loader.
+        """
+        started = time.perf_counter()
+        waited = 0.0
+        parts = []
+        for _ in range(self.engine.gradient_accumulation_steps()):
+            asked = time.perf_counter()
+            batch = self.next_batch()
+            waited += time.perf_counter() - asked
+            parts.append(self.forward_backward(batch))
         self.step += 1
         means = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
+        means["data_wait"] = torch.tensor(waited / (time.perf_counter() - started))
         return {k: _mean_over_ranks(v) for k, v in means.items()}
 
     def save(self, metrics: dict[str, float]) -> None:
