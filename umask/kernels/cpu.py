@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from umask.kernels.self_key import accumulation_dtype, self_key_gradients, self_scores
+from umask.kernels.self_key import accumulation_dtype, add_self_key_gradients, self_scores
 
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -104,8 +104,7 @@ def _evidence_keys_forward(q, k, v, evidence, include_self, scale):
     if include_self:
         own_scores = self_scores(q, k, evidence, scale)
         total = torch.logaddexp(lse, own_scores)  # finite: every row has at least its own key
-        out = (torch.exp(lse - total)[..., None] * out.to(lse_dtype)
-               + torch.exp(own_scores - total)[..., None] * v.to(lse_dtype)).to(q.dtype)
+        out = out.mul_(torch.exp(lse - total)[..., None]).addcmul_(torch.exp(own_scores - total)[..., None], v)
         lse = total
     return out, lse.masked_fill(torch.isneginf(lse), float("inf"))
 
@@ -119,14 +118,16 @@ def _evidence_keys_backward(dout, q, k, v, out, lse, evidence, include_self, sca
         dq, dk_keys, dv_keys = _flash_backward(
             dout, q, _gather_tokens(k, keys), _gather_tokens(v, keys), out, lse.to(torch.float32)
             if q.dtype != torch.float64 else lse, 0.0, False, attn_mask=_key_padding(keys, q.dtype), scale=scale)
-        dk = _scatter_tokens(dk_keys, keys, n)[:, :, :n]
-        dv = _scatter_tokens(dv_keys, keys, n)[:, :, :n]
+        # keys.gather is a prefix of a permutation, and its padding slots carry zero
+        # gradient (masked keys), so a plain scatter puts every row in place
+        index = keys.gather[:, None, :, None].expand_as(dk_keys)
+        dk = torch.zeros_like(k).scatter_(2, index, dk_keys)
+        dv = torch.zeros_like(v).scatter_(2, index, dv_keys)
     else:
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if not include_self:
-        return dq, dk, dv
-    dq_self, dk_self, dv_self = self_key_gradients(dout, q, k, v, out, lse, evidence, scale)
-    return (dq + dq_self).to(q.dtype), (dk + dk_self).to(k.dtype), (dv + dv_self).to(v.dtype)
+    if include_self:
+        add_self_key_gradients(dq, dk, dv, dout, q, k, v, out, lse, evidence, scale)
+    return dq, dk, dv
 
 
 def _evidence_causal_forward(q, k, v, evidence, scale):

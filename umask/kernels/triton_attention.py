@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from umask.kernels.self_key import self_key_gradients
+from umask.kernels.self_key import add_self_key_gradients
 
 # kernel modes (compile-time); evidence_keys splits on include_self
 MODE_EVIDENCE_KEYS = tl.constexpr(0)  # evidence keys only
@@ -444,8 +444,7 @@ def backward(dout, q, k, v, out, lse, evidence, mode, key_bias, include_self, ti
     _launch(_dq_kernel, _dq_tuned, tiles.dq if tiles else None, "BLOCK_M", n, b * h,
             (q, k, v, ev, kv_hi, bias, dout, lse, delta, dq, count_dq, n, h, scale), constants)
     if mode == "evidence_keys" and include_self:
-        dq_self, dk_self, dv_self = self_key_gradients(dout, q, k, v, out, lse, evidence, scale)
-        dq, dk, dv = (dq + dq_self).to(q.dtype), (dk + dk_self).to(k.dtype), (dv + dv_self).to(v.dtype)
+        add_self_key_gradients(dq, dk, dv, dout, q, k, v, out, lse, evidence, scale)
     if key_bias is None:
         return dq, dk, dv, None
     ev_f = evidence[:, None, :].float()
