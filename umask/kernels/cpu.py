@@ -116,8 +116,8 @@ def _evidence_keys_backward(dout, q, k, v, out, lse, evidence, include_self, sca
         # The kernel recomputes P = exp(S - lse) with the merged lse, so these are exactly the
         # evidence keys' share of the gradient even when a self term was merged in.
         dq, dk_keys, dv_keys = _flash_backward(
-            dout, q, _gather_tokens(k, keys), _gather_tokens(v, keys), out, lse.to(torch.float32)
-            if q.dtype != torch.float64 else lse, 0.0, False, attn_mask=_key_padding(keys, q.dtype), scale=scale)
+            dout, q, _gather_tokens(k, keys), _gather_tokens(v, keys), out, lse, 0.0, False,
+            attn_mask=_key_padding(keys, q.dtype), scale=scale)
         # keys.gather is a prefix of a permutation, and its padding slots carry zero
         # gradient (masked keys), so a plain scatter puts every row in place
         index = keys.gather[:, None, :, None].expand_as(dk_keys)
@@ -151,7 +151,6 @@ def _evidence_causal_forward(q, k, v, evidence, scale):
 def _evidence_causal_backward(dout, q, k, v, out, lse, evidence, scale):
     n = q.shape[2]
     evid, targ = token_list(evidence), token_list(~evidence)
-    kernel_lse = lse if q.dtype == torch.float64 else lse.to(torch.float32)
     dq = q.new_zeros(*q.shape[:2], n + 1, q.shape[3])
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     for tokens, is_evidence in ((evid, True), (targ, False)):
@@ -159,7 +158,7 @@ def _evidence_causal_backward(dout, q, k, v, out, lse, evidence, scale):
             continue
         # padded query rows get dO = 0, which zeroes their share of dK and dV
         dout_rows = _gather_tokens(dout, tokens) * tokens.valid[:, None, :, None]
-        lse_rows = kernel_lse.gather(2, tokens.gather[:, None, :].expand(*lse.shape[:2], tokens.length))
+        lse_rows = lse.gather(2, tokens.gather[:, None, :].expand(*lse.shape[:2], tokens.length))
         keys, values = (_gather_tokens(k, tokens), _gather_tokens(v, tokens)) if is_evidence else (k, v)
         mask = _key_padding(tokens, q.dtype) if is_evidence else None
         dq_rows, dk_part, dv_part = _flash_backward(
@@ -192,9 +191,8 @@ def _bias_forward(q, k, v, evidence, key_bias, scale):
 def _bias_backward(dout, q, k, v, out, lse, evidence, key_bias, scale):
     q_aug, k_aug, v_aug = _with_bias_channel(q, k, v, evidence, key_bias, scale)
     pad = dout.new_zeros(*dout.shape[:3], 1)
-    kernel_lse = lse if q.dtype == torch.float64 else lse.to(torch.float32)
     dq, dk, dv = _flash_backward(torch.cat([dout, pad], -1), q_aug, k_aug, v_aug, torch.cat([out, pad], -1),
-                                 kernel_lse, 0.0, False, scale=scale)
+                                 lse, 0.0, False, scale=scale)
     # d bias_j = sum_i dS_ij = dK'[j, D] / scale, then summed per head over keys of each kind
     dbias_per_key = dk[..., -1].to(key_bias.dtype) / scale  # [B,H,N]
     ev = evidence[:, None, :].to(key_bias.dtype)
