@@ -1,8 +1,9 @@
-"""Dense masked attention in plain torch: the CUDA path for head dims with no shipped kernel.
+"""Dense masked attention in plain torch: the CUDA path for inputs with no shipped kernel.
 
-The Triton kernels ship tile configs for D in {64, 128} (triton_attention.SHIPPED_CONFIGS);
-a model with another head dim still runs on a GPU through this path, which materialises
-the [B,H,N,N] scores in fp32 and so costs O(N^2) memory. Same (out, lse) contract as cpu.py.
+The Triton kernels ship for fp16/bf16 and D in {64, 128} (triton_attention.SHIPPED_*); a
+model with another head dim or in fp32 still runs on a GPU through this path, which
+materialises the [B,H,N,N] scores in fp32 and so costs O(N^2) memory. Same (out, lse)
+contract as cpu.py.
 """
 import math
 

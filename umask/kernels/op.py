@@ -3,8 +3,8 @@
 `mask_guided_attention` checks its arguments, then calls the custom op
 `umask::mask_guided_attention_fwd`, whose autograd formula is the custom op
 `umask::mask_guided_attention_bwd`. Both pick their implementation by device: the Triton
-kernels (triton_attention.py) for CUDA tensors with a shipped head dim (64, 128), dense
-masked attention (dense_fallback.py) for other CUDA head dims, the compacted flash path
+kernels (triton_attention.py) for CUDA tensors with a shipped head dim (64, 128) and dtype
+(fp16, bf16), dense masked attention (dense_fallback.py) for other CUDA inputs, the compacted flash path
 (cpu.py) for CPU tensors. Being opaque custom ops with fake (meta) implementations, they keep
 `torch.compile` of the model in one graph.
 """
@@ -24,7 +24,7 @@ def _implementation(q: torch.Tensor):
             from umask.kernels import triton_attention
         except ImportError as err:
             raise RuntimeError("mask_guided_attention on CUDA needs triton (the `kernels` extra)") from err
-        if q.shape[-1] in triton_attention.SHIPPED_HEAD_DIMS and q.dtype != torch.float64:
+        if q.shape[-1] in triton_attention.SHIPPED_HEAD_DIMS and q.dtype in triton_attention.SHIPPED_DTYPES:
             return triton_attention
         return dense_fallback
     raise RuntimeError(f"mask_guided_attention runs on cpu or cuda tensors, got {q.device}")
@@ -115,9 +115,9 @@ def mask_guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, evi
 
     Any token order is correct; evidence-first order (sorting.evidence_first_permutation)
     is fast, because then the allowed keys of a sample are a prefix and whole key tiles are
-    skipped. Differentiable in q, k, v and key_bias; float32, float16, bfloat16 (and
-    float64 on CPU). CPU tensors take the compacted-SDPA path, CUDA tensors the Triton
-    kernels.
+    skipped. Differentiable in q, k, v and key_bias; float32, float16, bfloat16 and
+    float64. CPU tensors take the compacted-flash path; CUDA tensors the Triton kernels
+    for fp16/bf16 with D in {64, 128}, else dense masked attention.
     """
     _check(q, k, v, evidence, mode, key_bias)
     out, _ = _forward_op(q.contiguous(), k.contiguous(), v.contiguous(), evidence.contiguous(), mode,

@@ -43,7 +43,10 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-SHIPPED_HEAD_DIMS = (64, 128)  # with tiles passed explicitly (tests) any power of two >= 16 runs
+# What the op sends here on a GPU (each AOT-checked); with tiles passed explicitly, as the
+# interpreter tests do, any power-of-two D >= 16 and fp32 run too.
+SHIPPED_HEAD_DIMS = (64, 128)
+SHIPPED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def kernel_mode(mode: str, include_self: bool) -> int:
