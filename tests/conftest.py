@@ -1,8 +1,18 @@
-"""Test-wide settings and fixtures: GPU tests skip (visibly) without CUDA; a tiny featurized dataset."""
+"""Test-wide settings and fixtures: GPU tests skip (visibly) without CUDA; a tiny featurized dataset.
+
+Without CUDA the Triton kernels run under Triton's interpreter. TRITON_INTERPRET must be set
+before any module with @triton.jit is imported (Triton picks its driver then), and many test
+modules import umask.model, which imports the kernels: so it is set here, in the first
+conftest pytest loads. With CUDA it is left alone and the `gpu` tests run compiled kernels.
+"""
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
