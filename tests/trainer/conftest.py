@@ -30,3 +30,52 @@ def tiny_config(tmp_path, tiny_dataset):
             f"data.source={tiny_dataset / 'raw'}", f"data.features={tiny_dataset / 'features'}",
             f"ray.storage_path={tmp_path / 'runs'}", *overrides])
     return make
+
+
+@pytest.fixture(scope="session")
+def built_checkpoint(tmp_path_factory, tiny_dataset):
+    """A checkpoint in the trainer's format, written directly instead of trained (seconds, not a
+    minute): dense.safetensors of a seeded tiny UMask, tables/ saved by save_sharded from a
+    1-rank gloo group, config.yaml, state.json (step 7) and manifest-rank0.json.
+
+    Returns (run folder, checkpoint folder, {"dense": state dict, "tables": full weights}).
+    """
+    import hashlib
+    import json
+
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from embeddings.checkpoint import save_sharded
+    from embeddings.sharded import ShardedTables
+    from embeddings.tables import pooled_dim
+    from trainer.config import load_config, to_yaml
+    from umask.model import UMask
+
+    run = tmp_path_factory.mktemp("built-runs") / "built"
+    folder = run / "checkpoint_000000"
+    cfg = load_config([str(CONFIGS / "tiny.yaml")], [
+        f"data.source={tiny_dataset / 'raw'}", f"data.features={tiny_dataset / 'features'}",
+        f"ray.storage_path={run.parent}", "ray.name=built"])
+    torch.manual_seed(3)
+    model = UMask(cfg.model, cfg.data.num_categories, cfg.data.num_regions, pooled_dim(cfg.embeddings))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        tables = ShardedTables(cfg.embeddings, dist.group.WORLD, torch.device("cpu"))
+        save_sharded(tables, folder / "tables")
+        weights = {}
+        for key, value in tables.dmp.state_dict().items():
+            shards = value.local_shards() if hasattr(value, "local_shards") else None
+            weights[key.split(".")[1]] = (shards[0].tensor if shards else value).detach().clone()
+    finally:
+        dist.destroy_process_group()
+    dense = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(dense, str(folder / "dense.safetensors"))
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    (folder / "state.json").write_text(json.dumps({"step": 7, "world_size": 1, "run": "built"}))
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    manifest = {"run": "built", "rank": 0, "files": {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}}
+    (folder / "manifest-rank0.json").write_text(json.dumps(manifest))
+    return run, folder, {"dense": dense, "tables": weights}

@@ -1,0 +1,231 @@
+"""`u-mask eval` and checkpoint loading: metrics on hand-computed cases, baselines on a dataset
+whose right answers are known, the command end to end on a checkpoint built in the trainer's
+format (tests/trainer/conftest.py built_checkpoint; no training, so the model is untrained)."""
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from trainer.data.schema import EXAMPLES, DenseLayout
+from trainer.errors import UserError
+from trainer.evaluate import (BASELINES, METHODS, MODEL, UNIFORM, EvalSettings, ScoredRows, evaluate,
+                              findings, json_ready, register, uniform_evidence)
+from trainer.inference import load_inference_model, resolve_checkpoint
+from umask.config import TASKS
+
+C, K = 20, 32  # the tiny preset's layout, F = 56
+LAYOUT = DenseLayout(C, K)
+T = 168
+
+
+def run_eval(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", *argv])
+    return args.handler(args)
+
+
+# --- metrics and masks by hand --------------------------------------------------------------
+
+def one_hot_slot(category: int, region: int, volume: float) -> torch.Tensor:
+    slot = torch.zeros(LAYOUT.num_channels)
+    slot[category] = 1.0
+    slot[LAYOUT.region.start + region] = 1.0
+    slot[LAYOUT.volume] = volume
+    return slot
+
+
+def test_scored_rows_pool_slots_over_batches_and_bucket_by_user_share():
+    rows = ScoredRows()
+    # batch 1: user A (share 0.04, bucket 0) with 2 slots, one scored; truth category 3
+    truth = torch.stack([one_hot_slot(3, 1, 5.0), one_hot_slot(3, 1, 5.0)])[None]  # [1,2,F]
+    pred = torch.stack([one_hot_slot(3, 2, 6.0), one_hot_slot(0, 1, 0.0)])[None]
+    rows.add(pred, truth, torch.tensor([[True, False]]), torch.tensor([0.04]))
+    # batch 2: user B (share 0.9, last bucket), both slots scored: categories ranked 2nd and 1st
+    truth = torch.stack([one_hot_slot(4, 0, 2.0), one_hot_slot(5, 0, 2.0)])[None]
+    first = one_hot_slot(4, 0, 3.0)
+    first[7] = 2.0  # category 7 outranks the true 4: rank 2
+    pred = torch.stack([first, one_hot_slot(5, 3, 0.0)])[None]
+    rows.add(pred, truth, torch.tensor([[True, True]]), torch.tensor([0.9]))
+    report = rows.metrics(C, K)
+    everything = report["all"]
+    assert everything["slots"] == 3
+    assert everything["category_acc1"] == pytest.approx(2 / 3)
+    assert everything["category_mrr"] == pytest.approx((1 + 1 / 2 + 1) / 3)
+    assert everything["region_acc1"] == pytest.approx(1 / 3)  # only B's first slot
+    assert everything["volume_mae"] == pytest.approx((1 + 1 + 2) / 3)
+    assert report["[0, 0.05]"]["slots"] == 1 and report["[0, 0.05]"]["region_acc1"] == 0.0
+    assert report["(0.5, 1]"]["slots"] == 2 and report["(0.5, 1]"]["category_acc1"] == 0.5
+    assert report["(0.05, 0.15]"]["slots"] == 0 and math.isnan(report["(0.05, 0.15]"]["category_acc1"])
+
+
+def test_uniform_evidence_takes_the_budget_from_the_candidates_only():
+    candidates = torch.tensor([[True, False, True, True, False, True],
+                               [False, False, True, False, False, False],
+                               [False] * 6])
+    budget = torch.tensor([3, 1, 0])
+    for seed in range(20):
+        evidence = uniform_evidence(candidates, budget, torch.Generator().manual_seed(seed))
+        assert torch.equal(evidence.sum(1), budget)
+        assert not (evidence & ~candidates).any()
+    # uniform: each of row 0's 4 candidates is drawn 3/4 of the time
+    hits = sum(uniform_evidence(candidates, budget, torch.Generator().manual_seed(s))[0].float()
+               for s in range(400))
+    assert torch.allclose(hits[[0, 2, 3, 5]] / 400, torch.full((4,), 0.75), atol=0.07)
+
+
+def test_findings_say_plainly_when_the_model_loses():
+    def metrics(mrr):
+        return {"all": {"category_mrr": mrr, "slots": 5}, "[0, 0.05]": {"category_mrr": mrr, "slots": 5}}
+    tasks = {"cold": {MODEL: metrics(0.5), UNIFORM: metrics(0.6), "global_popularity": metrics(0.4),
+                      "hour_of_week": metrics(0.7), "last_observed": metrics(0.5)}}
+    lines = findings(tasks)
+    assert lines == [
+        "cold: umask category_mrr 0.5000 beats global_popularity; does NOT beat hour_of_week, last_observed",
+        "cold, sparsest bucket with slots [0, 0.05]: umask 0.5000 does NOT beat hour_of_week 0.7000",
+        "cold: adaptive masks do NOT beat uniform masks (0.5000 vs 0.6000)",
+    ]
+
+
+# --- baselines on a dataset whose answers are known ----------------------------------------
+
+def write_examples(folder: Path, split: str, users: list[tuple[int, int, int, float, int]]) -> None:
+    """users: (user_id, category, region, volume, every) - the user is seen in every `every`-th
+    slot of one week, always with the same category, region and volume."""
+    columns = {name: [] for name in EXAMPLES.names}
+    for user_id, category, region, volume, every in users:
+        observed = np.arange(T) % every == 0
+        dense = np.zeros((T, LAYOUT.num_channels), np.float32)
+        dense[observed, category] = math.log1p(1)
+        dense[observed, LAYOUT.region.start + region] = 1.0
+        dense[observed, LAYOUT.activity] = math.log1p(1)
+        dense[observed, LAYOUT.volume] = volume
+        lengths = observed.astype(np.int32)
+        columns["user_id"].append(user_id)
+        columns["split"].append(split)
+        columns["window_start"].append(345_600)
+        columns["time_of_week"].append(list(range(T)))
+        columns["observed"].append(observed.tolist())
+        columns["dense"].append(dense.reshape(-1).tolist())
+        columns["app_ids"].append([1000 + category] * int(observed.sum()))
+        columns["app_lengths"].append(lengths.tolist())
+        columns["loc_ids"].append([500 + region] * int(observed.sum()))
+        columns["loc_lengths"].append(lengths.tolist())
+    path = folder / f"split={split}" / "shard=00000" / "part-00000.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.table(columns, schema=EXAMPLES), path)
+
+
+@pytest.fixture(scope="module")
+def known_dataset(tmp_path_factory) -> Path:
+    """Training users: 3 of category 2, 1 of category 5, all in region 1 with volume 10.
+    Test users: all category 7, region 4, volume 12; two seen every slot, two every 2nd slot."""
+    folder = tmp_path_factory.mktemp("known")
+    write_examples(folder, "train", [(1, 2, 1, 10.0, 1), (2, 2, 1, 10.0, 1), (3, 2, 1, 10.0, 1),
+                                     (4, 5, 1, 10.0, 1)])
+    write_examples(folder, "test", [(11, 7, 4, 12.0, 1), (12, 7, 4, 12.0, 2), (13, 7, 4, 12.0, 1),
+                                    (14, 7, 4, 12.0, 2)])
+    (folder / "manifest.json").write_text(json.dumps({"slots": T, "channels": LAYOUT.num_channels}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def inference(built_checkpoint):
+    return load_inference_model(built_checkpoint[1])
+
+
+def test_baselines_get_the_known_answers(inference, known_dataset):
+    report = evaluate(inference, known_dataset, EvalSettings(batch_size=2, steps=2))
+    assert report["examples"] == 4 and report["users"] == 4
+    for task in TASKS:
+        methods = report["tasks"][task]
+        slots = methods[MODEL]["all"]["slots"]
+        assert slots > 0 and all(methods[m]["all"]["slots"] == slots for m in METHODS)
+        assert {b for b in methods[MODEL] if methods[MODEL][b]["slots"]} == {"all", "(0.3, 0.5]", "(0.5, 1]"}
+        popular = methods["global_popularity"]["all"]
+        # predicts category 2, region 1, volume 10: the true 7 ties with the 19 zero categories
+        # and ranks 21st (ties count against the prediction); region 4 likewise 33rd of 33
+        assert popular["category_acc1"] == 0.0 and popular["category_mrr"] == pytest.approx(1 / 21)
+        assert popular["region_acc1"] == 0.0 and popular["volume_mae"] == pytest.approx(2.0)
+        for own in ("hour_of_week", "last_observed"):  # the user's own evidence is the answer
+            m = methods[own]["all"]
+            assert (m["category_acc1"], m["category_mrr"], m["region_acc1"]) == (1.0, 1.0, 1.0)
+            assert m["volume_mae"] == pytest.approx(0.0, abs=1e-6)
+        assert all(math.isfinite(methods[m]["all"]["category_mrr"]) for m in (MODEL, UNIFORM))
+    assert len(report["findings"]) == 3 * len(TASKS)
+
+
+def test_evaluation_is_deterministic_under_its_seed(inference, known_dataset):
+    settings = EvalSettings(batch_size=2, steps=2, samples=2, seed=5)
+    first, second = (evaluate(inference, known_dataset, settings) for _ in range(2))
+    assert json_ready(first["tasks"]) == json_ready(second["tasks"])  # NaN (empty bucket) != NaN
+    other = evaluate(inference, known_dataset, EvalSettings(batch_size=2, steps=2, samples=2, seed=6))
+    assert json_ready(other["tasks"]) != json_ready(first["tasks"])
+
+
+# --- checkpoint loading ----------------------------------------------------------------------
+
+def test_loading_restores_the_saved_weights_and_tables_exactly(built_checkpoint, inference):
+    run, folder, saved = built_checkpoint
+    assert resolve_checkpoint(run) == folder and inference.step == 7
+    state = inference.model.state_dict()
+    assert state.keys() == saved["dense"].keys()
+    assert all(torch.equal(state[k], saved["dense"][k]) for k in state)
+    for name, weight in saved["tables"].items():
+        assert torch.equal(inference.tables.embedding_bags[name].weight, weight)
+
+
+def test_run_folder_means_its_highest_step(built_checkpoint, tmp_path):
+    _, folder, _ = built_checkpoint
+    run = tmp_path / "run"
+    for name, step in (("checkpoint_b", 3), ("checkpoint_a", 12)):
+        (run / name).mkdir(parents=True)
+        (run / name / "state.json").write_text(json.dumps({"step": step}))
+    assert resolve_checkpoint(run) == run / "checkpoint_a"
+    with pytest.raises(UserError, match="neither a checkpoint"):
+        resolve_checkpoint(tmp_path)
+
+
+def test_a_modified_checkpoint_is_refused(built_checkpoint, tmp_path):
+    _, folder, _ = built_checkpoint
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    data = bytearray((copy / "dense.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "dense.safetensors").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="checksum does not match"):
+        load_inference_model(copy)
+
+
+# --- the command -------------------------------------------------------------------------------
+
+def test_eval_command_writes_report_and_plots(built_checkpoint, tmp_path, capsys):
+    run, _, _ = built_checkpoint
+    out = tmp_path / "eval"
+    assert run_eval("--checkpoint", str(run), "--out", str(out), "--batches", "1", "--steps", "2",
+                    "--samples", "2", "--batch-size", "8", "--popularity-batches", "2") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["step"] == 7 and report["examples"] == 8
+    assert report["settings"]["samples"] == 2 and report["settings"]["steps"] == 2
+    assert set(report["tasks"]) == set(TASKS)
+    assert set(report["tasks"]["short"]) == {MODEL, UNIFORM, *BASELINES}
+    for task in TASKS:
+        assert (out / f"{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "| short |" in printed and "adaptive masks" in printed
+    assert (out / "report.md").read_text().startswith("| task |")
+
+
+def test_eval_command_rejects_bad_arguments(built_checkpoint, tmp_path):
+    run, _, _ = built_checkpoint
+    with pytest.raises(UserError, match="--samples must be positive"):
+        run_eval("--checkpoint", str(run), "--out", str(tmp_path), "--samples", "0")
+    with pytest.raises(UserError, match="checkpoint not found"):
+        run_eval("--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path))

@@ -1,0 +1,320 @@
+"""`u-mask eval`: a checkpoint's completions against the baselines, per task and sparsity bucket.
+
+For every batch of the evaluated split and every task (short, long, cold), the model's own
+adaptive mask sampler (task fixed for the whole batch) picks the target window and the
+evidence. Every method then completes the same batch from the same evidence:
+  umask               the checkpoint's model, DDIM with --steps steps, one run per seed;
+  umask_uniform_mask  the same model given uniform evidence: as many slots as the adaptive
+                      mask took, drawn uniformly from the same candidates (the ablation of
+                      adaptive masking, at inference; the weights are the same);
+  global_popularity, hour_of_week, last_observed   umask/baselines.py; popularity is the mean
+                      slot of the training split's observed slots (--popularity-batches).
+Scored slots are the targets that hold a record. Metrics (umask/metrics.py, method section 6)
+are computed over all scored slots of the split, per sparsity bucket of the user's share of
+observed slots in the window, once per seed, then averaged over seeds.
+
+Output in --out: report.json (every number), report.md (the table of the headline metrics)
+and one PNG per task (grouped bars: buckets x methods, one panel per metric).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trainer.data.batch import Batch
+from trainer.errors import UserError
+from trainer.inference import InferenceModel, load_inference_model
+
+MODEL, UNIFORM = "umask", "umask_uniform_mask"
+BASELINES = ("global_popularity", "hour_of_week", "last_observed")
+METHODS = (MODEL, UNIFORM, *BASELINES)
+# metrics where lower is better; every other metric is higher-is-better
+LOWER_IS_BETTER = ("volume_mae", "volume_rmse")
+PLOTTED = ("category_acc1", "category_mrr", "region_acc1", "volume_mae")
+HEADLINE = "category_mrr"  # the metric the findings compare methods on
+# SeedSequence stream prefixes: masks, DDIM noise and the uniform ablation never share draws
+_MASK_STREAM, _SAMPLE_STREAM = 0, 1
+
+
+@dataclass
+class EvalSettings:
+    split: str = "test"
+    samples: int = 1  # seeds of the DDIM sampler; metrics are averaged over them
+    steps: int | None = None  # DDIM steps; None = the checkpoint's model.diffusion.sample_steps
+    batches: int | None = None  # evaluate at most this many batches; None = the whole split
+    batch_size: int = 32
+    seed: int = 0
+    popularity_batches: int = 50  # training-split batches the global popularity profile reads
+
+
+class ScoredRows:
+    """The scored slots of one (task, method, seed) over the split: prediction and truth
+    rows [S,F] and the sparsity share [S] of the user each slot belongs to."""
+
+    def __init__(self):
+        self.prediction: list[Tensor] = []
+        self.truth: list[Tensor] = []
+        self.share: list[Tensor] = []
+
+    def add(self, prediction: Tensor, truth: Tensor, scored: Tensor, share: Tensor) -> None:
+        self.prediction.append(prediction[scored])
+        self.truth.append(truth[scored])
+        self.share.append(share[:, None].expand_as(scored)[scored])
+
+    def metrics(self, num_categories: int, num_regions: int) -> dict[str, dict[str, float]]:
+        from umask.metrics import completion_metrics_by_sparsity
+
+        # each scored slot becomes a one-slot "user" so the bucket metrics apply row by row
+        prediction = torch.cat(self.prediction)[:, None, :]  # [S,1,F]
+        truth = torch.cat(self.truth)[:, None, :]
+        share = torch.cat(self.share)  # [S]
+        scored = torch.ones(share.shape[0], 1, dtype=torch.bool)
+        return completion_metrics_by_sparsity(prediction, truth, scored, share, num_categories, num_regions)
+
+
+def seed_of(*parts: int) -> int:
+    """A torch seed from several integers (seed, batch, task, ...) without collisions."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def uniform_evidence(candidates: Tensor, budget: Tensor, generator: torch.Generator) -> Tensor:
+    """Exactly budget[b] slots of row b's candidates, uniformly without replacement; [B,T] bool."""
+    from umask.masking import gumbel_top_k
+
+    p = candidates.float() / candidates.sum(1, keepdim=True).clamp(min=1)
+    return gumbel_top_k(p, budget, generator)
+
+
+def popularity_from_training(features: Path, batches: int, batch_size: int, seed: int) -> Tensor:
+    """Mean slot [F] over the observed slots of the first `batches` training batches."""
+    from trainer.data.loader import ShardedLoader
+    from umask.baselines import popularity_profile
+
+    sums, count = None, 0.0
+    with ShardedLoader(features, 0, 1, batch_size, seed, splits=("train",), epochs=1,
+                       shuffle=False) as loader:
+        for index, batch in enumerate(loader):
+            if index == batches:
+                break
+            n = float(batch.observed.sum())
+            part = popularity_profile(batch.dense, batch.observed) * n
+            sums, count = (part if sums is None else sums + part), count + n
+    return sums / max(count, 1.0)
+
+
+def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings) -> dict:
+    """The report (see the module docstring) as a JSON-ready dict."""
+    from trainer.data.loader import ShardedLoader
+    from umask.config import TASKS
+
+    layout = inference.layout
+    model = inference.model
+    steps = settings.steps or inference.cfg.model.diffusion.sample_steps
+    profile = popularity_from_training(features, settings.popularity_batches, settings.batch_size,
+                                       settings.seed)
+    rows = {(task, method, sample): ScoredRows() for task in TASKS for method in METHODS
+            for sample in range(settings.samples if method in (MODEL, UNIFORM) else 1)}
+    examples, users = 0, set()
+    with ShardedLoader(features, 0, 1, settings.batch_size, settings.seed, splits=(settings.split,),
+                       epochs=1, shuffle=False) as loader:
+        if loader.channels != layout.num_channels:
+            raise UserError(f"{features} has {loader.channels} dense channels, the checkpoint's model "
+                            f"{layout.num_channels}: featurize with the checkpoint's config.yaml")
+        for index, batch in enumerate(loader):
+            if settings.batches is not None and index == settings.batches:
+                break
+            examples += len(batch)
+            users.update(batch.user_id.tolist())
+            slot_sparse = inference.slot_sparse(batch)  # [B,T,E]
+            share = batch.observed.float().mean(1)  # [B] the user's share of observed slots
+            for task_id, task in enumerate(TASKS):
+                _evaluate_task(model, batch, slot_sparse, share, profile, task_id, index, steps,
+                               settings, {key[1:]: value for key, value in rows.items() if key[0] == task})
+    if examples == 0:
+        raise UserError(f"{features}: split '{settings.split}' gave no batch to evaluate")
+    tasks = {task: {method: _mean_over_samples(
+        [rows[(task, method, s)].metrics(layout.num_categories, layout.num_regions)
+         for s in range(settings.samples if method in (MODEL, UNIFORM) else 1)])
+        for method in METHODS} for task in TASKS}
+    report = {
+        "checkpoint": str(inference.checkpoint), "step": inference.step, "features": str(features),
+        "settings": {**asdict(settings), "steps": steps}, "examples": examples, "users": len(users),
+        "headline_metric": HEADLINE, "tasks": tasks,
+    }
+    report["findings"] = findings(tasks)
+    return report
+
+
+def _evaluate_task(model, batch: Batch, slot_sparse: Tensor, share: Tensor, profile: Tensor,
+                   task_id: int, batch_index: int, steps: int, settings: EvalSettings,
+                   rows: dict[tuple[str, int], ScoredRows]) -> None:
+    """One task on one batch: one mask, every method completes from it, scored rows collected."""
+    from umask.baselines import global_popularity, hour_of_week_frequency, last_observed
+
+    dense, observed, tow = batch.dense, batch.observed, batch.time_of_week
+    generator = torch.Generator().manual_seed(seed_of(_MASK_STREAM, settings.seed, batch_index, task_id))
+    task = torch.full((len(batch),), task_id, dtype=torch.long)
+    mask = model.sample_mask(dense, observed, tow, generator, task=task)
+    uniform = uniform_evidence(mask.candidates, mask.budget, generator)
+    scored = mask.target & observed  # [B,T]
+    evidence = mask.evidence
+    completions = {
+        ("global_popularity", 0): global_popularity(dense, evidence, profile),
+        ("hour_of_week", 0): hour_of_week_frequency(dense, evidence, tow, profile),
+        ("last_observed", 0): last_observed(dense, evidence, profile),
+    }
+    for sample in range(settings.samples):
+        for method, method_evidence in ((MODEL, evidence), (UNIFORM, uniform)):
+            noise = torch.Generator().manual_seed(
+                seed_of(_SAMPLE_STREAM, settings.seed, sample, batch_index, task_id))
+            completions[(method, sample)] = model.complete(dense, method_evidence, tow, slot_sparse,
+                                                          steps=steps, generator=noise)
+    for key, completed in completions.items():
+        rows[key].add(completed, dense, scored, share)
+
+
+def _mean_over_samples(per_sample: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each metric's mean over the seeds; slot counts are the same in every seed."""
+    return {bucket: {name: (values[0] if name == "slots" else float(np.mean(values)))
+                     for name, values in ((n, [m[bucket][n] for m in per_sample])
+                                          for n in per_sample[0][bucket])}
+            for bucket in per_sample[0]}
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    """Whether value a is strictly better than b on `metric` (NaN is never better)."""
+    if math.isnan(a) or math.isnan(b):
+        return False
+    return a < b if metric in LOWER_IS_BETTER else a > b
+
+
+def findings(tasks: dict) -> list[str]:
+    """Plain sentences: on the headline metric, whom the model beats per task, and the sparsest
+    bucket with slots; and whether adaptive masks beat uniform ones."""
+    out = []
+    for task, methods in tasks.items():
+        model_all = methods[MODEL]["all"][HEADLINE]
+        beaten = [b for b in BASELINES if better(HEADLINE, model_all, methods[b]["all"][HEADLINE])]
+        lost = [b for b in BASELINES if b not in beaten]
+        out.append(f"{task}: {MODEL} {HEADLINE} {model_all:.4f} beats {', '.join(beaten) or 'no baseline'}"
+                   + (f"; does NOT beat {', '.join(lost)}" if lost else ""))
+        buckets = [b for b in methods[MODEL] if b != "all" and methods[MODEL][b]["slots"] > 0]
+        if buckets:
+            sparsest = buckets[0]
+            value = methods[MODEL][sparsest][HEADLINE]
+            other = methods["hour_of_week"][sparsest][HEADLINE]
+            verdict = "beats" if better(HEADLINE, value, other) else "does NOT beat"
+            out.append(f"{task}, sparsest bucket with slots {sparsest}: {MODEL} {value:.4f} {verdict} "
+                       f"hour_of_week {other:.4f}")
+        uniform = methods[UNIFORM]["all"][HEADLINE]
+        verdict = "beat" if better(HEADLINE, model_all, uniform) else "do NOT beat"
+        out.append(f"{task}: adaptive masks {verdict} uniform masks ({model_all:.4f} vs {uniform:.4f})")
+    return out
+
+
+def markdown_table(report: dict) -> str:
+    """Headline metrics per task, bucket and method, as a Markdown table."""
+    lines = ["| task | users' observed share | slots | method | cat Acc@1 | cat Acc@5 | cat MRR "
+             "| region Acc@1 | volume MAE |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for task, methods in report["tasks"].items():
+        for bucket in methods[MODEL]:
+            slots = methods[MODEL][bucket]["slots"]
+            if not slots:
+                continue
+            for method in METHODS:
+                m = methods[method][bucket]
+                lines.append(f"| {task} | {bucket} | {slots} | {method} | {m['category_acc1']:.3f} | "
+                             f"{m['category_acc5']:.3f} | {m['category_mrr']:.3f} | "
+                             f"{m['region_acc1']:.3f} | {m['volume_mae']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot_task(task: str, methods: dict, path: Path) -> None:
+    """Grouped bars per bucket (x) and method (colour), one panel per plotted metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    buckets = list(methods[MODEL])
+    x = np.arange(len(buckets))
+    width = 0.8 / len(METHODS)
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 4), squeeze=False)
+    for ax, metric in zip(axes[0], PLOTTED):
+        for i, method in enumerate(METHODS):
+            values = [methods[method][b][metric] for b in buckets]
+            ax.bar(x + (i - (len(METHODS) - 1) / 2) * width, values, width, label=method)
+        ax.set_xticks(x, buckets, rotation=30, fontsize=8)
+        ax.set_title(f"{metric} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"task {task}: by users' share of observed slots")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(json_ready(report), indent=1) + "\n")
+    (out / "report.md").write_text(markdown_table(report) + "\n\n" + "\n".join(
+        f"- {line}" for line in report["findings"]) + "\n")
+    for task, methods in report["tasks"].items():
+        plot_task(task, methods, out / f"{task}.png")
+
+
+def json_ready(value):
+    """NaN (an empty bucket) becomes null: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_ready(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("eval", help="evaluate a checkpoint against the baselines (JSON + PNG)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    parser.add_argument("--data", help="featurize output to evaluate (default: the checkpoint "
+                                       "config's data.features)")
+    parser.add_argument("--split", default="test", choices=("test", "cold", "val"))
+    parser.add_argument("--out", required=True, help="folder for report.json, report.md and PNGs")
+    parser.add_argument("--samples", type=int, default=1, help="sampler seeds to average over")
+    parser.add_argument("--steps", type=int, help="DDIM steps (default: model.diffusion.sample_steps)")
+    parser.add_argument("--batches", type=int, help="evaluate at most this many batches")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the masks and the sampler")
+    parser.add_argument("--popularity-batches", type=int, default=50,
+                        help="training batches the global popularity baseline averages")
+    parser.set_defaults(handler=_eval_command)
+
+
+def _eval_command(args) -> int:
+    for name in ("samples", "batch_size", "popularity_batches", "steps", "batches"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    inference = load_inference_model(args.checkpoint)
+    if args.steps is not None and args.steps > inference.cfg.model.diffusion.train_steps:
+        raise UserError(f"--steps {args.steps}: at most model.diffusion.train_steps="
+                        f"{inference.cfg.model.diffusion.train_steps}")
+    settings = EvalSettings(split=args.split, samples=args.samples, steps=args.steps,
+                            batches=args.batches, batch_size=args.batch_size, seed=args.seed,
+                            popularity_batches=args.popularity_batches)
+    features = Path(args.data or inference.cfg.data.features)
+    report = evaluate(inference, features, settings)
+    out = Path(args.out)
+    write_report(report, out)
+    print(markdown_table(report))
+    print("\n".join(report["findings"]))
+    print(f"wrote {out / 'report.json'}, report.md and {len(report['tasks'])} plots "
+          f"({report['examples']} examples of {report['users']} users, checkpoint step {report['step']})")
+    return 0

@@ -1,0 +1,109 @@
+"""A trained U-MASK ready for inference in one plain process, loaded from a verified checkpoint.
+
+What `u-mask eval` and `u-mask complete` share: find the checkpoint (a checkpoint folder, or a
+run folder meaning its latest one), check every file against the manifests, then rebuild the
+run's config from config.yaml, the dense model from dense.safetensors and the whole app/loc
+tables from tables/ (embeddings.checkpoint.load_full_tables). No DeepSpeed, no Ray, no process
+group; only YAML, JSON and safetensors are read, so nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from trainer.config import RunConfig, load_config
+from trainer.checkpoint import verify_checkpoint
+from trainer.data.batch import Batch
+from trainer.data.schema import DenseLayout
+from trainer.errors import UserError
+
+
+@dataclass
+class InferenceModel:
+    """A checkpoint's model and tables in eval mode; `slot_sparse` turns a batch's bags into
+    the model's per-slot sparse input."""
+
+    checkpoint: Path
+    step: int
+    cfg: RunConfig
+    model: "torch.nn.Module"  # umask.model.UMask
+    tables: "torch.nn.Module"  # torchrec EmbeddingBagCollection, full tables
+    ids: "object"  # embeddings.ids.IdMapper
+
+    @property
+    def layout(self) -> DenseLayout:
+        return DenseLayout(self.cfg.data.num_categories, self.cfg.data.num_regions)
+
+    @torch.no_grad()
+    def slot_sparse(self, batch: Batch) -> Tensor:
+        """Pooled app + loc embeddings of every slot's bags; [B,T,E]."""
+        kjt = self.ids.to_kjt(batch.app_values, batch.app_lengths, batch.loc_values, batch.loc_lengths)
+        pooled = self.tables(kjt).values()  # [B*T, E]
+        return pooled.view(len(batch), batch.observed.shape[1], -1)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """`path` itself when it is a checkpoint folder; for a run folder, its checkpoint with the
+    highest step (state.json), which is the latest one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint not found: {path}")
+    if (path / "state.json").is_file():
+        return path
+    candidates = [p for p in path.glob("checkpoint_*") if (p / "state.json").is_file()]
+    if not candidates:
+        raise UserError(f"{path}: neither a checkpoint (no state.json) nor a run folder with "
+                        "checkpoint_*/ folders; has training saved a checkpoint yet?")
+    return max(candidates, key=lambda p: (_state(p)["step"], p.name))
+
+
+def load_inference_model(path: str | Path) -> InferenceModel:
+    """Verifies and loads the checkpoint at `path` (see resolve_checkpoint) on the CPU."""
+    from embeddings.checkpoint import load_full_tables
+    from embeddings.ids import IdMapper
+    from embeddings.tables import pooled_dim
+    from umask.model import UMask
+
+    folder = resolve_checkpoint(path)
+    run_name = _state(folder).get("run")
+    state = verify_checkpoint(folder, run_name)  # before any tensor file is opened
+    cfg = load_config([str(folder / "config.yaml")])
+    model = UMask(cfg.model, num_categories=cfg.data.num_categories, num_regions=cfg.data.num_regions,
+                  sparse_dim=pooled_dim(cfg.embeddings))
+    dense_file = folder / "dense.safetensors"
+    try:
+        weights = load_file(str(dense_file))
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"{dense_file}: cannot read the dense weights ({err})") from None
+    try:
+        # a bf16 engine saved bf16 tensors; copying into the float32 model widens them exactly
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise UserError(f"{dense_file} does not fit the model its config.yaml describes: "
+                        f"{str(err).splitlines()[0]} {_first_key_problem(str(err))}") from None
+    model.eval().requires_grad_(False)
+    tables = load_full_tables(cfg.embeddings, folder / "tables")
+    return InferenceModel(folder, int(state["step"]), cfg, model, tables, IdMapper(cfg.embeddings))
+
+
+def _state(folder: Path) -> dict:
+    path = folder / "state.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: cannot read it as JSON ({err})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UserError(f"{path}: expected an object with an integer 'step'")
+    return state
+
+
+def _first_key_problem(message: str) -> str:
+    """The first line of torch's load_state_dict report that names keys or shapes."""
+    lines = [line.strip() for line in message.splitlines()[1:] if line.strip()]
+    return lines[0] if lines else ""
