@@ -1,0 +1,117 @@
+"""`u-mask complete`: task windows by hand, and the command on real contract events of two users
+with a checkpoint built in the trainer's format (tests/trainer/conftest.py built_checkpoint)."""
+import argparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from trainer.complete import COMPLETED, complete_windows, latest_windows, register, task_cut
+from trainer.data.featurize import WEEK
+from trainer.errors import UserError
+from trainer.inference import load_inference_model
+from umask.config import MaskConfig
+
+MASK = MaskConfig()  # short: up to 6 target slots, long: up to 72, cold: 24 slots of history
+
+
+def run_complete(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["complete", *argv])
+    return args.handler(args)
+
+
+def window(observed_slots: list[int], slots: int = 168) -> torch.Tensor:
+    observed = torch.zeros(1, slots, dtype=torch.bool)
+    observed[0, observed_slots] = True
+    return observed
+
+
+@pytest.mark.parametrize("task, observed_slots, cut, expected", [
+    ("short", [3, 30], None, (31, range(31, 37))),  # right after the last record
+    ("short", [3, 167], None, (162, range(162, 168))),  # a full week: the last 6 slots
+    ("long", [3, 30], None, (31, range(31, 103))),
+    ("long", [150], None, (96, range(96, 168))),
+    ("cold", [3, 30], None, (24, range(24, 168))),
+    ("short", [3, 30], 10, (10, range(10, 16))),
+    ("cold", [3], 50, (50, range(50, 168))),
+])
+def test_task_windows(task, observed_slots, cut, expected):
+    start, target = task_cut(task, window(observed_slots), MASK, cut)
+    assert start.tolist() == [expected[0]]
+    assert torch.nonzero(target[0]).flatten().tolist() == list(expected[1])
+
+
+@pytest.fixture(scope="module")
+def two_users(tiny_dataset, tmp_path_factory):
+    """The contract events of the two users with the most events, as one events.parquet with no
+    side tables beside it (so the checkpoint's data.source provides them)."""
+    events = pq.read_table(tiny_dataset / "raw" / "events")
+    counts = pc.value_counts(events.column("user_id")).to_pylist()
+    users = [c["values"] for c in sorted(counts, key=lambda c: (-c["counts"], c["values"]))[:2]]
+    folder = tmp_path_factory.mktemp("two-users")
+    pq.write_table(events.filter(pc.is_in(events.column("user_id"), value_set=pa.array(users))),
+                   folder / "events.parquet")
+    return folder / "events.parquet", sorted(users)
+
+
+@pytest.fixture(scope="module")
+def inference(built_checkpoint):
+    return load_inference_model(built_checkpoint[1])
+
+
+def test_latest_window_per_user_and_evidence_kept_exactly(inference, two_users, tmp_path):
+    events, users = two_users
+    rows = latest_windows(events, inference, tmp_path / "work")
+    assert rows.user_id.tolist() == users
+    # each user's latest window is the week holding the user's last event
+    table = pq.read_table(events)
+    for user, start in zip(users, rows.window_start.tolist()):
+        ts = table.filter(pc.equal(table["user_id"], user))["ts"].cast(pa.timestamp("s")).cast(pa.int64())
+        assert start <= pc.max(ts).as_py() < start + WEEK
+    result = complete_windows(inference, rows, "long", None, 2, seed=1)
+    evidence, target = result["evidence"], result["target"]
+    observed = torch.from_numpy(rows.observed)
+    assert (evidence & ~observed).sum() == 0 and (evidence & target).sum() == 0
+    assert (evidence.sum(1) > 0).all()
+    slot = torch.arange(168)
+    assert not (evidence & (slot >= result["cut"][:, None])).any()
+    dense = torch.from_numpy(rows.dense)
+    assert torch.equal(result["dense"][evidence], dense[evidence])
+    again = complete_windows(inference, rows, "long", None, 2, seed=1)
+    assert torch.equal(again["dense"], result["dense"])
+
+
+def test_complete_command_prints_and_writes_the_completed_week(built_checkpoint, two_users, tmp_path, capsys):
+    run, _, _ = built_checkpoint
+    events, users = two_users
+    out = tmp_path / "out"
+    assert run_complete("--checkpoint", str(run), "--events", str(events), "--task", "short",
+                        "--out", str(out), "--steps", "2") == 0
+    printed = capsys.readouterr().out
+    for user in users:
+        assert f"user {user} " in printed
+    assert printed.count("predicted categories") == 2
+    table = pq.read_table(out / "completed.parquet")
+    assert table.schema == COMPLETED
+    assert table.num_rows == 2 * 168
+    per_user_targets = [int(pc.sum(pc.cast(table.filter(pc.equal(table["user_id"], u))["target"], "int64")).as_py())
+                        for u in users]
+    assert per_user_targets == [6, 6]
+    dense = np.stack(table["dense"].to_numpy(zero_copy_only=False))
+    assert dense.shape == (2 * 168, 56) and np.isfinite(dense).all()
+
+
+def test_complete_command_errors_name_the_problem(built_checkpoint, two_users, tmp_path):
+    run, _, _ = built_checkpoint
+    events, _ = two_users
+    with pytest.raises(UserError, match="no such file"):
+        run_complete("--checkpoint", str(run), "--events", str(tmp_path / "none.parquet"),
+                     "--task", "cold", "--out", str(tmp_path))
+    with pytest.raises(UserError, match="--cut 400"):
+        run_complete("--checkpoint", str(run), "--events", str(events), "--task", "cold",
+                     "--out", str(tmp_path), "--cut", "400")
