@@ -14,10 +14,14 @@ Each rank runs one torch thread, as a Ray Train worker with 1 CPU does.
 
 `run_peer(cfg, warmup_steps)` spawns cfg.ray.num_workers processes, trains cfg.train.steps
 steps and returns rank 0's steady-state figures (the steps after `warmup_steps`).
+`PeerTrainer` is one rank of it; `spawn_ranks` is the launcher (the profile in train_bench
+uses both to run our Trainer and the peer side by side in the same ranks).
 """
 from __future__ import annotations
 
 import json
+import math
+import os
 import socket
 import tempfile
 import time
@@ -61,7 +65,11 @@ class PeerModel(nn.Module):
 
 def _table(cfg: RunConfig, name: str) -> nn.EmbeddingBag:
     table = cfg.embeddings.tables()[name]
-    return nn.EmbeddingBag(table.num_embeddings, table.dim, mode=cfg.embeddings.pooling, sparse=True)
+    bag = nn.EmbeddingBag(table.num_embeddings, table.dim, mode=cfg.embeddings.pooling, sparse=True)
+    # TorchRec's default init (EmbeddingBagConfig), not torch's N(0, 1): both sides start alike
+    bound = math.sqrt(1.0 / table.num_embeddings)
+    nn.init.uniform_(bag.weight, -bound, bound)
+    return bag
 
 
 def _pool(table: nn.EmbeddingBag, raw_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -76,57 +84,84 @@ def _other_ranks_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(others, dim=0) if others else x.new_zeros((0, x.shape[1]))
 
 
-def _train_rank(rank: int, cfg: RunConfig, warmup_steps: int) -> dict | None:
+class PeerTrainer:
+    """One rank of the peer, in a process whose default process group already exists."""
+
+    def __init__(self, cfg: RunConfig):
+        if cfg.deepspeed.gradient_accumulation_steps != 1:
+            raise ValueError("the DDP peer steps once per micro-batch: "
+                             "set deepspeed.gradient_accumulation_steps=1")
+        self.cfg = cfg
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.loader = ShardedLoader(cfg.data.features, self.rank, self.world_size,
+                                    batch_size=cfg.train.batch_size, seed=cfg.train.seed, splits=("train",),
+                                    shuffle_window=cfg.data.shuffle_window)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        model = PeerModel(cfg, DenseLayout(cfg.data.num_categories, cfg.data.num_regions), _other_ranks_rows)
+        self.ddp = DistributedDataParallel(model)
+        self.dense_params = list(model.umask.parameters())
+        self.tables = torch.optim.Adagrad([model.app.weight, model.loc.weight], lr=cfg.embeddings.lr,
+                                          eps=cfg.embeddings.eps)
+        self.dense = torch.optim.AdamW(self.dense_params, lr=cfg.deepspeed.lr,
+                                       weight_decay=cfg.deepspeed.weight_decay)
+        self.step = 0
+
+    def train_step(self) -> dict[str, float]:
+        """One step; returns the loss (mean over ranks) and data_wait, this rank's loader share."""
+        started = time.perf_counter()
+        batch = next(self.loader)
+        waited = time.perf_counter() - started
+        generator = torch.Generator().manual_seed(hash((self.cfg.train.seed, self.rank, self.step)) & 0x7FFF_FFFF)
+        out = self.ddp(batch, generator)
+        self.tables.zero_grad(set_to_none=True)
+        self.dense.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.deepspeed.gradient_clipping)
+        self.tables.step()
+        self.dense.step()
+        self.step += 1
+        # the mean loss over ranks, as a training loop logs it (one collective per step)
+        logged = torch.stack([out["loss"].detach(), out["reconstruction"], out["consistency"]])
+        dist.all_reduce(logged)
+        loss = logged[0].item() / self.world_size
+        return {"loss": loss, "data_wait": waited / (time.perf_counter() - started)}
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+def _train_rank(cfg: RunConfig, warmup_steps: int) -> dict | None:
     """Trains cfg.train.steps steps on this rank; rank 0 returns the steady-state figures."""
-    world_size = dist.get_world_size()
-    loader = ShardedLoader(cfg.data.features, rank, world_size, batch_size=cfg.train.batch_size,
-                           seed=cfg.train.seed, splits=("train",), shuffle_window=cfg.data.shuffle_window)
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = PeerModel(cfg, DenseLayout(cfg.data.num_categories, cfg.data.num_regions), _other_ranks_rows)
-    ddp = DistributedDataParallel(model)
-    dense_params = list(model.umask.parameters())
-    tables = torch.optim.Adagrad([model.app.weight, model.loc.weight], lr=cfg.embeddings.lr,
-                                 eps=cfg.embeddings.eps)
-    dense = torch.optim.AdamW(dense_params, lr=cfg.deepspeed.lr, weight_decay=cfg.deepspeed.weight_decay)
-    step_ends, waits, losses = [], [], []
-    with loader:
-        for step in range(cfg.train.steps):
-            started = time.perf_counter()
-            batch = next(loader)
-            waited = time.perf_counter() - started
-            generator = torch.Generator().manual_seed(hash((cfg.train.seed, rank, step)) & 0x7FFF_FFFF)
-            out = ddp(batch, generator)
-            tables.zero_grad(set_to_none=True)
-            dense.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(dense_params, cfg.deepspeed.gradient_clipping)
-            tables.step()
-            dense.step()
-            # the mean loss over ranks, as a training loop logs it (one collective per step)
-            logged = torch.stack([out["loss"].detach(), out["reconstruction"], out["consistency"]])
-            dist.all_reduce(logged)
-            losses.append(logged[0].item() / world_size)
+    peer = PeerTrainer(cfg)
+    step_ends, metrics = [], []
+    try:
+        for _ in range(cfg.train.steps):
+            metrics.append(peer.train_step())
             step_ends.append(time.perf_counter())
-            waits.append(waited / (step_ends[-1] - started))
-    if rank != 0:
+    finally:
+        peer.close()
+    if peer.rank != 0:
         return None
     measured = cfg.train.steps - warmup_steps
     seconds = step_ends[-1] - step_ends[warmup_steps - 1]
     return {"steps_per_s": measured / seconds,
-            "examples_per_s": measured * cfg.train.batch_size * world_size / seconds,
-            "data_wait": sum(waits[warmup_steps:]) / measured,
-            "loss_first": losses[0], "loss_last": losses[-1]}
+            "examples_per_s": measured * cfg.train.batch_size * peer.world_size / seconds,
+            "data_wait": sum(m["data_wait"] for m in metrics[warmup_steps:]) / measured,
+            "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"]}
 
 
-def _rank_main(rank: int, world_size: int, port: int, cfg: RunConfig, warmup_steps: int, out_dir: str) -> None:
+def _rank_main(rank: int, world_size: int, port: int, rank_fn, args: tuple, out_dir: str) -> None:
     torch.set_num_threads(1)  # as a Ray Train worker with cpus_per_worker=1 runs
+    # DeepSpeed (when rank_fn builds our trainer) reads the rank and accelerator from the environment
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
     # the trainer's all-gather is the same deprecated call; Adagrad's sparse path warns once per rank
     warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message="Sparse invariant checks", category=UserWarning)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        result = _train_rank(rank, cfg, warmup_steps)
-        if result is not None:
+        result = rank_fn(*args)
+        if rank == 0:
             (Path(out_dir) / "result.json").write_text(json.dumps(result))
     except BaseException:
         (Path(out_dir) / f"rank{rank}.error").write_text(traceback.format_exc())
@@ -141,19 +176,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_peer(cfg: RunConfig, warmup_steps: int, timeout_s: float = 600.0) -> dict:
-    """Trains the peer on cfg.ray.num_workers local processes; rank 0's figures over the steps
-    after `warmup_steps`: steps_per_s, examples_per_s, data_wait (share of the step spent in the
-    loader), loss_first and loss_last (mean over ranks). The processes are ended on any failure."""
-    if cfg.deepspeed.gradient_accumulation_steps != 1:
-        raise ValueError("the DDP peer steps once per micro-batch: set deepspeed.gradient_accumulation_steps=1")
-    if not 0 < warmup_steps < cfg.train.steps:
-        raise ValueError(f"warmup_steps must be in [1, train.steps={cfg.train.steps}), got {warmup_steps}")
-    world_size = cfg.ray.num_workers
+def spawn_ranks(world_size: int, rank_fn, args: tuple, timeout_s: float = 600.0) -> dict:
+    """Runs rank_fn(*args) on world_size new processes joined by gloo on 127.0.0.1, one torch
+    thread each; returns rank 0's result (JSON-able). rank_fn must be a module-level function.
+    The processes are ended, by their own handles, on any failure or timeout."""
     ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="ddp-peer-") as out_dir:
+    with tempfile.TemporaryDirectory(prefix="bench-ranks-") as out_dir:
         port = _free_port()
-        procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, cfg, warmup_steps, out_dir))
+        procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, rank_fn, args, out_dir))
                  for rank in range(world_size)]
         try:
             for proc in procs:
@@ -163,14 +193,23 @@ def run_peer(cfg: RunConfig, warmup_steps: int, timeout_s: float = 600.0) -> dic
                 proc.join(max(deadline - time.monotonic(), 0.0))
             errors = sorted(Path(out_dir).glob("rank*.error"))
             if errors:
-                raise RuntimeError("DDP peer failed:\n" + "\n".join(p.read_text() for p in errors))
+                raise RuntimeError("a rank failed:\n" + "\n".join(p.read_text() for p in errors))
             if any(proc.exitcode is None for proc in procs):
-                raise RuntimeError(f"DDP peer did not finish within {timeout_s:.0f} s")
+                raise RuntimeError(f"the ranks did not finish within {timeout_s:.0f} s")
             if any(proc.exitcode != 0 for proc in procs):
-                raise RuntimeError(f"DDP peer ranks exited with {[proc.exitcode for proc in procs]}")
+                raise RuntimeError(f"ranks exited with {[proc.exitcode for proc in procs]}")
             return json.loads((Path(out_dir) / "result.json").read_text())
         finally:
-            for proc in procs:  # only the processes started here, by their own handles
+            for proc in procs:
                 if proc.is_alive():
                     proc.kill()
                     proc.join()
+
+
+def run_peer(cfg: RunConfig, warmup_steps: int, timeout_s: float = 600.0) -> dict:
+    """Trains the peer on cfg.ray.num_workers local processes; rank 0's figures over the steps
+    after `warmup_steps`: steps_per_s, examples_per_s, data_wait (share of the step spent in the
+    loader), loss_first and loss_last (mean over ranks)."""
+    if not 0 < warmup_steps < cfg.train.steps:
+        raise ValueError(f"warmup_steps must be in [1, train.steps={cfg.train.steps}), got {warmup_steps}")
+    return spawn_ranks(cfg.ray.num_workers, _train_rank, (cfg, warmup_steps), timeout_s)
