@@ -18,7 +18,7 @@ calls torch.set_num_threads(1)). Other work on the machine skews both sides, so 
 carries the 1-minute load average before and after it. One JSON line per (size, workers),
 then a summary line.
 
-    .venv/bin/python bench/train_bench.py [--quick] [--steps 30] [--warmup 5]
+    .venv/bin/python bench/train_bench.py [--quick] [--steps 24] [--warmup 4] [--profile]
 """
 from __future__ import annotations
 
@@ -50,6 +50,10 @@ SIZES = {
 }
 WORKERS = (1, 2)
 PROFILE_TOP_OPS = 12
+# Profiler event names of collectives and their waits (gloo ops, DDP's and TorchRec's all-to-all
+# and all-gather autograd functions and awaitables); their self time is mostly waiting for the
+# other rank, so load imbalance shows up here too.
+COLLECTIVE_MARKS = ("c10d::", "all2all", "alltoall", "allgather", "all_gather", "allreduce", "awaitable")
 ERROR_CHARS = 300  # of a failure's message in the JSON line (the traceback goes to stderr)
 
 
@@ -126,7 +130,8 @@ def profile_rank(cfg: RunConfig, run_dir: str, steps: int, warmup: int) -> dict:
     """Our Trainer and the peer built side by side in this rank: after `warmup` steps of each,
     `steps` timed steps of each (alternating), then `steps` steps of each under torch.profiler. Per side:
     ms per step without the profiler, the profiled ops' self time per step (what is left of the
-    profiled step is Python between ops) and the ops that take most of it."""
+    profiled step is Python between ops), the part of it in collectives and the ops that take
+    most of it."""
     from torch.profiler import ProfilerActivity, profile
 
     from trainer.loop import Trainer
@@ -151,8 +156,10 @@ def profile_rank(cfg: RunConfig, run_dir: str, steps: int, warmup: int) -> dict:
             profiled_ms = (time.perf_counter() - started) * 1e3 / steps
         ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         op_ms = sum(e.self_cpu_time_total for e in ops) / 1e3 / steps
+        collective_ms = sum(e.self_cpu_time_total for e in ops
+                            if any(mark in e.key.lower() for mark in COLLECTIVE_MARKS)) / 1e3 / steps
         figures[name] = {"ms_per_step": round(step_ms, 2), "profiled_ms_per_step": round(profiled_ms, 2),
-                         "op_self_ms_per_step": round(op_ms, 2),
+                         "op_self_ms_per_step": round(op_ms, 2), "collective_ms_per_step": round(collective_ms, 2),
                          "top_ops_ms_per_step": {e.key: round(e.self_cpu_time_total / 1e3 / steps, 2)
                                                  for e in ops[:PROFILE_TOP_OPS]}}
     return figures
@@ -170,16 +177,16 @@ def run_profile(data: list[str], root: Path, size: str, workers: int, steps: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer users and steps (about a minute less)")
-    parser.add_argument("--steps", type=int, help="steps per run (default 30, quick 12)")
-    parser.add_argument("--warmup", type=int, help="first steps left out of the figures (default 5, quick 3)")
+    parser.add_argument("--steps", type=int, help="steps per run (default 24, quick 10)")
+    parser.add_argument("--warmup", type=int, help="first steps left out of the figures (default 4, quick 3)")
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--workers", nargs="+", type=int, choices=WORKERS, default=list(WORKERS))
     parser.add_argument("--profile", action="store_true",
                         help="instead: our Trainer and the peer in the same ranks (no Ray), timed and "
                              "profiled step by step; one line per (size, workers)")
     args = parser.parse_args()
-    steps = args.steps or (12 if args.quick else 30)
-    warmup = args.warmup or (3 if args.quick else 5)
+    steps = args.steps or (10 if args.quick else 24)
+    warmup = args.warmup or (3 if args.quick else 4)
     import ray
 
     with tempfile.TemporaryDirectory(prefix="train-bench-") as folder:
