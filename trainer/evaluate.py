@@ -13,6 +13,14 @@ Scored slots are the targets that hold a record. Metrics (umask/metrics.py, meth
 are computed over all scored slots of the split, per sparsity bucket of the user's share of
 observed slots in the window, once per seed, then averaged over seeds.
 
+app_recall10 (per user, then averaged): the share of the distinct app_ids a user used in the
+scored slots that are among the method's 10 top apps. Every method ranks apps by one rule, so
+it measures the method's forecast: an app's score is the method's completed usage of the app's
+category summed over the target window, times the app's share of its category's records in the
+training batches read for popularity. Apps never seen there cannot be ranked and count as
+misses. Categories come from apps.parquet of the checkpoint config's data.source (without it
+every app is in the unknown category).
+
 Output in --out: report.json (every number), report.md (the table of the headline metrics)
 and one PNG per task (grouped bars: buckets x methods, one panel per metric).
 """
@@ -24,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import Tensor
 
@@ -36,8 +45,10 @@ BASELINES = ("global_popularity", "hour_of_week", "last_observed")
 METHODS = (MODEL, UNIFORM, *BASELINES)
 # metrics where lower is better; every other metric is higher-is-better
 LOWER_IS_BETTER = ("volume_mae", "volume_rmse")
-PLOTTED = ("category_acc1", "category_mrr", "region_acc1", "volume_mae")
+PLOTTED = ("category_acc1", "category_mrr", "region_acc1", "volume_mae", "app_recall10")
+COUNTS = ("slots", "app_users")  # per-bucket counts, the same in every seed
 HEADLINE = "category_mrr"  # the metric the findings compare methods on
+APP_K = 10  # app_recall@k
 # SeedSequence stream prefixes: masks, DDIM noise and the uniform ablation never share draws
 _MASK_STREAM, _SAMPLE_STREAM = 0, 1
 
@@ -53,14 +64,32 @@ class EvalSettings:
     popularity_batches: int = 50  # training-split batches the global popularity profile reads
 
 
+@dataclass
+class TrainingPrior:
+    """What the baselines and the app ranking know of the training split."""
+
+    profile: Tensor  # [F] the mean observed slot (global popularity)
+    app_ids: Tensor  # [V] int64, sorted: the apps seen in the training batches read
+    app_category: Tensor  # [V] int64, category channel of each app (C = unknown)
+    app_share: Tensor  # [V] the app's share of its category's app records
+
+
 class ScoredRows:
     """The scored slots of one (task, method, seed) over the split: prediction and truth
-    rows [S,F] and the sparsity share [S] of the user each slot belongs to."""
+    rows [S,F] and the sparsity share [S] of the user each slot belongs to; and per user
+    with used apps, app recall and the user's share."""
 
     def __init__(self):
         self.prediction: list[Tensor] = []
         self.truth: list[Tensor] = []
         self.share: list[Tensor] = []
+        self.app_recall: list[Tensor] = []
+        self.user_share: list[Tensor] = []
+
+    def add_users(self, app_recall: Tensor, share: Tensor) -> None:
+        """app_recall [B] (NaN for users without used apps in scored slots), share [B]."""
+        self.app_recall.append(app_recall)
+        self.user_share.append(share)
 
     def add(self, prediction: Tensor, truth: Tensor, scored: Tensor, share: Tensor) -> None:
         self.prediction.append(prediction[scored])
@@ -68,14 +97,21 @@ class ScoredRows:
         self.share.append(share[:, None].expand_as(scored)[scored])
 
     def metrics(self, num_categories: int, num_regions: int) -> dict[str, dict[str, float]]:
-        from umask.metrics import completion_metrics_by_sparsity
+        from umask.metrics import bucket_labels, completion_metrics_by_sparsity, sparsity_bucket
 
         # each scored slot becomes a one-slot "user" so the bucket metrics apply row by row
         prediction = torch.cat(self.prediction)[:, None, :]  # [S,1,F]
         truth = torch.cat(self.truth)[:, None, :]
         share = torch.cat(self.share)  # [S]
         scored = torch.ones(share.shape[0], 1, dtype=torch.bool)
-        return completion_metrics_by_sparsity(prediction, truth, scored, share, num_categories, num_regions)
+        report = completion_metrics_by_sparsity(prediction, truth, scored, share, num_categories, num_regions)
+        recall = torch.cat(self.app_recall)  # [U]
+        bucket = sparsity_bucket(torch.cat(self.user_share))
+        for index, label in enumerate(["all", *bucket_labels()]):
+            rows = ~recall.isnan() & ((bucket == index - 1) if index else True)
+            report[label]["app_users"] = int(rows.sum())
+            report[label][f"app_recall{APP_K}"] = float(recall[rows].mean()) if rows.any() else math.nan
+        return report
 
 
 def seed_of(*parts: int) -> int:
@@ -91,12 +127,16 @@ def uniform_evidence(candidates: Tensor, budget: Tensor, generator: torch.Genera
     return gumbel_top_k(p, budget, generator)
 
 
-def popularity_from_training(features: Path, batches: int, batch_size: int, seed: int) -> Tensor:
-    """Mean slot [F] over the observed slots of the first `batches` training batches."""
+def training_prior(features: Path, apps: pa.Table | None, num_categories: int, batches: int,
+                   batch_size: int, seed: int) -> TrainingPrior:
+    """Mean observed slot and app frequencies over the first `batches` training batches.
+
+    apps: (app_id, category_id) as trainer.data.contract.read_apps gives it, or None.
+    """
     from trainer.data.loader import ShardedLoader
     from umask.baselines import popularity_profile
 
-    sums, count = None, 0.0
+    sums, count, app_values = None, 0.0, []
     with ShardedLoader(features, 0, 1, batch_size, seed, splits=("train",), epochs=1,
                        shuffle=False) as loader:
         for index, batch in enumerate(loader):
@@ -105,19 +145,57 @@ def popularity_from_training(features: Path, batches: int, batch_size: int, seed
             n = float(batch.observed.sum())
             part = popularity_profile(batch.dense, batch.observed) * n
             sums, count = (part if sums is None else sums + part), count + n
-    return sums / max(count, 1.0)
+            app_values.append(batch.app_values.numpy())
+    ids, counts = np.unique(np.concatenate(app_values), return_counts=True)
+    category = np.full(len(ids), num_categories, dtype=np.int64)  # unknown unless listed
+    if apps is not None:
+        listed_ids = apps.column("app_id").to_numpy()
+        order = np.argsort(listed_ids)
+        at = np.searchsorted(listed_ids, ids, sorter=order).clip(max=len(listed_ids) - 1)
+        listed = listed_ids[order[at]] == ids
+        category[listed] = apps.column("category_id").to_numpy()[order[at[listed]]]
+    per_category = np.bincount(category, weights=counts, minlength=num_categories + 1)
+    return TrainingPrior(profile=sums / max(count, 1.0), app_ids=torch.from_numpy(ids),
+                         app_category=torch.from_numpy(category),
+                         app_share=torch.from_numpy(counts / per_category[category]).float())
 
 
-def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings) -> dict:
-    """The report (see the module docstring) as a JSON-ready dict."""
+def used_apps(batch: Batch, scored: Tensor, app_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Which known apps [B,V] bool each user used in its scored slots, and how many distinct
+    apps [B] it used there in all (known or not)."""
+    batch_size, slots = scored.shape
+    slot_of_value = torch.repeat_interleave(torch.arange(batch_size * slots), batch.app_lengths.long())
+    keep = scored.reshape(-1)[slot_of_value]
+    row, value = slot_of_value[keep] // slots, batch.app_values[keep]  # [N] user row and app id
+    pairs = torch.unique(torch.stack([row, value], 1), dim=0)  # distinct (user, app)
+    total = torch.bincount(pairs[:, 0], minlength=batch_size)
+    at = torch.searchsorted(app_ids, pairs[:, 1]).clamp(max=max(len(app_ids) - 1, 0))
+    known = app_ids[at] == pairs[:, 1]
+    relevant = torch.zeros(batch_size, len(app_ids), dtype=torch.bool)
+    relevant[pairs[known, 0], at[known]] = True
+    return relevant, total
+
+
+def app_recall(scores: Tensor, relevant: Tensor, total: Tensor, k: int = APP_K) -> Tensor:
+    """Per user: relevant apps among the top k of scores [B,V], over all `total` [B] apps the
+    user used (apps outside the V scored ones are misses); NaN when total is 0. [B]"""
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [B,k]
+    hits = relevant.gather(1, top).sum(1).float()
+    return torch.where(total > 0, hits / total.clamp(min=1).float(), torch.full_like(hits, math.nan))
+
+
+def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
+             apps: pa.Table | None = None) -> dict:
+    """The report (see the module docstring) as a JSON-ready dict; apps: the app categories
+    (trainer.data.contract.read_apps) for app_recall10."""
     from trainer.data.loader import ShardedLoader
     from umask.config import TASKS
 
     layout = inference.layout
     model = inference.model
     steps = settings.steps or inference.cfg.model.diffusion.sample_steps
-    profile = popularity_from_training(features, settings.popularity_batches, settings.batch_size,
-                                       settings.seed)
+    prior = training_prior(features, apps, layout.num_categories, settings.popularity_batches,
+                           settings.batch_size, settings.seed)
     rows = {(task, method, sample): ScoredRows() for task in TASKS for method in METHODS
             for sample in range(settings.samples if method in (MODEL, UNIFORM) else 1)}
     examples, users = 0, set()
@@ -134,7 +212,7 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings) 
             slot_sparse = inference.slot_sparse(batch)  # [B,T,E]
             share = batch.observed.float().mean(1)  # [B] the user's share of observed slots
             for task_id, task in enumerate(TASKS):
-                _evaluate_task(model, batch, slot_sparse, share, profile, task_id, index, steps,
+                _evaluate_task(model, batch, slot_sparse, share, prior, task_id, index, steps,
                                settings, {key[1:]: value for key, value in rows.items() if key[0] == task})
     if examples == 0:
         raise UserError(f"{features}: split '{settings.split}' gave no batch to evaluate")
@@ -151,7 +229,7 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings) 
     return report
 
 
-def _evaluate_task(model, batch: Batch, slot_sparse: Tensor, share: Tensor, profile: Tensor,
+def _evaluate_task(model, batch: Batch, slot_sparse: Tensor, share: Tensor, prior: TrainingPrior,
                    task_id: int, batch_index: int, steps: int, settings: EvalSettings,
                    rows: dict[tuple[str, int], ScoredRows]) -> None:
     """One task on one batch: one mask, every method completes from it, scored rows collected."""
@@ -164,6 +242,8 @@ def _evaluate_task(model, batch: Batch, slot_sparse: Tensor, share: Tensor, prof
     uniform = uniform_evidence(mask.candidates, mask.budget, generator)
     scored = mask.target & observed  # [B,T]
     evidence = mask.evidence
+    profile = prior.profile
+    relevant, total = used_apps(batch, scored, prior.app_ids)  # [B,V], [B]
     completions = {
         ("global_popularity", 0): global_popularity(dense, evidence, profile),
         ("hour_of_week", 0): hour_of_week_frequency(dense, evidence, tow, profile),
@@ -175,13 +255,17 @@ def _evaluate_task(model, batch: Batch, slot_sparse: Tensor, share: Tensor, prof
                 seed_of(_SAMPLE_STREAM, settings.seed, sample, batch_index, task_id))
             completions[(method, sample)] = model.complete(dense, method_evidence, tow, slot_sparse,
                                                           steps=steps, generator=noise)
+    category = slice(0, model.num_categories + 1)
     for key, completed in completions.items():
         rows[key].add(completed, dense, scored, share)
+        usage = (completed[..., category] * mask.target[..., None]).sum(1)  # [B,C+1] over the window
+        scores = usage[:, prior.app_category] * prior.app_share  # [B,V]
+        rows[key].add_users(app_recall(scores, relevant, total), share)
 
 
 def _mean_over_samples(per_sample: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """Each metric's mean over the seeds; slot counts are the same in every seed."""
-    return {bucket: {name: (values[0] if name == "slots" else float(np.mean(values)))
+    return {bucket: {name: (values[0] if name in COUNTS else float(np.mean(values)))
                      for name, values in ((n, [m[bucket][n] for m in per_sample])
                                           for n in per_sample[0][bucket])}
             for bucket in per_sample[0]}
@@ -221,7 +305,7 @@ def findings(tasks: dict) -> list[str]:
 def markdown_table(report: dict) -> str:
     """Headline metrics per task, bucket and method, as a Markdown table."""
     lines = ["| task | users' observed share | slots | method | cat Acc@1 | cat Acc@5 | cat MRR "
-             "| region Acc@1 | volume MAE |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+             "| region Acc@1 | volume MAE | app R@10 |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for task, methods in report["tasks"].items():
         for bucket in methods[MODEL]:
             slots = methods[MODEL][bucket]["slots"]
@@ -231,7 +315,7 @@ def markdown_table(report: dict) -> str:
                 m = methods[method][bucket]
                 lines.append(f"| {task} | {bucket} | {slots} | {method} | {m['category_acc1']:.3f} | "
                              f"{m['category_acc5']:.3f} | {m['category_mrr']:.3f} | "
-                             f"{m['region_acc1']:.3f} | {m['volume_mae']:.3f} |")
+                             f"{m['region_acc1']:.3f} | {m['volume_mae']:.3f} | {m['app_recall10']:.3f} |")
     return "\n".join(lines)
 
 
@@ -279,6 +363,18 @@ def json_ready(value):
     return value
 
 
+def _app_categories(inference: InferenceModel) -> pa.Table | None:
+    """apps.parquet of the checkpoint config's data.source, when that dataset is here."""
+    from trainer.data.contract import open_dataset, read_apps
+
+    source = Path(inference.cfg.data.source)
+    if not source.exists():
+        print(f"note: {source} (data.source) is not here; app_recall10 puts every app in the "
+              "unknown category")
+        return None
+    return read_apps(open_dataset(source), inference.cfg.data.num_categories)
+
+
 def register(commands) -> None:
     parser = commands.add_parser("eval", help="evaluate a checkpoint against the baselines (JSON + PNG)")
     parser.add_argument("--checkpoint", required=True,
@@ -310,7 +406,7 @@ def _eval_command(args) -> int:
                             batches=args.batches, batch_size=args.batch_size, seed=args.seed,
                             popularity_batches=args.popularity_batches)
     features = Path(args.data or inference.cfg.data.features)
-    report = evaluate(inference, features, settings)
+    report = evaluate(inference, features, settings, _app_categories(inference))
     out = Path(args.out)
     write_report(report, out)
     print(markdown_table(report))

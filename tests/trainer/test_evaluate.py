@@ -15,8 +15,9 @@ import torch
 
 from trainer.data.schema import EXAMPLES, DenseLayout
 from trainer.errors import UserError
-from trainer.evaluate import (BASELINES, METHODS, MODEL, UNIFORM, EvalSettings, ScoredRows, evaluate,
-                              findings, json_ready, register, uniform_evidence)
+from trainer.data.batch import Batch
+from trainer.evaluate import (BASELINES, METHODS, MODEL, UNIFORM, EvalSettings, ScoredRows, app_recall,
+                              evaluate, findings, json_ready, register, uniform_evidence, used_apps)
 from trainer.inference import load_inference_model, resolve_checkpoint
 from umask.config import TASKS
 
@@ -54,6 +55,8 @@ def test_scored_rows_pool_slots_over_batches_and_bucket_by_user_share():
     first[7] = 2.0  # category 7 outranks the true 4: rank 2
     pred = torch.stack([first, one_hot_slot(5, 3, 0.0)])[None]
     rows.add(pred, truth, torch.tensor([[True, True]]), torch.tensor([0.9]))
+    rows.add_users(torch.tensor([0.5, math.nan]), torch.tensor([0.04, 0.2]))  # 2nd user: no apps
+    rows.add_users(torch.tensor([0.25]), torch.tensor([0.9]))
     report = rows.metrics(C, K)
     everything = report["all"]
     assert everything["slots"] == 3
@@ -64,6 +67,28 @@ def test_scored_rows_pool_slots_over_batches_and_bucket_by_user_share():
     assert report["[0, 0.05]"]["slots"] == 1 and report["[0, 0.05]"]["region_acc1"] == 0.0
     assert report["(0.5, 1]"]["slots"] == 2 and report["(0.5, 1]"]["category_acc1"] == 0.5
     assert report["(0.05, 0.15]"]["slots"] == 0 and math.isnan(report["(0.05, 0.15]"]["category_acc1"])
+    assert (everything["app_users"], everything["app_recall10"]) == (2, pytest.approx(0.375))
+    assert report["(0.15, 0.3]"]["app_users"] == 0 and math.isnan(report["(0.15, 0.3]"]["app_recall10"])
+    assert report["(0.5, 1]"]["app_recall10"] == 0.25
+
+
+def test_used_apps_and_app_recall_by_hand():
+    # 2 users x 3 slots; bags per slot (batch-major): u0: [5, 9], [5], [7]; u1: [], [9, 11], [3]
+    batch = Batch(user_id=torch.tensor([0, 1]), window_start=torch.zeros(2, dtype=torch.long),
+                  split=torch.zeros(2, dtype=torch.long), time_of_week=torch.zeros(2, 3, dtype=torch.long),
+                  observed=torch.ones(2, 3, dtype=torch.bool), dense=torch.zeros(2, 3, 1),
+                  app_values=torch.tensor([5, 9, 5, 7, 9, 11, 3]),
+                  app_lengths=torch.tensor([2, 1, 1, 0, 2, 1], dtype=torch.int32),
+                  loc_values=torch.zeros(0, dtype=torch.long), loc_lengths=torch.zeros(6, dtype=torch.int32))
+    scored = torch.tensor([[True, True, False], [False, True, True]])
+    known = torch.tensor([3, 5, 7, 9])  # sorted; 11 is unknown
+    relevant, total = used_apps(batch, scored, known)
+    assert relevant.tolist() == [[False, True, False, True], [True, False, False, True]]
+    assert total.tolist() == [2, 3]  # u0: {5, 9}; u1: {9, 11, 3}
+    scores = torch.tensor([[0.1, 0.9, 0.8, 0.2], [0.3, 0.2, 0.1, 0.0]])
+    # top 2: u0 -> 5, 7: one of {5, 9}; u1 -> 3, 5: one of {9, 11, 3}
+    assert app_recall(scores, relevant, total, k=2).tolist() == pytest.approx([1 / 2, 1 / 3])
+    assert math.isnan(app_recall(scores, relevant, torch.tensor([0, 3]), k=2)[0])
 
 
 def test_uniform_evidence_takes_the_budget_from_the_candidates_only():
@@ -96,9 +121,14 @@ def test_findings_say_plainly_when_the_model_loses():
 
 # --- baselines on a dataset whose answers are known ----------------------------------------
 
+NOISE_CATEGORY, NOISE_APPS = 9, list(range(3000, 3012))
+
+
 def write_examples(folder: Path, split: str, users: list[tuple[int, int, int, float, int]]) -> None:
     """users: (user_id, category, region, volume, every) - the user is seen in every `every`-th
-    slot of one week, always with the same category, region and volume."""
+    slot of one week, always with the same category (app 1000 + category), region and volume.
+    Training users also use the 12 apps of NOISE_CATEGORY (log1p usage 2.0) in every slot; test
+    users also use an app of their own (2000 + user_id) that no training user has."""
     columns = {name: [] for name in EXAMPLES.names}
     for user_id, category, region, volume, every in users:
         observed = np.arange(T) % every == 0
@@ -107,17 +137,20 @@ def write_examples(folder: Path, split: str, users: list[tuple[int, int, int, fl
         dense[observed, LAYOUT.region.start + region] = 1.0
         dense[observed, LAYOUT.activity] = math.log1p(1)
         dense[observed, LAYOUT.volume] = volume
-        lengths = observed.astype(np.int32)
+        bag = [1000 + category] + ([2000 + user_id] if split == "test" else NOISE_APPS)
+        if split == "train":
+            dense[observed, NOISE_CATEGORY] = 2.0
+        lengths = observed.astype(np.int32) * len(bag)
         columns["user_id"].append(user_id)
         columns["split"].append(split)
         columns["window_start"].append(345_600)
         columns["time_of_week"].append(list(range(T)))
         columns["observed"].append(observed.tolist())
         columns["dense"].append(dense.reshape(-1).tolist())
-        columns["app_ids"].append([1000 + category] * int(observed.sum()))
+        columns["app_ids"].append(bag * int(observed.sum()))
         columns["app_lengths"].append(lengths.tolist())
         columns["loc_ids"].append([500 + region] * int(observed.sum()))
-        columns["loc_lengths"].append(lengths.tolist())
+        columns["loc_lengths"].append(observed.astype(np.int32).tolist())
     path = folder / f"split={split}" / "shard=00000" / "part-00000.parquet"
     path.parent.mkdir(parents=True)
     pq.write_table(pa.table(columns, schema=EXAMPLES), path)
@@ -125,11 +158,12 @@ def write_examples(folder: Path, split: str, users: list[tuple[int, int, int, fl
 
 @pytest.fixture(scope="module")
 def known_dataset(tmp_path_factory) -> Path:
-    """Training users: 3 of category 2, 1 of category 5, all in region 1 with volume 10.
-    Test users: all category 7, region 4, volume 12; two seen every slot, two every 2nd slot."""
+    """Training users: 3 of category 2, 2 of category 5, 1 of category 7, all in region 1 with
+    volume 10. Test users: all category 7, region 4, volume 12; two seen every slot, two every
+    2nd slot."""
     folder = tmp_path_factory.mktemp("known")
     write_examples(folder, "train", [(1, 2, 1, 10.0, 1), (2, 2, 1, 10.0, 1), (3, 2, 1, 10.0, 1),
-                                     (4, 5, 1, 10.0, 1)])
+                                     (4, 5, 1, 10.0, 1), (5, 5, 1, 10.0, 1), (6, 7, 1, 10.0, 1)])
     write_examples(folder, "test", [(11, 7, 4, 12.0, 1), (12, 7, 4, 12.0, 2), (13, 7, 4, 12.0, 1),
                                     (14, 7, 4, 12.0, 2)])
     (folder / "manifest.json").write_text(json.dumps({"slots": T, "channels": LAYOUT.num_channels}))
@@ -142,7 +176,9 @@ def inference(built_checkpoint):
 
 
 def test_baselines_get_the_known_answers(inference, known_dataset):
-    report = evaluate(inference, known_dataset, EvalSettings(batch_size=2, steps=2))
+    apps = pa.table({"app_id": [1002, 1005, 1007, *NOISE_APPS],
+                     "category_id": pa.array([2, 5, 7] + [NOISE_CATEGORY] * 12, pa.int32())})
+    report = evaluate(inference, known_dataset, EvalSettings(batch_size=2, steps=2), apps)
     assert report["examples"] == 4 and report["users"] == 4
     for task in TASKS:
         methods = report["tasks"][task]
@@ -150,14 +186,21 @@ def test_baselines_get_the_known_answers(inference, known_dataset):
         assert slots > 0 and all(methods[m]["all"]["slots"] == slots for m in METHODS)
         assert {b for b in methods[MODEL] if methods[MODEL][b]["slots"]} == {"all", "(0.3, 0.5]", "(0.5, 1]"}
         popular = methods["global_popularity"]["all"]
-        # predicts category 2, region 1, volume 10: the true 7 ties with the 19 zero categories
-        # and ranks 21st (ties count against the prediction); region 4 likewise 33rd of 33
-        assert popular["category_acc1"] == 0.0 and popular["category_mrr"] == pytest.approx(1 / 21)
+        # the mean training slot ranks categories 9 (2.0), 2 (3/6 log 2), 5 (2/6), 7 (1/6): the
+        # true 7 is 4th; region 1 is predicted (true: 4) and volume 10 (true: 12)
+        assert (popular["category_acc1"], popular["category_acc5"]) == (0.0, 1.0)
+        assert popular["category_mrr"] == pytest.approx(1 / 4)
         assert popular["region_acc1"] == 0.0 and popular["volume_mae"] == pytest.approx(2.0)
+        # its top 10 apps: 1002, then 9 of the 12 category-9 apps (1/12 of 2.0 each beats
+        # 2/6 log 2 of 1005 and 1/6 log 2 of 1007): neither app of a test user
+        assert popular["app_recall10"] == 0.0
         for own in ("hour_of_week", "last_observed"):  # the user's own evidence is the answer
             m = methods[own]["all"]
             assert (m["category_acc1"], m["category_mrr"], m["region_acc1"]) == (1.0, 1.0, 1.0)
             assert m["volume_mae"] == pytest.approx(0.0, abs=1e-6)
+            # 1007 ranks first, the user's own 20xx was never seen in training: 1 of 2
+            assert m["app_recall10"] == 0.5
+        assert methods[MODEL]["all"]["app_users"] == methods["hour_of_week"]["all"]["app_users"] > 0
         assert all(math.isfinite(methods[m]["all"]["category_mrr"]) for m in (MODEL, UNIFORM))
     assert len(report["findings"]) == 3 * len(TASKS)
 
