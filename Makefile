@@ -10,10 +10,12 @@ setup: $(VENV)/.umask-installed
 $(VENV)/.umask-installed: pyproject.toml cluster/install.sh
 	bash cluster/install.sh $(VENV)
 
-demo: setup
+# synthetic data -> features -> a 2-worker training on an embedded Ray; starts afresh each time
+demo: setup clean-demo
 	$(PY) -m trainer data synth --out $(DEMO)/raw --users 2000 --days 28 --seed 0
-	$(PY) -m trainer data featurize --config configs/tiny.yaml data.source=$(DEMO)/raw data.features=$(DEMO)/features
-	$(PY) -m trainer data summary --config configs/tiny.yaml data.features=$(DEMO)/features
+	$(PY) -m trainer data featurize --config configs/tiny.yaml
+	$(PY) -m trainer data summary --config configs/tiny.yaml
+	$(PY) -m trainer train --config configs/tiny.yaml ray.name=demo
 
 test: setup
 	$(PY) -m pytest
@@ -22,4 +24,4 @@ bench: setup
 	$(PY) -m bench
 
 clean-demo:
-	rm -rf $(DEMO)
+	rm -rf $(DEMO) runs/demo

@@ -6,6 +6,7 @@ cluster. Either way the same worker loop (trainer/loop.py) runs in Ray Train's w
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -23,13 +24,17 @@ def register(commands) -> None:
 def train(cfg: RunConfig):
     """Runs the training job and returns Ray Train's Result (metrics and the last checkpoint)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchTrainer
 
     from embeddings.plan import check_sharding_types
     from trainer.data.loader import read_manifest
 
     check_sharding_types(cfg.embeddings, "cuda" if cfg.ray.use_gpu else "cpu")
+    # Workers do not share the driver's working directory: give them absolute paths.
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, source=str(Path(cfg.data.source).resolve()),
+        features=str(Path(cfg.data.features).resolve())))
     read_manifest(Path(cfg.data.features))  # fails here, on the driver, if featurize has not run
     storage = _absolute_storage(cfg.ray.storage_path)
     run_dir = Path(storage) / cfg.ray.name
@@ -47,9 +52,27 @@ def train(cfg: RunConfig):
         run_config=RayRunConfig(
             name=cfg.ray.name, storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": _worker_env(cfg)}),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except WorkerGroupError as err:
+        raise _worker_user_error(err) or err
+
+
+def _worker_user_error(err) -> UserError | None:
+    """A UserError raised on the workers, as one message naming the ranks; None for other errors."""
+    by_message: dict[str, list[int]] = {}
+    for rank, failure in sorted(err.worker_failures.items()):
+        cause = failure
+        while cause is not None and not isinstance(cause, UserError):
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        if cause is None:
+            return None
+        by_message.setdefault(str(cause), []).append(rank)
+    return UserError("; ".join(f"on rank {', '.join(map(str, ranks))}: {message}"
+                               for message, ranks in by_message.items()))
 
 
 def _worker_main(loop_config: dict) -> None:
@@ -81,8 +104,17 @@ def _start_ray(cfg: RunConfig) -> None:
     # Embedded: stay on loopback (Ray otherwise binds the machine's address) and give the
     # workers exactly the CPUs they ask for plus one for Ray Train's controller.
     ray.init(num_cpus=int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1,
-             _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"} if not cfg.ray.use_gpu else {}})
+             _node_ip_address="127.0.0.1", include_dashboard=False)
+
+
+def _worker_env(cfg: RunConfig) -> dict[str, str]:
+    env = {
+        # Ray Train tees print() into a logger that prints it again: every line came out twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+    if not cfg.ray.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for GPUs at import
+    return env
 
 
 def _absolute_storage(path: str) -> str:
