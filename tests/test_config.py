@@ -35,6 +35,8 @@ def test_wrong_type_names_key():
     ("data.val_fraction=-0.1", "data.val_fraction"),
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
     ("model.heads=3", "model.heads"),
+    ("data.slot_seconds=10", "data.slot_seconds"),
+    ("data.row_group_size=1000000", "data.row_group_size"),
 ])
 def test_impossible_values_name_key_and_source(override, key):
     with pytest.raises(ConfigError, match=rf"{key}: .*\(set in the command line\)"):

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from embeddings.config import EmbeddingsConfig
 from umask.config import ModelConfig
+from trainer.data.schema import DenseLayout
 from trainer.errors import UserError
 
 
@@ -59,6 +60,13 @@ class DataConfig:
                 out.append((key, "must be in [0, 1)"))
         if self.val_fraction + self.test_fraction + self.cold_fraction >= 1.0:
             out.append(("val_fraction", "val + test + cold fractions leave no training users"))
+        if self.slot_seconds > 0 and 604800 // self.slot_seconds > 32767:
+            out.append(("slot_seconds", "a week would have more slots than time_of_week (int16) "
+                                        "can number; use slots of 19 s or more"))
+        per_example = self.slots * DenseLayout(self.num_categories, self.num_regions).num_channels
+        if self.row_group_size * per_example >= 2**31:
+            out.append(("row_group_size", f"a row group would hold 2^31 or more dense values "
+                                          f"({per_example} per example); lower it"))
         return out
 
 

@@ -477,14 +477,13 @@ def config_hash(cfg: DataConfig) -> str:
 
 
 def check_limits(cfg: DataConfig) -> None:
-    """Settings the example schema cannot hold, refused before any data is touched."""
-    if WEEK // cfg.slot_seconds > np.iinfo(np.int16).max:
-        raise UserError(f"data.slot_seconds={cfg.slot_seconds}: a week would have more slots than "
-                        "time_of_week (int16) can number; use slots of 19 s or more")
-    per_example = cfg.slots * DenseLayout(cfg.num_categories, cfg.num_regions).num_channels
-    if cfg.row_group_size * per_example >= 2**31:
-        raise UserError(f"data.row_group_size={cfg.row_group_size}: a row group would hold more "
-                        f"than 2^31 dense values ({per_example} per example); lower it")
+    """Settings the example schema cannot hold, refused before any data is touched.
+
+    load_config already refuses them; this covers a DataConfig built in code.
+    """
+    problems = cfg.problems()
+    if problems:
+        raise UserError("; ".join(f"data.{key}: {message}" for key, message in problems))
 
 
 def _manifest(reports: list[dict], rows: int, side: SideTables, cfg: DataConfig,
