@@ -8,7 +8,7 @@ from triton_cases import MODE_VARIANTS, check_against_reference
 
 from umask.kernels import (MODES, evidence_first_permutation, mask_guided_attention,
                            mask_guided_attention_reference, permute_tokens, unpermute_tokens)
-from umask.kernels import dense_fallback
+from umask.kernels import cpu, dense_fallback
 from umask.kernels.reference import allowed_keys
 
 
@@ -57,6 +57,13 @@ def test_permutation_puts_evidence_first_stably_and_round_trips():
     assert permute_tokens(evidence, perm).tolist() == [[True, True, False, False], [True, False, False, False]]
 
 
+@pytest.fixture(params=["compacted", "masked"])
+def cpu_strategy(request, monkeypatch):
+    """Both CPU strategies at test sizes: compaction from 0 tokens on, or never."""
+    monkeypatch.setattr(cpu, "COMPACTION_MIN_TOKENS", 0 if request.param == "compacted" else 10**9)
+    return request.param
+
+
 def _compare(mode, layout_name, include_self, dtype, atol):
     evidence = evidence_layouts(4, 37)[layout_name]
     q, k, v = random_qkv(4, 2, 37, 8, dtype)
@@ -77,16 +84,16 @@ def _compare(mode, layout_name, include_self, dtype, atol):
 @pytest.mark.parametrize("layout_name", ["scattered", "sorted_mixed_counts", "no_evidence", "all_evidence"])
 @pytest.mark.parametrize("mode,include_self", [("evidence_keys", True), ("evidence_keys", False),
                                                ("evidence_causal", True), ("bias", True)])
-def test_cpu_path_matches_reference_float32(mode, include_self, layout_name):
+def test_cpu_path_matches_reference_float32(mode, include_self, layout_name, cpu_strategy):
     _compare(mode, layout_name, include_self, torch.float32, atol=2e-6)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_cpu_path_bfloat16(mode):
+def test_cpu_path_bfloat16(mode, cpu_strategy):
     _compare(mode, "scattered", True, torch.bfloat16, atol=3e-2)
 
 
-def test_fully_masked_sample_outputs_zero_with_zero_gradient():
+def test_fully_masked_sample_outputs_zero_with_zero_gradient(cpu_strategy):
     q, k, v = random_qkv(2, 1, 6, 4)
     evidence = torch.tensor([[True, False, True, False, False, False], [False] * 6])
     out = mask_guided_attention(q, k, v, evidence, "evidence_keys", include_self=False)
@@ -96,7 +103,7 @@ def test_fully_masked_sample_outputs_zero_with_zero_gradient():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_cpu_path_gradcheck_float64(mode):
+def test_cpu_path_gradcheck_float64(mode, cpu_strategy):
     q, k, v = random_qkv(2, 2, 7, 4, torch.float64)
     evidence = evidence_layouts(2, 7)["scattered"]
     key_bias = torch.randn(2, 2, dtype=torch.float64, requires_grad=True) if mode == "bias" else None
@@ -142,3 +149,9 @@ def test_bad_arguments_are_named(bad, message):
 @pytest.mark.parametrize("mode,include_self", MODE_VARIANTS)
 def test_dense_fallback_for_unshipped_head_dims(mode, include_self):
     check_against_reference(dense_fallback, mode, include_self, "sorted_mixed_counts", torch.float32, n=21, head_dim=8)
+
+
+def test_strategy_follows_sequence_length():
+    assert cpu.COMPACTION_MIN_TOKENS > 168  # the DiT's default week of hourly slots runs masked
+    assert cpu._masked_instead("evidence_keys", 168) and not cpu._masked_instead("evidence_keys", 672)
+    assert not cpu._masked_instead("bias", 168)  # the bias channel needs no mask at any length

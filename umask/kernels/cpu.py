@@ -1,7 +1,8 @@
 """CPU path of mask-guided attention: PyTorch's fused CPU flash kernel on compacted tokens.
 
 Measured on this kind of machine (docs/kernels.md): a boolean mask never makes CPU SDPA
-skip work, so each mode is rewritten so the fused kernel only sees allowed pairs:
+skip work, so from COMPACTION_MIN_TOKENS tokens on each mode is rewritten so the fused
+kernel only sees allowed pairs (below it, one masked kernel call is faster):
 
 - evidence_keys: gather the evidence keys (padded to the batch's largest count) and attend
   to them; a target's own key is merged in afterwards as one extra softmax term using the
@@ -20,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from umask.kernels.reference import allowed_keys
 from umask.kernels.self_key import accumulation_dtype, add_self_key_gradients, self_scores
 
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -70,9 +72,21 @@ def _key_padding(tokens: TokenList, dtype: torch.dtype) -> torch.Tensor:
     return pad.masked_fill(~tokens.valid, float("-inf"))[:, None, None, :]
 
 
+# Below this many tokens the gathers, scatters and merges of the compacted paths cost more
+# than the pairs they save, and one masked kernel call is faster (bench/attention_bench.py:
+# at N=168 masked 2.2 ms against compacted 2.5 ms forward; at N=672 20 ms against 10 ms).
+COMPACTION_MIN_TOKENS = 256
+
+
+def _masked_instead(mode: str, n: int) -> bool:
+    return mode != "bias" and n < COMPACTION_MIN_TOKENS
+
+
 def forward(q, k, v, evidence, mode, key_bias, include_self):
     """(out [B,H,N,D] in q's dtype, lse [B,H,N] float32 (float64 for float64 inputs))."""
     scale = 1.0 / math.sqrt(q.shape[-1])
+    if _masked_instead(mode, q.shape[2]):
+        return _masked_forward(q, k, v, evidence, mode, include_self, scale)
     if mode == "evidence_keys":
         return _evidence_keys_forward(q, k, v, evidence, include_self, scale)
     if mode == "evidence_causal":
@@ -83,11 +97,34 @@ def forward(q, k, v, evidence, mode, key_bias, include_self):
 def backward(dout, q, k, v, out, lse, evidence, mode, key_bias, include_self):
     """(dq, dk, dv, dkey_bias or None) for the cotangent dout of `forward`'s out."""
     scale = 1.0 / math.sqrt(q.shape[-1])
+    if _masked_instead(mode, q.shape[2]):
+        return (*_masked_backward(dout, q, k, v, out, lse, evidence, mode, include_self, scale), None)
     if mode == "evidence_keys":
         return (*_evidence_keys_backward(dout, q, k, v, out, lse, evidence, include_self, scale), None)
     if mode == "evidence_causal":
         return (*_evidence_causal_backward(dout, q, k, v, out, lse, evidence, scale), None)
     return _bias_backward(dout, q, k, v, out, lse, evidence, key_bias, scale)
+
+
+def _additive_mask(evidence, mode, include_self, dtype):
+    """[B,1,N,N]: 0 where the key is allowed, -inf elsewhere."""
+    allowed = allowed_keys(evidence, mode, include_self)[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+
+
+def _masked_forward(q, k, v, evidence, mode, include_self, scale):
+    out, lse = _flash_forward(q, k, v, 0.0, False, attn_mask=_additive_mask(evidence, mode, include_self, q.dtype),
+                              scale=scale)
+    lse = lse.to(accumulation_dtype(q))
+    if mode == "evidence_keys" and not include_self:
+        # the kernel reports lse 0 on a row with no allowed key; the contract says +inf
+        lse = lse.masked_fill(~evidence.any(1)[:, None, None], float("inf"))
+    return out, lse
+
+
+def _masked_backward(dout, q, k, v, out, lse, evidence, mode, include_self, scale):
+    return _flash_backward(dout, q, k, v, out, lse, 0.0, False,
+                           attn_mask=_additive_mask(evidence, mode, include_self, q.dtype), scale=scale)
 
 
 def _evidence_keys_forward(q, k, v, evidence, include_self, scale):
