@@ -151,6 +151,8 @@ def _train_rank(cfg: RunConfig, warmup_steps: int) -> dict | None:
 
 
 def _rank_main(rank: int, world_size: int, port: int, rank_fn, args: tuple, out_dir: str) -> None:
+    # stdout is the benchmark's JSON lines; a rank's chatter (DeepSpeed's op build, compilers) goes to stderr
+    os.dup2(2, 1)
     torch.set_num_threads(1)  # as a Ray Train worker with cpus_per_worker=1 runs
     # DeepSpeed (when rank_fn builds our trainer) reads the rank and accelerator from the environment
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
