@@ -22,7 +22,7 @@ def compiled():
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=600)  # about 50 s cold on 2 idle cores
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
