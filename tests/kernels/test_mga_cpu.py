@@ -155,3 +155,18 @@ def test_strategy_follows_sequence_length():
     assert cpu.COMPACTION_MIN_TOKENS > 168  # the DiT's default week of hourly slots runs masked
     assert cpu._masked_instead("evidence_keys", 168) and not cpu._masked_instead("evidence_keys", 672)
     assert not cpu._masked_instead("bias", 168)  # the bias channel needs no mask at any length
+
+
+def test_dense_fallback_gradcheck_float64():
+    q, k, v = random_qkv(2, 2, 6, 4, torch.float64)
+    evidence = evidence_layouts(2, 6)["scattered"]
+    key_bias = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    out, lse = dense_fallback.forward(q.detach(), k.detach(), v.detach(), evidence, "bias", key_bias.detach(), True)
+    grad_out = torch.randn_like(out)
+    got = dense_fallback.backward(grad_out, q.detach(), k.detach(), v.detach(), out, lse, evidence, "bias",
+                                  key_bias.detach(), True)
+    ref = mask_guided_attention_reference(q, k, v, evidence, "bias", key_bias)
+    want = torch.autograd.grad(ref, (q, k, v, key_bias), grad_out)
+    assert out.dtype == torch.float64
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
