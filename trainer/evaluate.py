@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -49,7 +51,8 @@ PLOTTED = ("category_acc1", "category_mrr", "region_acc1", "volume_mae", "app_re
 COUNTS = ("slots", "app_users")  # per-bucket counts, the same in every seed
 HEADLINE = "category_mrr"  # the metric the findings compare methods on
 APP_K = 10  # app_recall@k
-# SeedSequence stream prefixes: masks, DDIM noise and the uniform ablation never share draws
+# SeedSequence stream prefixes: the masks (with the ablation's uniform evidence) and the DDIM
+# noise draw from separate streams; the model and its ablation share each seed's noise
 _MASK_STREAM, _SAMPLE_STREAM = 0, 1
 
 
@@ -167,12 +170,13 @@ def used_apps(batch: Batch, scored: Tensor, app_ids: Tensor) -> tuple[Tensor, Te
     slot_of_value = torch.repeat_interleave(torch.arange(batch_size * slots), batch.app_lengths.long())
     keep = scored.reshape(-1)[slot_of_value]
     row, value = slot_of_value[keep] // slots, batch.app_values[keep]  # [N] user row and app id
-    pairs = torch.unique(torch.stack([row, value], 1), dim=0)  # distinct (user, app)
-    total = torch.bincount(pairs[:, 0], minlength=batch_size)
-    at = torch.searchsorted(app_ids, pairs[:, 1]).clamp(max=max(len(app_ids) - 1, 0))
-    known = app_ids[at] == pairs[:, 1]
+    pairs = torch.unique(torch.stack([row, value], 1), dim=0)  # [P,2] distinct (user, app)
+    user, app = pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
+    total = torch.bincount(user, minlength=batch_size)
+    at = torch.searchsorted(app_ids, app).clamp(max=max(len(app_ids) - 1, 0))
+    known = app_ids[at] == app
     relevant = torch.zeros(batch_size, len(app_ids), dtype=torch.bool)
-    relevant[pairs[known, 0], at[known]] = True
+    relevant[user[known], at[known]] = True
     return relevant, total
 
 
@@ -185,9 +189,9 @@ def app_recall(scores: Tensor, relevant: Tensor, total: Tensor, k: int = APP_K) 
 
 
 def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
-             apps: pa.Table | None = None) -> dict:
+             apps: pa.Table | None = None, on_batch: Callable[[int, int], None] | None = None) -> dict:
     """The report (see the module docstring) as a JSON-ready dict; apps: the app categories
-    (trainer.data.contract.read_apps) for app_recall10."""
+    (trainer.data.contract.read_apps) for app_recall10; on_batch(done, total) after each batch."""
     from trainer.data.loader import ShardedLoader
     from umask.config import TASKS
 
@@ -201,6 +205,8 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
     examples, users = 0, set()
     with ShardedLoader(features, 0, 1, settings.batch_size, settings.seed, splits=(settings.split,),
                        epochs=1, shuffle=False) as loader:
+        split_examples = loader.num_examples  # the loader leaves out a last partial batch
+        total = min(loader.batches_per_epoch(), settings.batches or loader.batches_per_epoch())
         if loader.channels != layout.num_channels:
             raise UserError(f"{features} has {loader.channels} dense channels, the checkpoint's model "
                             f"{layout.num_channels}: featurize with the checkpoint's config.yaml")
@@ -214,6 +220,8 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
             for task_id, task in enumerate(TASKS):
                 _evaluate_task(model, batch, slot_sparse, share, prior, task_id, index, steps,
                                settings, {key[1:]: value for key, value in rows.items() if key[0] == task})
+            if on_batch is not None:
+                on_batch(index + 1, total)
     if examples == 0:
         raise UserError(f"{features}: split '{settings.split}' gave no batch to evaluate")
     tasks = {task: {method: _mean_over_samples(
@@ -222,7 +230,8 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
         for method in METHODS} for task in TASKS}
     report = {
         "checkpoint": str(inference.checkpoint), "step": inference.step, "features": str(features),
-        "settings": {**asdict(settings), "steps": steps}, "examples": examples, "users": len(users),
+        "settings": {**asdict(settings), "steps": steps}, "split_examples": split_examples,
+        "examples": examples, "users": len(users),
         "headline_metric": HEADLINE, "tasks": tasks,
     }
     report["findings"] = findings(tasks)
@@ -406,7 +415,8 @@ def _eval_command(args) -> int:
                             batches=args.batches, batch_size=args.batch_size, seed=args.seed,
                             popularity_batches=args.popularity_batches)
     features = Path(args.data or inference.cfg.data.features)
-    report = evaluate(inference, features, settings, _app_categories(inference))
+    report = evaluate(inference, features, settings, _app_categories(inference),
+                      lambda done, total: print(f"evaluated batch {done}/{total}", file=sys.stderr, flush=True))
     out = Path(args.out)
     write_report(report, out)
     print(markdown_table(report))
