@@ -338,14 +338,21 @@ def plot_task(task: str, methods: dict, path: Path) -> None:
     buckets = list(methods[MODEL])
     x = np.arange(len(buckets))
     width = 0.8 / len(METHODS)
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 4), squeeze=False)
-    for ax, metric in zip(axes[0], PLOTTED):
+    columns = 3
+    rows = -(-(len(PLOTTED) + 1) // columns)  # one more panel for the legend
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    panels = axes.reshape(-1)
+    for ax, metric in zip(panels, PLOTTED):
         for i, method in enumerate(METHODS):
             values = [methods[method][b][metric] for b in buckets]
             ax.bar(x + (i - (len(METHODS) - 1) / 2) * width, values, width, label=method)
         ax.set_xticks(x, buckets, rotation=30, fontsize=8)
-        ax.set_title(f"{metric} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)")
-    axes[0][0].legend(fontsize=7)
+        ax.set_title(f"{metric} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)", fontsize=10)
+    legend = panels[len(PLOTTED)]
+    legend.legend(*panels[0].get_legend_handles_labels(), loc="center")
+    legend.axis("off")
+    for ax in panels[len(PLOTTED) + 1:]:
+        ax.axis("off")
     fig.suptitle(f"task {task}: by users' share of observed slots")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
