@@ -170,13 +170,43 @@ def run_profile(data: list[str], root: Path, size: str, workers: int, steps: int
     run_dir = root / "runs" / f"profile-{size}-{workers}w"
     figures = spawn_ranks(workers, profile_rank, (cfg, str(run_dir), steps, warmup))
     return {"bench": "train_profile", "size": size, "workers": workers, "rank": 0, "steps": steps,
-            **figures, "ratio_ms_per_step": round(figures["ours"]["ms_per_step"] / figures["ddp_peer"]["ms_per_step"], 3),
+            **figures,
+            "ratio_ms_per_step": round(figures["ours"]["ms_per_step"] / figures["ddp_peer"]["ms_per_step"], 3),
             "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def run_matrix(data: list[str], root: Path, sizes: list[str], workers_list: list[int], steps: int,
+               warmup: int) -> list[dict]:
+    """Both sides for every (size, workers), one embedded Ray for all; prints each line as it comes."""
+    import ray
+
+    # Loopback, and CPUs for the largest run: its workers plus Ray Train's controller.
+    ray.init(num_cpus=max(workers_list) + 1, _node_ip_address="127.0.0.1", include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    try:
+        lines = []
+        for size in sizes:
+            for workers in workers_list:
+                lines.append(measure(bench_config(data, root / "runs", size, workers, steps), size, warmup))
+                print(json.dumps(lines[-1]), flush=True)
+        return lines
+    finally:
+        ray.shutdown()
+
+
+def summary(lines: list[dict]) -> dict:
+    measured = [line for line in lines if "ratio_examples_per_s" in line]
+    return {"bench": "train", "summary": {
+        f"{line['size']}_{line['workers']}w": {"ratio_examples_per_s": line["ratio_examples_per_s"],
+                                               "data_wait": line["ours"]["data_wait"]}
+        for line in measured},
+        "data_wait_below_5pct": all(line["data_wait_below_5pct"] for line in measured),
+        "failed": [f"{line['size']}_{line['workers']}w" for line in lines if line not in measured]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer users and steps (about a minute less)")
+    parser.add_argument("--quick", action="store_true", help="120 users and 10 steps instead of 240 and 24")
     parser.add_argument("--steps", type=int, help="steps per run (default 24, quick 10)")
     parser.add_argument("--warmup", type=int, help="first steps left out of the figures (default 4, quick 3)")
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
@@ -187,8 +217,6 @@ def main() -> None:
     args = parser.parse_args()
     steps = args.steps or (10 if args.quick else 24)
     warmup = args.warmup or (3 if args.quick else 4)
-    import ray
-
     with tempfile.TemporaryDirectory(prefix="train-bench-") as folder:
         root = Path(folder)
         data = make_dataset(root, users=120 if args.quick else 240, days=14)
@@ -197,28 +225,11 @@ def main() -> None:
                 for workers in args.workers:
                     print(json.dumps(run_profile(data, root, size, workers, steps, warmup)), flush=True)
             return
-        # Loopback, and CPUs for the largest run: 2 workers plus Ray Train's controller.
-        ray.init(num_cpus=max(args.workers) + 1, _node_ip_address="127.0.0.1", include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
-        try:
-            lines = []
-            for size in args.sizes:
-                for workers in args.workers:
-                    cfg = bench_config(data, root / "runs", size, workers, steps)
-                    lines.append(measure(cfg, size, warmup))
-                    print(json.dumps(lines[-1]), flush=True)
-        finally:
-            ray.shutdown()
-    measured = [line for line in lines if "ratio_examples_per_s" in line]
-    failed = [f"{line['size']}_{line['workers']}w" for line in lines if line not in measured]
-    print(json.dumps({"bench": "train", "summary": {
-        f"{line['size']}_{line['workers']}w": {"ratio_examples_per_s": line["ratio_examples_per_s"],
-                                               "data_wait": line["ours"]["data_wait"]}
-        for line in measured},
-        "data_wait_below_5pct": all(line["data_wait_below_5pct"] for line in measured),
-        "failed": failed}), flush=True)
-    if failed:
-        raise RuntimeError(f"train bench: {', '.join(failed)} failed (tracebacks above)")
+        lines = run_matrix(data, root, args.sizes, args.workers, steps, warmup)
+    result = summary(lines)
+    print(json.dumps(result), flush=True)
+    if result["failed"]:
+        raise RuntimeError(f"train bench: {', '.join(result['failed'])} failed (tracebacks above)")
 
 
 if __name__ == "__main__":
