@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -23,6 +24,12 @@ from trainer.data.batch import Batch
 from trainer.data.schema import DenseLayout
 from trainer.errors import UserError
 
+if TYPE_CHECKING:  # torchrec and the model are imported where they are used, as on the driver
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from embeddings.ids import IdMapper
+    from umask.model import UMask
+
 
 @dataclass
 class InferenceModel:
@@ -32,9 +39,9 @@ class InferenceModel:
     checkpoint: Path
     step: int
     cfg: RunConfig
-    model: "torch.nn.Module"  # umask.model.UMask
-    tables: "torch.nn.Module"  # torchrec EmbeddingBagCollection, full tables
-    ids: "object"  # embeddings.ids.IdMapper
+    model: UMask
+    tables: EmbeddingBagCollection  # the full app and loc tables
+    ids: IdMapper
 
     @property
     def layout(self) -> DenseLayout:
