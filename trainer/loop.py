@@ -35,7 +35,7 @@ class Trainer:
         from embeddings.ids import IdMapper
         from embeddings.sharded import ShardedTables
         from embeddings.tables import pooled_dim
-        from umask.model import UMask
+        from umask.model import UMask, no_extra_negatives
 
         self.cfg = cfg
         self.run_dir = run_dir
@@ -55,7 +55,8 @@ class Trainer:
         if self.rank == 0:
             _write_plan(self.tables.placements, run_dir / "plan.json")
         model = UMask(cfg.model, num_categories=layout.num_categories, num_regions=layout.num_regions,
-                      sparse_dim=pooled_dim(cfg.embeddings), gather_negatives=_other_ranks_rows)
+                      sparse_dim=pooled_dim(cfg.embeddings),
+                      gather_negatives=_other_ranks_rows if self.world_size > 1 else no_extra_negatives)
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(),
             config=deepspeed_config(cfg.deepspeed, cfg.train.batch_size, cfg.ray.use_gpu))
@@ -94,8 +95,8 @@ class Trainer:
             parts.append(self.forward_backward(batch))
         self.step += 1
         means = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
-        means["data_wait"] = torch.tensor(waited / (time.perf_counter() - started))
-        return {k: _mean_over_ranks(v) for k, v in means.items()}
+        means["data_wait"] = torch.tensor(waited / (time.perf_counter() - started), device=self.device)
+        return dict(zip(means, _mean_over_ranks(torch.stack(list(means.values())))))
 
     def save(self, metrics: dict[str, float]) -> None:
         """Writes this rank's checkpoint and reports it to Ray Train (a barrier on every rank)."""
@@ -157,10 +158,11 @@ def _device(cfg: RunConfig) -> torch.device:
     return ray.train.torch.get_device()
 
 
-def _mean_over_ranks(value: torch.Tensor) -> float:
-    value = value.detach().float().clone()
-    dist.all_reduce(value)
-    return value.item() / dist.get_world_size()
+def _mean_over_ranks(values: torch.Tensor) -> list[float]:
+    """[n] metrics -> their means over ranks, in one all-reduce (on the model's device: nccl needs it)."""
+    values = values.detach().float()
+    dist.all_reduce(values)
+    return (values / dist.get_world_size()).tolist()
 
 
 def _other_ranks_rows(x: torch.Tensor) -> torch.Tensor:

@@ -61,3 +61,10 @@ def test_resume_continues_with_the_same_losses(tmp_path, tiny_config, embedded_r
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), step
+
+
+def test_one_worker_trains(tmp_path, tiny_config, embedded_ray):
+    result = train(tiny_config("ray.name=single", "ray.num_workers=1", "train.steps=3",
+                               "train.log_every=1", "train.checkpoint_every=3"))
+    assert result.error is None and result.metrics["step"] == 3
+    assert sorted(_losses(tmp_path / "runs" / "single")) == [1, 2, 3]
