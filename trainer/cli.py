@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     (None, "trainer.config_cmd"),
     (None, "trainer.launch"),
     (None, "trainer.model_info"),
+    (None, "trainer.evaluate"),
+    (None, "trainer.complete"),
 ]
 
 
