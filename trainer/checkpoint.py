@@ -3,14 +3,14 @@
 Every rank writes into a folder of its own with rank-unique file names; Ray Train merges the
 ranks' folders into one checkpoint in the run's storage. One checkpoint holds:
   engine/...                 DeepSpeed `save_checkpoint` (tag "engine"; its names are rank-unique)
-  tables/...                 torch.distributed.checkpoint of the sharded tables + fused optimizer
+  tables/...                 the sharded tables + fused optimizer (DCP, safetensors layout)
   loader-rank{r}.json        the rank's loader state: the exact next batch
   dense.safetensors          rank 0: the full dense model weights, for eval and export
   state.json, config.yaml    rank 0: step, world size, run name; the resolved config
   manifest-rank{r}.json      sha256 of every file rank r wrote, and the run's name
-Our code never unpickles, but DeepSpeed's engine files and DCP's metadata are pickles: a
-checkpoint is read only after every file in every manifest matches its checksum and the
-manifests name this run, so only files this run wrote are ever unpickled.
+Our code never unpickles, but DeepSpeed's engine files are pickles (its torch.load uses
+weights_only=False): a checkpoint is read only after every file in every manifest matches its
+checksum and the manifests name this run, so only files this run wrote are ever unpickled.
 """
 from __future__ import annotations
 
