@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from umask.config import HOURS_PER_WEEK
+from umask.hour_prior import evidence_mean_by_hour
 
 
 def popularity_profile(dense: Tensor, observed: Tensor) -> Tensor:
@@ -24,16 +25,8 @@ def hour_of_week_frequency(dense: Tensor, evidence: Tensor, time_of_week: Tensor
                            profile: Tensor) -> Tensor:
     """The user's own mean at the slot's hour of week; at hours without evidence the user's
     overall evidence mean; for users without evidence, `profile` [F]."""
-    b, _, f = dense.shape
-    weights = evidence[..., None].to(dense.dtype)  # [B,T,1]
-    index = time_of_week.long()[..., None].expand(-1, -1, f)  # [B,T,F]
-    sums = dense.new_zeros(b, HOURS_PER_WEEK, f).scatter_add_(1, index, dense * weights)
-    counts = dense.new_zeros(b, HOURS_PER_WEEK, 1).scatter_add_(1, index[..., :1], weights)
-    user_count = weights.sum(1)  # [B,1]
-    user_mean = torch.where(user_count > 0, (dense * weights).sum(1) / user_count.clamp(min=1),
-                            profile.to(dense))  # [B,F]
-    hour_mean = torch.where(counts > 0, sums / counts.clamp(min=1), user_mean[:, None, :])  # [B,168,F]
-    return _keep_evidence(dense, evidence, hour_mean.gather(1, index))
+    hour_mean, _ = evidence_mean_by_hour(dense, evidence, time_of_week, HOURS_PER_WEEK, profile)
+    return _keep_evidence(dense, evidence, hour_mean)
 
 
 def last_observed(dense: Tensor, evidence: Tensor, profile: Tensor) -> Tensor:

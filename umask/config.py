@@ -163,6 +163,9 @@ class ModelConfig:
     day_slots: int = 24  # U-SCOPE groups this many consecutive slots into a day
     short_view_slots: int = 24  # U-SCOPE short view: the most recent evidence slots it keeps
     attention: str = "evidence_keys"  # mask-guided attention mode of every DiT block
+    # DiT tokens also get the user's evidence means at their hour of week / hour of day
+    # (umask/hour_prior.py), the input of the hour_of_week baseline.
+    hour_prior: bool = False
     # Diffusion assumes values of order 1: the log1p channels are divided by these before
     # noising and multiplied back after sampling (region shares are already in [0, 1]).
     count_scale: float = 4.0  # app-category and activity channels, log1p(event count)

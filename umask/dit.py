@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from umask.config import HOURS_PER_WEEK
+from umask.hour_prior import hour_prior_features
 from umask.kernels import mask_guided_attention
 from umask.kernels.sorting import evidence_first_permutation, permute_tokens, unpermute_tokens
 
@@ -44,21 +45,30 @@ class SlotEmbedder(nn.Module):
     """Turns each slot into a token; only evidence slots contribute values or sparse embeddings.
 
     Token input = [noisy channels of generated slots, evidence values, mask bit]
-    + time-of-week embedding + projection of the slot's pooled app/location embedding.
+    + time-of-week embedding + projection of the slot's pooled app/location embedding
+    [+ projection of the user's evidence means at the slot's hour of week and day, with
+    their counts, when hour_prior is on: the hour-of-week baseline's input, handed over
+    instead of left for attention to rediscover from scattered evidence tokens].
     """
 
-    def __init__(self, channels: int, sparse_dim: int, hidden: int):
+    def __init__(self, channels: int, sparse_dim: int, hidden: int, hour_prior: bool = False):
         super().__init__()
         self.values = nn.Linear(2 * channels + 1, hidden)
         self.time_of_week = nn.Embedding(HOURS_PER_WEEK, hidden)
         self.sparse = nn.Linear(sparse_dim, hidden, bias=False)
+        # A module of its own (not wider `values`) so checkpoints without it still load.
+        self.hour_prior = nn.Linear(2 * channels + 3, hidden) if hour_prior else None
 
     def forward(self, x_t: Tensor, evidence_values: Tensor, evidence: Tensor, time_of_week: Tensor,
                 slot_sparse: Tensor) -> Tensor:
         bit = evidence[..., None].to(x_t.dtype)  # [B,T,1]
         values = torch.cat([x_t * (1 - bit), evidence_values * bit, bit], dim=-1)  # [B,T,2F+1]
-        return (self.values(values) + self.time_of_week(time_of_week.long())
-                + self.sparse(slot_sparse * bit))  # [B,T,hidden]
+        tokens = (self.values(values) + self.time_of_week(time_of_week.long())
+                  + self.sparse(slot_sparse * bit))  # [B,T,hidden]
+        if self.hour_prior is not None:
+            tokens = tokens + self.hour_prior(hour_prior_features(evidence_values, evidence,
+                                                                  time_of_week))  # [B,T,2F+3] in
+        return tokens
 
 
 class MaskGuidedAttention(nn.Module):
@@ -120,9 +130,9 @@ class DiT(nn.Module):
     """Diffusion transformer over time slots, conditioned on the diffusion step and z_u."""
 
     def __init__(self, channels: int, sparse_dim: int, user_dim: int, hidden: int, depth: int,
-                 heads: int, mlp_ratio: float, attention: str):
+                 heads: int, mlp_ratio: float, attention: str, hour_prior: bool = False):
         super().__init__()
-        self.embedder = SlotEmbedder(channels, sparse_dim, hidden)
+        self.embedder = SlotEmbedder(channels, sparse_dim, hidden, hour_prior)
         self.t_embedder = TimestepEmbedder(hidden)
         self.user_embedder = nn.Linear(user_dim, hidden)
         self.blocks = nn.ModuleList([DiTBlock(hidden, heads, mlp_ratio, attention) for _ in range(depth)])
