@@ -39,8 +39,19 @@ def save_checkpoint(folder: Path, *, rank: int, world_size: int, run_name: str, 
         save_file(dense, str(folder / "dense.safetensors"))
     _write_json(folder / f"loader-rank{rank}.json", loader_state)
     if rank == 0:
-        _write_json(folder / "state.json", {"step": step, "world_size": world_size, "run": run_name})
+        write_state(folder, step=step, world_size=world_size, run_name=run_name)
         (folder / "config.yaml").write_text(config_yaml)
+    write_manifest(folder, rank=rank, run_name=run_name)
+
+
+def write_state(folder: Path, *, step: int, world_size: int, run_name: str) -> None:
+    """state.json: the step the checkpoint holds, and the world and run that wrote it."""
+    _write_json(Path(folder) / "state.json", {"step": step, "world_size": world_size, "run": run_name})
+
+
+def write_manifest(folder: Path, *, rank: int, run_name: str) -> None:
+    """manifest-rank{rank}.json: the sha256 of every file in `folder` (this rank's own folder)."""
+    folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("manifest-"))
     manifest = {"run": run_name, "rank": rank,
                 "files": {str(p.relative_to(folder)): _sha256(p) for p in files}}

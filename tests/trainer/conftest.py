@@ -40,9 +40,6 @@ def built_checkpoint(tmp_path_factory, tiny_dataset):
 
     Returns (run folder, checkpoint folder, {"dense": state dict, "tables": full weights}).
     """
-    import hashlib
-    import json
-
     import torch
     import torch.distributed as dist
     from safetensors.torch import save_file
@@ -50,6 +47,7 @@ def built_checkpoint(tmp_path_factory, tiny_dataset):
     from embeddings.checkpoint import save_sharded
     from embeddings.sharded import ShardedTables
     from embeddings.tables import pooled_dim
+    from trainer.checkpoint import write_manifest, write_state
     from trainer.config import load_config, to_yaml
     from umask.model import UMask
 
@@ -73,9 +71,6 @@ def built_checkpoint(tmp_path_factory, tiny_dataset):
     dense = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(dense, str(folder / "dense.safetensors"))
     (folder / "config.yaml").write_text(to_yaml(cfg))
-    (folder / "state.json").write_text(json.dumps({"step": 7, "world_size": 1, "run": "built"}))
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    manifest = {"run": "built", "rank": 0, "files": {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}}
-    (folder / "manifest-rank0.json").write_text(json.dumps(manifest))
+    write_state(folder, step=7, world_size=1, run_name="built")
+    write_manifest(folder, rank=0, run_name="built")
     return run, folder, {"dense": dense, "tables": weights}
