@@ -368,3 +368,11 @@ def test_config_hash_follows_feature_settings_only():
     assert featurize.config_hash(small_config(featurize_workers=2, features="elsewhere")) == base
     assert featurize.config_hash(small_config(slots=8)) != base
     assert featurize.config_hash(small_config(split_salt=1)) != base
+
+
+def test_summary_of_a_corrupt_manifest_names_the_file(tmp_path):
+    from trainer.data.summary import summarize
+
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"manifest\.json: cannot read it as JSON"):
+        summarize(tmp_path)

@@ -68,18 +68,27 @@ class EpochPlan:
     num_batches: int  # the same on every rank
 
 
-def read_manifest(features_dir: Path) -> tuple[int, int]:
-    """(slots T, channels F) from the featurize manifest."""
-    path = features_dir / "manifest.json"
+def load_manifest(features_dir: Path) -> dict:
+    """The featurize manifest of `features_dir`, as a dict; a UserError if it is missing or not JSON."""
+    path = Path(features_dir) / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: missing; is {features_dir} the output of `u-mask data featurize`?") from None
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"{path}: cannot read it as JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
+    return manifest
+
+
+def read_manifest(features_dir: Path) -> tuple[int, int]:
+    """(slots T, channels F) from the featurize manifest."""
+    path = Path(features_dir) / "manifest.json"
+    manifest = load_manifest(features_dir)
     sizes = []
     for key in ("slots", "channels"):
-        value = manifest.get(key) if isinstance(manifest, dict) else None
+        value = manifest.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise UserError(f"{path}: key '{key}' must be a positive integer, found {value!r}")
         sizes.append(value)

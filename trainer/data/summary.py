@@ -14,9 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from trainer.cli import add_config_arguments, config_from_args
-from trainer.data.featurize import MANIFEST
+from trainer.data.loader import load_manifest
 from trainer.data.schema import SPLITS
-from trainer.errors import UserError
 
 SPARSITY_EDGES = (0.05, 0.2, 0.5)  # observed-slot share buckets: <=5 %, <=20 %, <=50 %, more
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -26,10 +25,7 @@ TOP_CATEGORIES = 10
 def summarize(features: str | Path) -> dict:
     """The summary of a featurize output folder as a JSON-ready dict."""
     features = Path(features)
-    try:
-        manifest = json.loads((features / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{features}: no {MANIFEST}; run `u-mask data featurize` first") from None
+    manifest = load_manifest(features)
     T, C, K = manifest["slots"], manifest["num_categories"], manifest["num_regions"]
     layout = manifest["dense_layout"]
     category, region = slice(*layout["category"]), slice(*layout["region"])
