@@ -51,6 +51,7 @@ from trainer.cli import add_config_arguments, config_from_args
 from trainer.config import DataConfig, RunConfig, save_config
 from trainer.data.contract import EventReader, open_dataset, read_apps, read_locations
 from trainer.data.regions import ABSENT, RegionTable, build_region_table
+from trainer.data.mix64 import mix64
 from trainer.data.schema import EXAMPLES, NORMALIZED_EVENTS, SPLITS, DenseLayout
 from trainer.errors import UserError
 
@@ -84,10 +85,7 @@ _MASK64 = (1 << 64) - 1
 def stable_hash(values: np.ndarray, salt: int) -> np.ndarray:
     """splitmix64 of int64 values offset by a salt: uint64, the same on every machine."""
     offset = np.uint64((_GOLDEN * (salt + 1)) & _MASK64)
-    z = values.astype(np.int64, copy=False).view(np.uint64) + offset
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    return mix64(values.astype(np.int64, copy=False).view(np.uint64) + offset)
 
 
 def bucket_of(user_ids: np.ndarray, num_shards: int) -> np.ndarray:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainer.data import synth_personas as personas
+from trainer.data.mix64 import mix64
 from trainer.data.synth_apps import AppCatalog, make_catalog
 from trainer.data.synth_city import City, make_city
 
@@ -27,10 +28,7 @@ def sparse_ids(seed: int, kind: int, numbers: np.ndarray) -> np.ndarray:
     """[n] int64 ids in [0, 2^63): splitmix64 of (seed, kind, number), top bit dropped."""
     x = np.asarray(numbers, dtype=np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15
                                                            + kind * 0xD1B54A32D192ED03) % 2**64)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(1)).astype(np.int64)
+    return (mix64(x) >> np.uint64(1)).astype(np.int64)
 
 
 @dataclass(frozen=True)
