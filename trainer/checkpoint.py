@@ -34,8 +34,8 @@ def save_checkpoint(folder: Path, *, rank: int, world_size: int, run_name: str, 
     folder = Path(folder)
     engine.save_checkpoint(str(folder / "engine"), tag=ENGINE_TAG)
     save_sharded(tables, folder / "tables")
-    dense = _full_dense_state(engine)  # collective under ZeRO-3
-    if rank == 0:
+    dense = _full_dense_state(engine, rank)  # collective under ZeRO-3
+    if dense is not None:
         save_file(dense, str(folder / "dense.safetensors"))
     _write_json(folder / f"loader-rank{rank}.json", loader_state)
     if rank == 0:
@@ -95,14 +95,22 @@ def verify_checkpoint(folder: Path, run_name: str) -> dict:
     return json.loads((folder / "state.json").read_text())
 
 
-def _full_dense_state(engine) -> dict:
-    """The dense model's full state dict on every rank, gathering ZeRO-3 partitions first."""
+def _full_dense_state(engine, rank: int) -> dict | None:
+    """The dense model's full state dict on rank 0, None elsewhere.
+
+    Under ZeRO-3 every rank must join the gather of the partitions; only rank 0 copies.
+    """
     import deepspeed
 
-    params = list(engine.module.parameters())
-    gather = (deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_stage() == 3
-              else contextlib.nullcontext())
+    if engine.zero_optimization_stage() == 3:
+        gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
+    elif rank == 0:
+        gather = contextlib.nullcontext()
+    else:
+        return None
     with gather:
+        if rank != 0:
+            return None
         return {k: v.detach().cpu().contiguous().clone() for k, v in engine.module.state_dict().items()}
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file
 
+from trainer.inference import load_inference_model
 from trainer.launch import train
 
 pytestmark = pytest.mark.slow
@@ -49,6 +50,10 @@ def test_two_workers_shard_tables_and_learn(tmp_path, tiny_config, embedded_ray)
     for key in weights:
         changed_rows = (at_15[key] != at_30[key]).any(axis=1).sum()
         assert 0 < changed_rows < at_15[key].shape[0], key  # looked-up rows moved, the rest did not
+
+    # the trained checkpoint loads for inference (rank 0's dense.safetensors, both ranks' tables)
+    loaded = load_inference_model(run_dir)
+    assert loaded.step == 30 and loaded.checkpoint == checkpoints[1]
 
 
 def test_resume_continues_with_the_same_losses(tmp_path, tiny_config, embedded_ray):
