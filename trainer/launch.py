@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from trainer.cli import add_config_arguments, config_from_args
-from trainer.config import RunConfig, save_config, to_yaml
+from trainer.config import RunConfig, save_config
 from trainer.errors import UserError
 
 
@@ -45,7 +45,7 @@ def train(cfg: RunConfig):
     _start_ray(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_main,
-        train_loop_config={"config_yaml": to_yaml(cfg), "run_dir": str(run_dir)},
+        train_loop_config={"cfg": cfg, "run_dir": str(run_dir)},
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **cfg.ray.resources_per_worker}),
@@ -80,16 +80,11 @@ def _worker_main(loop_config: dict) -> None:
     import logging
     import warnings
 
-    from omegaconf import OmegaConf
-
-    from trainer.config import RunConfig as _RunConfig
     from trainer.loop import Trainer
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
     logging.getLogger("torchrec").setLevel(logging.WARNING)
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(_RunConfig),
-                                              OmegaConf.create(loop_config["config_yaml"])))
-    Trainer(cfg, Path(loop_config["run_dir"])).train()
+    Trainer(loop_config["cfg"], Path(loop_config["run_dir"])).train()
 
 
 def _start_ray(cfg: RunConfig) -> None:
@@ -122,7 +117,6 @@ def _absolute_storage(path: str) -> str:
 
 
 def _print_result(result) -> int:
-    if result.error:
-        raise UserError(f"training failed: {result.error}")
+    """A finished run's last metrics and checkpoint (Ray Train raises instead of returning a failure)."""
     print(f"done: {result.metrics} checkpoint={result.checkpoint.path if result.checkpoint else None}")
     return 0

@@ -69,7 +69,7 @@ class Trainer:
     def forward_backward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One micro-batch: lookups, the model's loss, backward through both optimizers."""
         kjt = self.ids.to_kjt(batch.app_values, batch.app_lengths, batch.loc_values, batch.loc_lengths)
-        pooled = unscaled_for_tables(self.tables(kjt.to(self.device)), self.engine)  # [B*T, E]
+        pooled = unscaled_for_tables(self.tables(kjt), self.engine)  # [B*T, E]
         slot_sparse = pooled.view(len(batch), batch.observed.shape[1], -1)  # [B, T, E]
         generator = torch.Generator().manual_seed(
             hash((self.cfg.train.seed, self.rank, self.micro_step)) & 0x7FFF_FFFF)
