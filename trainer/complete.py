@@ -93,26 +93,11 @@ def task_cut(task: str, observed: Tensor, cfg: MaskConfig, cut: int | None) -> t
     return start, (t >= start[:, None]) & (t < start[:, None] + length)
 
 
-def fixed_cut_evidence(model, dense: Tensor, observed: Tensor, time_of_week: Tensor, task_id: int,
-                       cut: Tensor, target: Tensor, generator: torch.Generator) -> Tensor:
-    """The adaptive mask's evidence [B,T] for a given cut and target (umask.masking's steps)."""
-    from umask.masking import (evidence_budget, evidence_ratio, gumbel_top_k, reliability,
-                               sampling_distribution, slot_utility)
-
-    cfg = model.cfg.mask
-    task = torch.full((dense.shape[0],), task_id, dtype=torch.long)
-    candidates = observed & (torch.arange(observed.shape[1]) < cut[:, None])  # [B,T]
-    r = reliability(dense, candidates, time_of_week, model.num_categories, cfg)
-    utility = slot_utility(dense, candidates, time_of_week, target, cut, task, model.num_categories,
-                           model.num_regions, cfg)
-    p = sampling_distribution(utility, candidates, r, task, cfg)
-    return gumbel_top_k(p, evidence_budget(evidence_ratio(r, task, cfg), candidates), generator)
-
-
 def complete_windows(inference: InferenceModel, rows: ExampleRows, task: str, cut: int | None,
                      steps: int | None, seed: int) -> dict[str, Tensor]:
     """Completed dense [B,T,F] with the evidence and target masks [B,T] used."""
     from umask.config import TASKS
+    from umask.masking import mask_for_window
 
     slots = rows.observed.shape[1]
     if cut is not None and not 1 <= cut < slots:
@@ -121,8 +106,9 @@ def complete_windows(inference: InferenceModel, rows: ExampleRows, task: str, cu
     model = inference.model
     start, target = task_cut(task, batch.observed, model.cfg.mask, cut)
     generator = torch.Generator().manual_seed(seed)
-    evidence = fixed_cut_evidence(model, batch.dense, batch.observed, batch.time_of_week,
-                                  TASKS.index(task), start, target, generator)
+    tasks = torch.full((len(batch),), TASKS.index(task), dtype=torch.long)
+    evidence = mask_for_window(batch.dense, batch.observed, batch.time_of_week, tasks, start, target,
+                               model.num_categories, model.num_regions, model.cfg.mask, generator).evidence
     completed = model.complete(batch.dense, evidence, batch.time_of_week, inference.slot_sparse(batch),
                                steps=steps, generator=generator)
     return {"dense": completed, "evidence": evidence, "target": target, "cut": start}

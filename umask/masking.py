@@ -147,7 +147,19 @@ def sample_mask(dense: Tensor, observed: Tensor, time_of_week: Tensor, num_categ
     if task is None:
         task = sample_tasks(batch, cfg, generator).to(observed.device)
     cut, target = target_windows(task, slots, cfg, generator)
-    before_cut = torch.arange(slots, device=observed.device) < cut[:, None]
+    return mask_for_window(dense, observed, time_of_week, task, cut, target, num_categories,
+                           num_regions, cfg, generator)
+
+
+def mask_for_window(dense: Tensor, observed: Tensor, time_of_week: Tensor, task: Tensor, cut: Tensor,
+                    target: Tensor, num_categories: int, num_regions: int, cfg: MaskConfig,
+                    generator: torch.Generator) -> MaskSample:
+    """The adaptive evidence for given tasks [B], cuts [B] and target windows [B,T].
+
+    Candidates are the observed slots before the cut; reliability, ratio, utility, the
+    sampling distribution and the exact-count sampler follow (section 3 of the method).
+    """
+    before_cut = torch.arange(observed.shape[1], device=observed.device) < cut[:, None]
     candidates = observed & before_cut  # [B,T]
     r = reliability(dense, candidates, time_of_week, num_categories, cfg)
     ratio = evidence_ratio(r, task, cfg)
