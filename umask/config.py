@@ -166,6 +166,9 @@ class ModelConfig:
     # DiT tokens also get the user's evidence means at their hour of week / hour of day
     # (umask/hour_prior.py), the input of the hour_of_week baseline.
     hour_prior: bool = False
+    # The DiT predicts a correction to the prior's hour-of-week mean instead of x0 itself,
+    # so the untrained model starts at the hour_of_week baseline (needs hour_prior).
+    prior_residual: bool = False
     # Diffusion assumes values of order 1: the log1p channels are divided by these before
     # noising and multiplied back after sampling (region shares are already in [0, 1]).
     count_scale: float = 4.0  # app-category and activity channels, log1p(event count)
@@ -188,6 +191,8 @@ class ModelConfig:
         for key in ("mlp_ratio", "count_scale", "volume_scale"):
             if getattr(self, key) <= 0:
                 out.append((key, "must be positive"))
+        if self.prior_residual and not self.hour_prior:
+            out.append(("prior_residual", "needs hour_prior: true (the residual's base is the prior)"))
         if self.attention not in ATTENTION_MODES:
             out.append(("attention", f"must be one of {', '.join(ATTENTION_MODES)}"))
         return out

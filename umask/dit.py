@@ -60,14 +60,14 @@ class SlotEmbedder(nn.Module):
         self.hour_prior = nn.Linear(2 * channels + 3, hidden) if hour_prior else None
 
     def forward(self, x_t: Tensor, evidence_values: Tensor, evidence: Tensor, time_of_week: Tensor,
-                slot_sparse: Tensor) -> Tensor:
+                slot_sparse: Tensor, prior: Tensor | None = None) -> Tensor:
+        """prior: hour_prior_features [B,T,2F+3] when hour_prior is on, else None."""
         bit = evidence[..., None].to(x_t.dtype)  # [B,T,1]
         values = torch.cat([x_t * (1 - bit), evidence_values * bit, bit], dim=-1)  # [B,T,2F+1]
         tokens = (self.values(values) + self.time_of_week(time_of_week.long())
                   + self.sparse(slot_sparse * bit))  # [B,T,hidden]
         if self.hour_prior is not None:
-            tokens = tokens + self.hour_prior(hour_prior_features(evidence_values, evidence,
-                                                                  time_of_week))  # [B,T,2F+3] in
+            tokens = tokens + self.hour_prior(prior)
         return tokens
 
 
@@ -127,11 +127,23 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Diffusion transformer over time slots, conditioned on the diffusion step and z_u."""
+    """Diffusion transformer over time slots, conditioned on the diffusion step and z_u.
+
+    With prior_residual the network's output is a correction added to the user's evidence
+    mean at the slot's hour of week: the zero-initialized final layer makes the untrained
+    model predict exactly what the hour_of_week baseline predicts, and training only has to
+    learn what the routine, the other users and the noisy slots add to it.
+    """
 
     def __init__(self, channels: int, sparse_dim: int, user_dim: int, hidden: int, depth: int,
-                 heads: int, mlp_ratio: float, attention: str, hour_prior: bool = False):
+                 heads: int, mlp_ratio: float, attention: str, hour_prior: bool = False,
+                 prior_residual: bool = False):
         super().__init__()
+        if prior_residual and not hour_prior:
+            raise ValueError("prior_residual needs hour_prior: the residual's base is the prior")
+        self.channels = channels
+        self.hour_prior = hour_prior
+        self.prior_residual = prior_residual
         self.embedder = SlotEmbedder(channels, sparse_dim, hidden, hour_prior)
         self.t_embedder = TimestepEmbedder(hidden)
         self.user_embedder = nn.Linear(user_dim, hidden)
@@ -162,12 +174,16 @@ class DiT(nn.Module):
                 time_of_week: Tensor, slot_sparse: Tensor) -> Tensor:
         """x_t, evidence_values [B,T,F]; t [B]; z_u [B,U]; evidence [B,T] bool;
         time_of_week [B,T]; slot_sparse [B,T,E]. Returns the x0 prediction [B,T,F]."""
-        x = self.embedder(x_t, evidence_values, evidence, time_of_week, slot_sparse)  # [B,T,hidden]
+        prior = (hour_prior_features(evidence_values, evidence, time_of_week)  # [B,T,2F+3]
+                 if self.hour_prior else None)
+        x = self.embedder(x_t, evidence_values, evidence, time_of_week, slot_sparse, prior)  # [B,T,hidden]
         perm = evidence_first_permutation(evidence)
         x = permute_tokens(x, perm)  # evidence-first order for every block
         sorted_evidence = permute_tokens(evidence, perm)
         c = self.t_embedder(t) + self.user_embedder(z_u)  # [B,hidden]
         for block in self.blocks:
             x = block(x, c, sorted_evidence)
-        x = self.final_layer(x, c)  # [B,T,F]
-        return unpermute_tokens(x, perm)
+        x = unpermute_tokens(self.final_layer(x, c), perm)  # [B,T,F]
+        if self.prior_residual:
+            x = x + prior[..., : self.channels]  # the hour-of-week block of the prior
+        return x

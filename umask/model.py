@@ -37,7 +37,7 @@ class UMask(nn.Module):
         self.gather_negatives = gather_negatives
         self.uscope = UScope(self.channels, sparse_dim, cfg.user_dim, cfg.day_slots, profile_dim)
         self.dit = DiT(self.channels, sparse_dim, cfg.user_dim, cfg.hidden, cfg.depth, cfg.heads,
-                       cfg.mlp_ratio, cfg.attention, cfg.hour_prior)
+                       cfg.mlp_ratio, cfg.attention, cfg.hour_prior, cfg.prior_residual)
         self.diffusion = Diffusion(cfg.diffusion)
         self.register_buffer("loss_weights", channel_weights(num_categories, num_regions, cfg.loss),
                              persistent=False)

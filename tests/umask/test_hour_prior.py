@@ -1,18 +1,21 @@
-"""The evidence-only hour prior: its values by hand, and that targets never reach the DiT through it."""
+"""The evidence-only hour prior: its values by hand, that targets never reach the DiT through it,
+and that the residual model starts as the hour_of_week baseline."""
 import math
 
 import pytest
 import torch
 
+from umask.baselines import hour_of_week_frequency
 from umask.config import ModelConfig
 from umask.hour_prior import evidence_mean_by_hour, hour_prior_features
 from umask.model import UMask
 from umask_batches import NUM_CATEGORIES, NUM_REGIONS, SPARSE_DIM, make_batch
 
 
-def prior_model():
+def prior_model(prior_residual: bool = False):
     torch.manual_seed(0)
-    return UMask(ModelConfig(hidden=32, depth=2, heads=2, user_dim=16, hour_prior=True),
+    return UMask(ModelConfig(hidden=32, depth=2, heads=2, user_dim=16, hour_prior=True,
+                             prior_residual=prior_residual),
                  NUM_CATEGORIES, NUM_REGIONS, SPARSE_DIM)
 
 
@@ -44,10 +47,12 @@ def test_prior_features_pool_the_same_hour_of_day_across_days():
     assert torch.equal(empty, torch.zeros_like(empty))
 
 
-def test_targets_never_reach_the_dit_through_the_hour_prior():
+@pytest.mark.parametrize("prior_residual", [False, True])
+def test_targets_never_reach_the_dit_through_the_hour_prior(prior_residual):
     """With the switch on, changing target values leaves the prior, the DiT's token inputs
     and the completion bit-identical; changing one evidence value changes them."""
-    model = prior_model()
+    model = prior_model(prior_residual)
+    torch.nn.init.normal_(model.dit.final_layer.linear.weight)  # so the DiT's own output counts too
     data = make_batch(seed=1)
     mask = model.sample_mask(data.dense, data.observed, data.time_of_week, torch.Generator().manual_seed(0))
     assert mask.target.any()
@@ -61,7 +66,8 @@ def test_targets_never_reach_the_dit_through_the_hour_prior():
     x_t = torch.zeros_like(data.dense)
 
     def tokens(dense):
-        return model.dit.embedder(x_t, dense, mask.evidence, data.time_of_week, data.slot_sparse)
+        prior = hour_prior_features(dense, mask.evidence, data.time_of_week)
+        return model.dit.embedder(x_t, dense, mask.evidence, data.time_of_week, data.slot_sparse, prior)
 
     def completed(dense):
         done = model.complete(dense, mask.evidence, data.time_of_week, data.slot_sparse, steps=3,
@@ -91,3 +97,29 @@ def test_the_switch_adds_the_prior_projection_and_it_learns():
               generator=torch.Generator().manual_seed(step))["loss"].backward()
         optimizer.step()
     assert model.dit.embedder.hour_prior.weight.grad.abs().sum() > 0
+
+
+def test_untrained_residual_model_completes_like_the_hour_of_week_baseline():
+    """adaLN-Zero zeroes the DiT's output, so with prior_residual every DDIM step predicts the
+    prior's hour-of-week block: the completion is the baseline's (scaled and back)."""
+    model = prior_model(prior_residual=True)
+    data = make_batch(seed=2)
+    mask = model.sample_mask(data.dense, data.observed, data.time_of_week, torch.Generator().manual_seed(0))
+    has_evidence = mask.evidence.any(1)
+    assert has_evidence.all()  # the baseline falls back to a profile, the prior to 0
+    completed = model.complete(data.dense, mask.evidence, data.time_of_week, data.slot_sparse, steps=4,
+                               generator=torch.Generator().manual_seed(0))
+    baseline = hour_of_week_frequency(data.dense, mask.evidence, data.time_of_week,
+                                      torch.zeros(data.dense.shape[-1]))
+    assert torch.allclose(completed, baseline, atol=1e-5)
+    plain = prior_model(prior_residual=False).complete(data.dense, mask.evidence, data.time_of_week,
+                                                       data.slot_sparse, steps=4,
+                                                       generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(plain, baseline, atol=1e-2)
+
+
+def test_residual_without_the_prior_is_refused():
+    assert ("prior_residual", "needs hour_prior: true (the residual's base is the prior)") in \
+        ModelConfig(prior_residual=True).problems()
+    with pytest.raises(ValueError, match="prior_residual needs hour_prior"):
+        UMask(ModelConfig(prior_residual=True), NUM_CATEGORIES, NUM_REGIONS, SPARSE_DIM)
