@@ -4,9 +4,11 @@ For every batch of the evaluated split and every task (short, long, cold), the m
 adaptive mask sampler (task fixed for the whole batch) picks the target window and the
 evidence. Every method then completes the same batch from the same evidence:
   umask               the checkpoint's model, DDIM with --steps steps, one run per seed;
-  umask_uniform_mask  the same model given uniform evidence: as many slots as the adaptive
-                      mask took, drawn uniformly from the same candidates (the ablation of
-                      adaptive masking, at inference; the weights are the same);
+  umask_uniform_mask  uniform evidence: as many slots as the adaptive mask took, drawn
+                      uniformly from the same candidates, completed by the model of
+                      --uniform-checkpoint (trained with model.mask.family=uniform: the
+                      ablation of adaptive masking) or, without it, by the same model (an
+                      ablation at inference only);
   global_popularity, hour_of_week, last_observed   umask/baselines.py; popularity is the mean
                       slot of the training split's observed slots (--popularity-batches).
 Scored slots are the targets that hold a record. Metrics (umask/metrics.py, method section 6)
@@ -188,15 +190,35 @@ def app_recall(scores: Tensor, relevant: Tensor, total: Tensor, k: int = APP_K) 
     return torch.where(total > 0, hits / total.clamp(min=1).float(), torch.full_like(hits, math.nan))
 
 
+def check_uniform_model(inference: InferenceModel, uniform: InferenceModel) -> None:
+    """The ablation's model must read the same slots and have been trained with uniform masks."""
+    family = uniform.cfg.model.mask.family
+    if family != "uniform":
+        raise UserError(f"--uniform-checkpoint {uniform.checkpoint} was trained with "
+                        f"model.mask.family={family}; the ablation needs a run trained with "
+                        "model.mask.family=uniform")
+    def shape(model: InferenceModel) -> tuple[int, int, int]:
+        return model.cfg.data.slots, model.cfg.data.num_categories, model.cfg.data.num_regions
+
+    if shape(uniform) != shape(inference):
+        raise UserError(f"--uniform-checkpoint {uniform.checkpoint} reads (slots, categories, regions) = "
+                        f"{shape(uniform)}, the checkpoint {shape(inference)}: train both on the same "
+                        "featurized data")
+
+
 def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
-             apps: pa.Table | None = None, on_batch: Callable[[int, int], None] | None = None) -> dict:
+             apps: pa.Table | None = None, on_batch: Callable[[int, int], None] | None = None,
+             uniform: InferenceModel | None = None) -> dict:
     """The report (see the module docstring) as a JSON-ready dict; apps: the app categories
-    (trainer.data.contract.read_apps) for app_recall10; on_batch(done, total) after each batch."""
+    (trainer.data.contract.read_apps) for app_recall10; on_batch(done, total) after each batch;
+    uniform: the model trained with uniform masks for the ablation row (default: the same)."""
     from trainer.data.loader import ShardedLoader
     from umask.config import TASKS
 
     layout = inference.layout
     model = inference.model
+    if uniform is not None:
+        check_uniform_model(inference, uniform)
     steps = settings.steps or inference.cfg.model.diffusion.sample_steps
     prior = training_prior(features, apps, layout.num_categories, settings.popularity_batches,
                            settings.batch_size, settings.seed)
@@ -215,11 +237,12 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
                 break
             examples += len(batch)
             users.update(batch.user_id.tolist())
-            slot_sparse = inference.slot_sparse(batch)  # [B,T,E]
+            models = {MODEL: (model, inference.slot_sparse(batch))}  # slot_sparse [B,T,E]
+            models[UNIFORM] = models[MODEL] if uniform is None else (uniform.model, uniform.slot_sparse(batch))
             share = batch.observed.float().mean(1)  # [B] the user's share of observed slots
             for task_id, task in enumerate(TASKS):
-                _evaluate_task(model, batch, slot_sparse, share, prior, task_id, index, steps,
-                               settings, {key[1:]: value for key, value in rows.items() if key[0] == task})
+                _evaluate_task(models, batch, share, prior, task_id, index, steps, settings,
+                               {key[1:]: value for key, value in rows.items() if key[0] == task})
             if on_batch is not None:
                 on_batch(index + 1, total)
     if examples == 0:
@@ -230,20 +253,26 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
         for method in METHODS} for task in TASKS}
     report = {
         "checkpoint": str(inference.checkpoint), "step": inference.step, "features": str(features),
-        "settings": {**asdict(settings), "steps": steps}, "split_examples": split_examples,
+        "settings": {**asdict(settings), "steps": steps,
+                     "uniform_checkpoint": None if uniform is None else str(uniform.checkpoint)},
+        "split_examples": split_examples,
         "examples": examples, "users": len(users),
         "headline_metric": HEADLINE, "tasks": tasks,
     }
-    report["findings"] = findings(tasks)
+    report["findings"] = findings(tasks, uniform_trained=uniform is not None)
     return report
 
 
-def _evaluate_task(model, batch: Batch, slot_sparse: Tensor, share: Tensor, prior: TrainingPrior,
+def _evaluate_task(models: dict[str, tuple], batch: Batch, share: Tensor, prior: TrainingPrior,
                    task_id: int, batch_index: int, steps: int, settings: EvalSettings,
                    rows: dict[tuple[str, int], ScoredRows]) -> None:
-    """One task on one batch: one mask, every method completes from it, scored rows collected."""
+    """One task on one batch: one mask, every method completes from it, scored rows collected.
+
+    models: (UMask, slot_sparse [B,T,E]) for MODEL and for UNIFORM; MODEL's mask sampler
+    picks the target window and evidence for every method."""
     from umask.baselines import global_popularity, hour_of_week_frequency, last_observed
 
+    model = models[MODEL][0]
     dense, observed, tow = batch.dense, batch.observed, batch.time_of_week
     generator = torch.Generator().manual_seed(seed_of(_MASK_STREAM, settings.seed, batch_index, task_id))
     task = torch.full((len(batch),), task_id, dtype=torch.long)
@@ -262,8 +291,9 @@ def _evaluate_task(model, batch: Batch, slot_sparse: Tensor, share: Tensor, prio
         for method, method_evidence in ((MODEL, evidence), (UNIFORM, uniform)):
             noise = torch.Generator().manual_seed(
                 seed_of(_SAMPLE_STREAM, settings.seed, sample, batch_index, task_id))
-            completions[(method, sample)] = model.complete(dense, method_evidence, tow, slot_sparse,
-                                                          steps=steps, generator=noise)
+            completer, slot_sparse = models[method]
+            completions[(method, sample)] = completer.complete(dense, method_evidence, tow, slot_sparse,
+                                                              steps=steps, generator=noise)
     category = slice(0, model.num_categories + 1)
     for key, completed in completions.items():
         rows[key].add(completed, dense, scored, share)
@@ -287,9 +317,12 @@ def better(metric: str, a: float, b: float) -> bool:
     return a < b if metric in LOWER_IS_BETTER else a > b
 
 
-def findings(tasks: dict) -> list[str]:
+def findings(tasks: dict, uniform_trained: bool = False) -> list[str]:
     """Plain sentences: on the headline metric, whom the model beats per task, and the sparsest
-    bucket with slots; and whether adaptive masks beat uniform ones."""
+    bucket with slots; and whether adaptive masks beat uniform ones (uniform_trained: the
+    uniform row is a model trained with uniform masks, else the same weights)."""
+    ablation = ("a model trained with uniform masks" if uniform_trained
+                else "the same weights, uniform evidence at inference only")
     out = []
     for task, methods in tasks.items():
         model_all = methods[MODEL]["all"][HEADLINE]
@@ -307,7 +340,8 @@ def findings(tasks: dict) -> list[str]:
                        f"hour_of_week {other:.4f}")
         uniform = methods[UNIFORM]["all"][HEADLINE]
         verdict = "beat" if better(HEADLINE, model_all, uniform) else "do NOT beat"
-        out.append(f"{task}: adaptive masks {verdict} uniform masks ({model_all:.4f} vs {uniform:.4f})")
+        out.append(f"{task}: adaptive masks {verdict} uniform masks ({model_all:.4f} vs {uniform:.4f}; "
+                   f"uniform: {ablation})")
     return out
 
 
@@ -401,6 +435,9 @@ def register(commands) -> None:
     parser.add_argument("--out", required=True, help="folder for report.json, report.md and PNGs")
     parser.add_argument("--samples", type=int, default=1, help="sampler seeds to average over")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: model.diffusion.sample_steps)")
+    parser.add_argument("--uniform-checkpoint",
+                        help="a run trained with model.mask.family=uniform: it completes the "
+                             "umask_uniform_mask row (default: the same weights as --checkpoint)")
     parser.add_argument("--batches", type=int, help="evaluate at most this many batches")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="seeds the masks and the sampler")
@@ -421,9 +458,11 @@ def _eval_command(args) -> int:
     settings = EvalSettings(split=args.split, samples=args.samples, steps=args.steps,
                             batches=args.batches, batch_size=args.batch_size, seed=args.seed,
                             popularity_batches=args.popularity_batches)
+    uniform = None if args.uniform_checkpoint is None else load_inference_model(args.uniform_checkpoint)
     features = Path(args.data or inference.cfg.data.features)
     report = evaluate(inference, features, settings, _app_categories(inference),
-                      lambda done, total: print(f"evaluated batch {done}/{total}", file=sys.stderr, flush=True))
+                      lambda done, total: print(f"evaluated batch {done}/{total}", file=sys.stderr, flush=True),
+                      uniform)
     out = Path(args.out)
     write_report(report, out)
     print(markdown_table(report))

@@ -2,6 +2,7 @@
 whose right answers are known, the command end to end on a checkpoint built in the trainer's
 format (tests/trainer/conftest.py built_checkpoint; no training, so the model is untrained)."""
 import argparse
+import copy
 import json
 import math
 import shutil
@@ -115,8 +116,10 @@ def test_findings_say_plainly_when_the_model_loses():
     assert lines == [
         "cold: umask category_mrr 0.5000 beats global_popularity; does NOT beat hour_of_week, last_observed",
         "cold, sparsest bucket with slots [0, 0.05]: umask 0.5000 does NOT beat hour_of_week 0.7000",
-        "cold: adaptive masks do NOT beat uniform masks (0.5000 vs 0.6000)",
+        "cold: adaptive masks do NOT beat uniform masks (0.5000 vs 0.6000; uniform: the same "
+        "weights, uniform evidence at inference only)",
     ]
+    assert findings(tasks, uniform_trained=True)[-1].endswith("uniform: a model trained with uniform masks)")
 
 
 # --- baselines on a dataset whose answers are known ----------------------------------------
@@ -211,6 +214,28 @@ def test_evaluation_is_deterministic_under_its_seed(inference, known_dataset):
     assert json_ready(first["tasks"]) == json_ready(second["tasks"])  # NaN (empty bucket) != NaN
     other = evaluate(inference, known_dataset, EvalSettings(batch_size=2, steps=2, samples=2, seed=6))
     assert json_ready(other["tasks"]) != json_ready(first["tasks"])
+
+
+def test_the_uniform_row_comes_from_the_uniform_checkpoint(inference, known_dataset):
+    settings = EvalSettings(batch_size=2, steps=2, seed=3)
+    with pytest.raises(UserError, match="trained with model.mask.family=adaptive"):
+        evaluate(inference, known_dataset, settings, uniform=inference)
+    uniform = copy.deepcopy(inference)
+    uniform.cfg.model.mask.family = "uniform"
+    uniform.checkpoint = Path("uniform-run")
+    with torch.no_grad():
+        uniform.model.dit.final_layer.linear.bias.add_(0.5)  # other weights than the checkpoint's
+    same = evaluate(inference, known_dataset, settings)
+    ablated = evaluate(inference, known_dataset, settings, uniform=uniform)
+    assert same["settings"]["uniform_checkpoint"] is None
+    assert ablated["settings"]["uniform_checkpoint"] == "uniform-run"
+    for task in TASKS:
+        assert json_ready(ablated["tasks"][task][MODEL]) == json_ready(same["tasks"][task][MODEL])
+        assert ablated["tasks"][task][UNIFORM]["all"] != same["tasks"][task][UNIFORM]["all"]
+    assert "a model trained with uniform masks" in ablated["findings"][2]
+    uniform.cfg.data.slots += 1
+    with pytest.raises(UserError, match=r"reads \(slots, categories, regions\)"):
+        evaluate(inference, known_dataset, settings, uniform=uniform)
 
 
 # --- checkpoint loading ----------------------------------------------------------------------
