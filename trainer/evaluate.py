@@ -81,13 +81,14 @@ class TrainingPrior:
 
 class ScoredRows:
     """The scored slots of one (task, method, seed) over the split: prediction and truth
-    rows [S,F] and the sparsity share [S] of the user each slot belongs to; and per user
-    with used apps, app recall and the user's share."""
+    rows [S,F], the sparsity share [S] and the user_id [S] of the user each slot belongs to;
+    and per user with used apps, app recall and the user's share."""
 
     def __init__(self):
         self.prediction: list[Tensor] = []
         self.truth: list[Tensor] = []
         self.share: list[Tensor] = []
+        self.user: list[Tensor] = []
         self.app_recall: list[Tensor] = []
         self.user_share: list[Tensor] = []
 
@@ -96,10 +97,20 @@ class ScoredRows:
         self.app_recall.append(app_recall)
         self.user_share.append(share)
 
-    def add(self, prediction: Tensor, truth: Tensor, scored: Tensor, share: Tensor) -> None:
+    def add(self, prediction: Tensor, truth: Tensor, scored: Tensor, share: Tensor, user: Tensor) -> None:
+        """prediction, truth [B,T,F]; scored [B,T] bool; share, user [B]."""
         self.prediction.append(prediction[scored])
         self.truth.append(truth[scored])
         self.share.append(share[:, None].expand_as(scored)[scored])
+        self.user.append(user[:, None].expand_as(scored)[scored])
+
+    def category_reciprocal_ranks(self, num_categories: int) -> Tensor:
+        """The reciprocal rank of each scored slot's true category (what category_mrr averages); [S]."""
+        from umask.metrics import reciprocal_rank
+
+        categories = slice(0, num_categories + 1)
+        truth = torch.cat(self.truth)[:, categories].argmax(1)
+        return reciprocal_rank(torch.cat(self.prediction)[:, categories], truth)
 
     def metrics(self, num_categories: int, num_regions: int) -> dict[str, dict[str, float]]:
         from umask.metrics import bucket_labels, completion_metrics_by_sparsity, sparsity_bucket
@@ -259,8 +270,32 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
         "examples": examples, "users": len(users),
         "headline_metric": HEADLINE, "tasks": tasks,
     }
-    report["findings"] = findings(tasks, uniform_trained=uniform is not None)
+    report["intervals"] = {task: headline_intervals(
+        {method: [rows[(task, method, s)] for s in range(settings.samples if method in (MODEL, UNIFORM) else 1)]
+         for method in METHODS}, layout.num_categories, settings.seed) for task in TASKS}
+    report["findings"] = findings(tasks, uniform_trained=uniform is not None,
+                                  intervals=report["intervals"])
     return report
+
+
+def headline_intervals(per_method: dict[str, list[ScoredRows]], num_categories: int,
+                       seed: int) -> dict[str, dict[str, float]]:
+    """umask minus each other method on category MRR, paired on the same scored slots (the
+    model's reciprocal ranks averaged over its seeds), with a 95 % bootstrap interval that
+    resamples users; {method: {difference, low, high, users}}."""
+    from umask.metrics import grouped_bootstrap_interval
+
+    def reciprocal_ranks(method: str) -> Tensor:  # [S]
+        return torch.stack([r.category_reciprocal_ranks(num_categories) for r in per_method[method]]).mean(0)
+
+    model = reciprocal_ranks(MODEL)
+    users = torch.cat(per_method[MODEL][0].user)  # [S]
+    out = {}
+    for method in (UNIFORM, *BASELINES):
+        difference, low, high = grouped_bootstrap_interval(model - reciprocal_ranks(method), users, seed=seed)
+        out[method] = {"difference": difference, "low": low, "high": high,
+                       "users": int(torch.unique(users).numel())}
+    return out
 
 
 def _evaluate_task(models: dict[str, tuple], batch: Batch, share: Tensor, prior: TrainingPrior,
@@ -296,7 +331,7 @@ def _evaluate_task(models: dict[str, tuple], batch: Batch, share: Tensor, prior:
                                                               steps=steps, generator=noise)
     category = slice(0, model.num_categories + 1)
     for key, completed in completions.items():
-        rows[key].add(completed, dense, scored, share)
+        rows[key].add(completed, dense, scored, share, batch.user_id)
         usage = (completed[..., category] * mask.target[..., None]).sum(1)  # [B,C+1] over the window
         scores = usage[:, prior.app_category] * prior.app_share  # [B,V]
         rows[key].add_users(app_recall(scores, relevant, total), share)
@@ -317,10 +352,11 @@ def better(metric: str, a: float, b: float) -> bool:
     return a < b if metric in LOWER_IS_BETTER else a > b
 
 
-def findings(tasks: dict, uniform_trained: bool = False) -> list[str]:
+def findings(tasks: dict, uniform_trained: bool = False, intervals: dict | None = None) -> list[str]:
     """Plain sentences: on the headline metric, whom the model beats per task, and the sparsest
-    bucket with slots; and whether adaptive masks beat uniform ones (uniform_trained: the
-    uniform row is a model trained with uniform masks, else the same weights)."""
+    bucket with slots; whether adaptive masks beat uniform ones (uniform_trained: the
+    uniform row is a model trained with uniform masks, else the same weights); and, given
+    headline_intervals per task, the model's margins with their intervals."""
     ablation = ("a model trained with uniform masks" if uniform_trained
                 else "the same weights, uniform evidence at inference only")
     out = []
@@ -342,6 +378,13 @@ def findings(tasks: dict, uniform_trained: bool = False) -> list[str]:
         verdict = "beat" if better(HEADLINE, model_all, uniform) else "do NOT beat"
         out.append(f"{task}: adaptive masks {verdict} uniform masks ({model_all:.4f} vs {uniform:.4f}; "
                    f"uniform: {ablation})")
+        if intervals is not None:
+            margins = intervals[task]
+            users = next(iter(margins.values()))["users"]
+            out.append(f"{task}: {MODEL} minus each method on {HEADLINE}, 95% bootstrap interval over "
+                       f"{users} users: " + "; ".join(
+                           f"{m} {v['difference']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]"
+                           for m, v in margins.items()))
     return out
 
 

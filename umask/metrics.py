@@ -23,8 +23,13 @@ def topk_accuracy(scores: Tensor, truth: Tensor, k: int) -> Tensor:
     return (true_rank(scores, truth) <= k).float().mean() if len(truth) else _nan()
 
 
+def reciprocal_rank(scores: Tensor, truth: Tensor) -> Tensor:
+    """1 / true_rank per row; [N]."""
+    return 1.0 / true_rank(scores, truth).float()
+
+
 def mean_reciprocal_rank(scores: Tensor, truth: Tensor) -> Tensor:
-    return (1.0 / true_rank(scores, truth).float()).mean() if len(truth) else _nan()
+    return reciprocal_rank(scores, truth).mean() if len(truth) else _nan()
 
 
 def mean_absolute_error(prediction: Tensor, truth: Tensor) -> Tensor:
@@ -47,6 +52,26 @@ def recall_at_k(scores: Tensor, relevant: Tensor, k: int = 10) -> Tensor:
     top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [N',k]
     hits = relevant.gather(1, top).sum(1).float()
     return (hits / relevant.sum(1).float()).mean()
+
+
+def grouped_bootstrap_interval(difference: Tensor, group: Tensor, draws: int = 2000,
+                               level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-slot paired differences [S] and its percentile bootstrap interval.
+
+    Whole groups (group [S], e.g. the user of each slot) are resampled with replacement, not
+    slots: a user's slots are not independent of each other. Returns (mean, low, high).
+    """
+    if not len(difference):
+        return (float("nan"),) * 3
+    _, member = torch.unique(group, return_inverse=True)  # [S] group index of each slot
+    groups = int(member.max()) + 1
+    sums = torch.zeros(groups, dtype=torch.float64).index_add_(0, member, difference.double())
+    counts = torch.bincount(member, minlength=groups).double()
+    picks = torch.randint(groups, (draws, groups), generator=torch.Generator().manual_seed(seed))
+    resampled = sums[picks].sum(1) / counts[picks].sum(1)  # [draws]
+    low, high = torch.quantile(resampled, torch.tensor([(1 - level) / 2, (1 + level) / 2],
+                                                       dtype=torch.float64))
+    return float(sums.sum() / counts.sum()), float(low), float(high)
 
 
 def sparsity_bucket(observed_share: Tensor, edges: tuple[float, ...] = SPARSITY_EDGES) -> Tensor:

@@ -49,13 +49,13 @@ def test_scored_rows_pool_slots_over_batches_and_bucket_by_user_share():
     # batch 1: user A (share 0.04, bucket 0) with 2 slots, one scored; truth category 3
     truth = torch.stack([one_hot_slot(3, 1, 5.0), one_hot_slot(3, 1, 5.0)])[None]  # [1,2,F]
     pred = torch.stack([one_hot_slot(3, 2, 6.0), one_hot_slot(0, 1, 0.0)])[None]
-    rows.add(pred, truth, torch.tensor([[True, False]]), torch.tensor([0.04]))
+    rows.add(pred, truth, torch.tensor([[True, False]]), torch.tensor([0.04]), torch.tensor([101]))
     # batch 2: user B (share 0.9, last bucket), both slots scored: categories ranked 2nd and 1st
     truth = torch.stack([one_hot_slot(4, 0, 2.0), one_hot_slot(5, 0, 2.0)])[None]
     first = one_hot_slot(4, 0, 3.0)
     first[7] = 2.0  # category 7 outranks the true 4: rank 2
     pred = torch.stack([first, one_hot_slot(5, 3, 0.0)])[None]
-    rows.add(pred, truth, torch.tensor([[True, True]]), torch.tensor([0.9]))
+    rows.add(pred, truth, torch.tensor([[True, True]]), torch.tensor([0.9]), torch.tensor([102]))
     rows.add_users(torch.tensor([0.5, math.nan]), torch.tensor([0.04, 0.2]))  # 2nd user: no apps
     rows.add_users(torch.tensor([0.25]), torch.tensor([0.9]))
     report = rows.metrics(C, K)
@@ -71,6 +71,8 @@ def test_scored_rows_pool_slots_over_batches_and_bucket_by_user_share():
     assert (everything["app_users"], everything["app_recall10"]) == (2, pytest.approx(0.375))
     assert report["(0.15, 0.3]"]["app_users"] == 0 and math.isnan(report["(0.15, 0.3]"]["app_recall10"])
     assert report["(0.5, 1]"]["app_recall10"] == 0.25
+    assert rows.category_reciprocal_ranks(C).tolist() == [1.0, 0.5, 1.0]
+    assert torch.cat(rows.user).tolist() == [101, 102, 102]
 
 
 def test_used_apps_and_app_recall_by_hand():
@@ -205,7 +207,11 @@ def test_baselines_get_the_known_answers(inference, known_dataset):
             assert m["app_recall10"] == 0.5
         assert methods[MODEL]["all"]["app_users"] == methods["hour_of_week"]["all"]["app_users"] > 0
         assert all(math.isfinite(methods[m]["all"]["category_mrr"]) for m in (MODEL, UNIFORM))
-    assert len(report["findings"]) == 3 * len(TASKS)
+    assert len(report["findings"]) == 4 * len(TASKS)
+    for task in TASKS:  # the baselines that know each user's answer: umask can only tie or lose
+        for own in ("hour_of_week", "last_observed"):
+            margin = report["intervals"][task][own]
+            assert 0 < margin["users"] <= 4 and margin["low"] <= margin["difference"] <= margin["high"] <= 0
 
 
 def test_evaluation_is_deterministic_under_its_seed(inference, known_dataset):

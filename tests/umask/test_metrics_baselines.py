@@ -8,6 +8,7 @@ import torch
 from umask.baselines import global_popularity, hour_of_week_frequency, last_observed, popularity_profile
 from umask.losses import info_nce, reconstruction_loss
 from umask.metrics import (bucket_labels, completion_metrics, completion_metrics_by_sparsity,
+                           grouped_bootstrap_interval,
                            mean_absolute_error, mean_reciprocal_rank, recall_at_k,
                            root_mean_squared_error, sparsity_bucket, topk_accuracy)
 
@@ -126,3 +127,22 @@ def test_info_nce_by_hand():
     row0 = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-2)))
     row1 = -math.log(math.exp(2) / (1 + math.exp(2) + 1))
     assert info_nce(z_short, z_long, extra, 0.5).item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+def test_grouped_bootstrap_interval_resamples_users_not_slots():
+    # A constant difference has no spread, whatever the groups.
+    assert grouped_bootstrap_interval(torch.full((6,), 0.25), torch.tensor([1, 1, 2, 2, 3, 3])) == \
+        pytest.approx((0.25, 0.25, 0.25))
+    # User 7 gains 1 on 9 slots, user 8 loses 1 on 1 slot: the slot mean is +0.8. Resampling
+    # slots would keep the interval near +0.8; resampling 2 users often draws user 8 twice,
+    # so the interval reaches -1 (all picks user 8) and +1 (all picks user 7).
+    difference = torch.tensor([1.0] * 9 + [-1.0])
+    group = torch.tensor([7] * 9 + [8])
+    mean, low, high = grouped_bootstrap_interval(difference, group, seed=1)
+    assert mean == pytest.approx(0.8) and (low, high) == (-1.0, 1.0)
+    # Many users who all gain: the interval excludes 0 and is the same under the same seed.
+    gains = torch.linspace(0.1, 0.3, 200)
+    users = torch.arange(200) // 4
+    mean, low, high = grouped_bootstrap_interval(gains, users, seed=3)
+    assert 0 < low < mean < high and (mean, low, high) == grouped_bootstrap_interval(gains, users, seed=3)
+    assert all(math.isnan(v) for v in grouped_bootstrap_interval(torch.zeros(0), torch.zeros(0)))
