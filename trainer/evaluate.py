@@ -279,22 +279,27 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
 
 
 def headline_intervals(per_method: dict[str, list[ScoredRows]], num_categories: int,
-                       seed: int) -> dict[str, dict[str, float]]:
+                       seed: int) -> dict[str, dict[str, dict[str, float]]]:
     """umask minus each other method on category MRR, paired on the same scored slots (the
     model's reciprocal ranks averaged over its seeds), with a 95 % bootstrap interval that
-    resamples users; {method: {difference, low, high, users}}."""
-    from umask.metrics import grouped_bootstrap_interval
+    resamples users; {"all" or bucket: {method: {difference, low, high, users}}}."""
+    from umask.metrics import bucket_labels, grouped_bootstrap_interval, sparsity_bucket
 
     def reciprocal_ranks(method: str) -> Tensor:  # [S]
         return torch.stack([r.category_reciprocal_ranks(num_categories) for r in per_method[method]]).mean(0)
 
     model = reciprocal_ranks(MODEL)
+    differences = {method: model - reciprocal_ranks(method) for method in (UNIFORM, *BASELINES)}  # [S] each
     users = torch.cat(per_method[MODEL][0].user)  # [S]
+    bucket = sparsity_bucket(torch.cat(per_method[MODEL][0].share))  # [S]
     out = {}
-    for method in (UNIFORM, *BASELINES):
-        difference, low, high = grouped_bootstrap_interval(model - reciprocal_ranks(method), users, seed=seed)
-        out[method] = {"difference": difference, "low": low, "high": high,
-                       "users": int(torch.unique(users).numel())}
+    for index, label in enumerate(["all", *bucket_labels()]):
+        rows = (bucket == index - 1) if index else torch.ones_like(users, dtype=torch.bool)
+        out[label] = {}
+        for method, difference in differences.items():
+            mean, low, high = grouped_bootstrap_interval(difference[rows], users[rows], seed=seed)
+            out[label][method] = {"difference": mean, "low": low, "high": high,
+                                  "users": int(torch.unique(users[rows]).numel())}
     return out
 
 
@@ -373,19 +378,22 @@ def findings(tasks: dict, uniform_trained: bool = False, intervals: dict | None 
             other = methods["hour_of_week"][sparsest][HEADLINE]
             verdict = "beats" if better(HEADLINE, value, other) else "does NOT beat"
             out.append(f"{task}, sparsest bucket with slots {sparsest}: {MODEL} {value:.4f} {verdict} "
-                       f"hour_of_week {other:.4f}")
+                       f"hour_of_week {other:.4f}" + ("" if intervals is None else
+                                                      _margin(intervals[task][sparsest]["hour_of_week"])))
         uniform = methods[UNIFORM]["all"][HEADLINE]
         verdict = "beat" if better(HEADLINE, model_all, uniform) else "do NOT beat"
         out.append(f"{task}: adaptive masks {verdict} uniform masks ({model_all:.4f} vs {uniform:.4f}; "
                    f"uniform: {ablation})")
         if intervals is not None:
-            margins = intervals[task]
-            users = next(iter(margins.values()))["users"]
-            out.append(f"{task}: {MODEL} minus each method on {HEADLINE}, 95% bootstrap interval over "
-                       f"{users} users: " + "; ".join(
-                           f"{m} {v['difference']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]"
-                           for m, v in margins.items()))
+            margins = intervals[task]["all"]
+            out.append(f"{task}: {MODEL} minus each method on {HEADLINE}, with 95% bootstrap intervals "
+                       "over users: " + "; ".join(f"{m}{_margin(v)}" for m, v in margins.items()))
     return out
+
+
+def _margin(interval: dict[str, float]) -> str:
+    return (f" ({interval['difference']:+.4f}, 95% interval [{interval['low']:+.4f}, "
+            f"{interval['high']:+.4f}] over {interval['users']} users)")
 
 
 def markdown_table(report: dict) -> str:

@@ -122,6 +122,13 @@ def test_findings_say_plainly_when_the_model_loses():
         "weights, uniform evidence at inference only)",
     ]
     assert findings(tasks, uniform_trained=True)[-1].endswith("uniform: a model trained with uniform masks)")
+    margin = {"difference": -0.2, "low": -0.3, "high": -0.1, "users": 4}
+    intervals = {"cold": {label: {m: margin for m in (UNIFORM, *BASELINES)} for label in ("all", "[0, 0.05]")}}
+    with_intervals = findings(tasks, intervals=intervals)
+    assert with_intervals[1].endswith("hour_of_week 0.7000 (-0.2000, 95% interval [-0.3000, -0.1000] over 4 users)")
+    assert with_intervals[3].startswith("cold: umask minus each method on category_mrr, with 95% bootstrap "
+                                        "intervals over users: umask_uniform_mask (-0.2000, 95% interval")
+    assert len(with_intervals) == 4
 
 
 # --- baselines on a dataset whose answers are known ----------------------------------------
@@ -210,7 +217,7 @@ def test_baselines_get_the_known_answers(inference, known_dataset):
     assert len(report["findings"]) == 4 * len(TASKS)
     for task in TASKS:  # the baselines that know each user's answer: umask can only tie or lose
         for own in ("hour_of_week", "last_observed"):
-            margin = report["intervals"][task][own]
+            margin = report["intervals"][task]["all"][own]
             assert 0 < margin["users"] <= 4 and margin["low"] <= margin["difference"] <= margin["high"] <= 0
 
 
