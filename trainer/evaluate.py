@@ -23,6 +23,9 @@ training batches read for popularity. Apps never seen there cannot be ranked and
 misses. Categories come from apps.parquet of the checkpoint config's data.source (without it
 every app is in the unknown category).
 
+intervals (report.json): per task and per bucket, umask minus each other method on category
+MRR over the same scored slots, with a 95% bootstrap interval that resamples users.
+
 Output in --out: report.json (every number), report.md (the table of the headline metrics)
 and one PNG per task (grouped bars: buckets x methods, one panel per metric).
 """
