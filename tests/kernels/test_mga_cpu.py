@@ -67,18 +67,23 @@ def cpu_strategy(request, monkeypatch):
 def _compare(mode, layout_name, include_self, dtype, atol):
     evidence = evidence_layouts(4, 37)[layout_name]
     q, k, v = random_qkv(4, 2, 37, 8, dtype)
-    key_bias = torch.randn(2, 2, requires_grad=True) if mode == "bias" else None
+    # A local generator: drawn from the global one, the inputs depended on which tests ran first.
+    gen = torch.Generator().manual_seed(7)
+    key_bias = torch.randn(2, 2, generator=gen, requires_grad=True) if mode == "bias" else None
     out = mask_guided_attention(q, k, v, evidence, mode, key_bias, include_self)
     ref = mask_guided_attention_reference(q, k, v, evidence, mode, key_bias, include_self)
     assert out.dtype == dtype and not out.isnan().any()
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=0)
     inputs = [q, k, v] + ([key_bias] if key_bias is not None else [])
-    grad_out = torch.randn(ref.shape, dtype=torch.float64)
+    grad_out = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
     got = torch.autograd.grad(out, inputs, grad_out.to(dtype))
     want = torch.autograd.grad(ref, inputs, grad_out)
-    for g, w in zip(got, want):
+    # key_bias's gradient sums B*N*N = 5476 terms per entry; their float32 rounding adds up
+    # to about 1e-5 however close each term is, so it gets a looser absolute tolerance.
+    tolerances = [atol * 4] * 3 + [atol * 50]
+    for g, w, tolerance in zip(got, want, tolerances):
         assert g.dtype == w.dtype and not g.isnan().any()
-        torch.testing.assert_close(g.double(), w.double(), atol=atol * 4, rtol=0)
+        torch.testing.assert_close(g.double(), w.double(), atol=tolerance, rtol=0)
 
 
 @pytest.mark.parametrize("layout_name", ["scattered", "sorted_mixed_counts", "no_evidence", "all_evidence"])
