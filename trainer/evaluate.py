@@ -133,6 +133,12 @@ class ScoredRows:
         return report
 
 
+def seeds_of(method: str, settings: EvalSettings) -> range:
+    """The sampler seeds a method is run with: --samples for the model and its ablation, one
+    for the deterministic baselines."""
+    return range(settings.samples if method in (MODEL, UNIFORM) else 1)
+
+
 def seed_of(*parts: int) -> int:
     """A torch seed from several integers (seed, batch, task, ...) without collisions."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
@@ -237,7 +243,7 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
     prior = training_prior(features, apps, layout.num_categories, settings.popularity_batches,
                            settings.batch_size, settings.seed)
     rows = {(task, method, sample): ScoredRows() for task in TASKS for method in METHODS
-            for sample in range(settings.samples if method in (MODEL, UNIFORM) else 1)}
+            for sample in seeds_of(method, settings)}
     examples, users = 0, set()
     with ShardedLoader(features, 0, 1, settings.batch_size, settings.seed, splits=(settings.split,),
                        epochs=1, shuffle=False) as loader:
@@ -261,9 +267,10 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
                 on_batch(index + 1, total)
     if examples == 0:
         raise UserError(f"{features}: split '{settings.split}' gave no batch to evaluate")
+    per_seed = {(task, method): [rows[(task, method, s)] for s in seeds_of(method, settings)]
+                for task in TASKS for method in METHODS}
     tasks = {task: {method: _mean_over_samples(
-        [rows[(task, method, s)].metrics(layout.num_categories, layout.num_regions)
-         for s in range(settings.samples if method in (MODEL, UNIFORM) else 1)])
+        [seed_rows.metrics(layout.num_categories, layout.num_regions) for seed_rows in per_seed[(task, method)]])
         for method in METHODS} for task in TASKS}
     report = {
         "checkpoint": str(inference.checkpoint), "step": inference.step, "features": str(features),
@@ -274,8 +281,8 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
         "headline_metric": HEADLINE, "tasks": tasks,
     }
     report["intervals"] = {task: headline_intervals(
-        {method: [rows[(task, method, s)] for s in range(settings.samples if method in (MODEL, UNIFORM) else 1)]
-         for method in METHODS}, layout.num_categories, settings.seed) for task in TASKS}
+        {method: per_seed[(task, method)] for method in METHODS}, layout.num_categories, settings.seed)
+        for task in TASKS}
     report["findings"] = findings(tasks, uniform_trained=uniform is not None,
                                   intervals=report["intervals"])
     return report

@@ -142,7 +142,6 @@ class DiT(nn.Module):
         if prior_residual and not hour_prior:
             raise ValueError("prior_residual needs hour_prior: the residual's base is the prior")
         self.channels = channels
-        self.hour_prior = hour_prior
         self.prior_residual = prior_residual
         self.embedder = SlotEmbedder(channels, sparse_dim, hidden, hour_prior)
         self.t_embedder = TimestepEmbedder(hidden)
@@ -175,7 +174,7 @@ class DiT(nn.Module):
         """x_t, evidence_values [B,T,F]; t [B]; z_u [B,U]; evidence [B,T] bool;
         time_of_week [B,T]; slot_sparse [B,T,E]. Returns the x0 prediction [B,T,F]."""
         prior = (hour_prior_features(evidence_values, evidence, time_of_week)  # [B,T,2F+3]
-                 if self.hour_prior else None)
+                 if self.embedder.hour_prior is not None else None)
         x = self.embedder(x_t, evidence_values, evidence, time_of_week, slot_sparse, prior)  # [B,T,hidden]
         perm = evidence_first_permutation(evidence)
         x = permute_tokens(x, perm)  # evidence-first order for every block
