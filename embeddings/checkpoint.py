@@ -21,7 +21,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from embeddings.config import EmbeddingsConfig
 from embeddings.sharded import ShardedTables
 from embeddings.tables import build_tables
-from trainer.errors import UserError
+from umask.errors import UserError
 
 
 def save_sharded(module: ShardedTables, path: str | Path, pg: dist.ProcessGroup | None = None) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from embeddings.config import SHARDING_TYPES, EmbeddingsConfig
-from trainer.errors import UserError
+from umask.errors import UserError
 
 if TYPE_CHECKING:
     import torch.distributed as dist

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from trainer.errors import UserError
+from umask.errors import UserError
 
 ENGINE_TAG = "engine"
 

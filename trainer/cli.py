@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from trainer.errors import UserError
+from umask.errors import UserError
 
 # (group, module); group None = top-level command
 COMMAND_MODULES = [

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from trainer.data.batch import Batch, ExampleRows
 from trainer.data.schema import SPLITS, DenseLayout
-from trainer.errors import UserError
+from umask.errors import UserError
 from trainer.inference import InferenceModel, load_inference_model
 from umask.config import MaskConfig
 

@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from embeddings.config import EmbeddingsConfig
 from umask.config import ModelConfig
 from trainer.data.schema import DenseLayout
-from trainer.errors import UserError
+from umask.errors import UserError
 
 
 class ConfigError(UserError):

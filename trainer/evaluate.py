@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from trainer.data.batch import Batch
-from trainer.errors import UserError
+from umask.errors import UserError
 from trainer.inference import InferenceModel, load_inference_model
 
 MODEL, UNIFORM = "umask", "umask_uniform_mask"

@@ -22,7 +22,7 @@ from trainer.config import RunConfig, load_config
 from trainer.checkpoint import verify_checkpoint
 from trainer.data.batch import Batch
 from trainer.data.schema import DenseLayout
-from trainer.errors import UserError
+from umask.errors import UserError
 
 if TYPE_CHECKING:  # torchrec and the model are imported where they are used, as on the driver
     from torchrec.modules.embedding_modules import EmbeddingBagCollection

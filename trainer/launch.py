@@ -12,7 +12,7 @@ from pathlib import Path
 
 from trainer.cli import add_config_arguments, config_from_args
 from trainer.config import RunConfig, save_config
-from trainer.errors import UserError
+from umask.errors import UserError
 
 
 def register(commands) -> None:

@@ -20,7 +20,7 @@ from trainer.config import RunConfig, to_yaml
 from trainer.data.batch import Batch
 from trainer.data.loader import ShardedLoader
 from trainer.data.schema import DenseLayout
-from trainer.errors import UserError
+from umask.errors import UserError
 from trainer.deepspeed_config import deepspeed_config
 from trainer.progress import ProgressLog
 from trainer.sparse_grad import unscaled_for_tables

@@ -9,7 +9,7 @@ import pytest
 from trainer.data.contract import (ContractDataset, ContractError, EventReader, open_dataset, read_apps,
                                    read_events, read_locations, read_profiles)
 from trainer.data.schema import NORMALIZED_EVENTS
-from trainer.errors import UserError
+from umask.errors import UserError
 
 # 2016-04-21 00:00:00 UTC
 APRIL_21 = 1461196800

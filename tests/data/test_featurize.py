@@ -16,7 +16,7 @@ from trainer.data.featurize import (ORIGIN, REGION_SALT, SHARD_SALT, WEEK, bucke
                                     prepare_output, split_of)
 from trainer.data.regions import build_region_table, kmeans_regions
 from trainer.data.schema import EXAMPLES, NORMALIZED_EVENTS, SPLITS
-from trainer.errors import UserError
+from umask.errors import UserError
 
 B = ORIGIN + 100 * WEEK  # a Monday 00:00 UTC; with T=4 hourly slots windows are 4 h long
 USE, INSTALL = 0, 1

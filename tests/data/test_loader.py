@@ -13,7 +13,7 @@ import trainer.data.loader as loader_module
 from trainer.data.batch import Batch, gather_bags
 from trainer.data.loader import ShardedLoader, deal_row_groups
 from trainer.data.schema import EXAMPLES, SPLITS
-from trainer.errors import UserError
+from umask.errors import UserError
 
 T, F = 4, 3
 

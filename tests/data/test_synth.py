@@ -17,7 +17,7 @@ from trainer.data.synth_city import LAT_RANGE, LON_RANGE
 from trainer.data.synth_personas import CATEGORY_NAMES, NUM_PERSONAS
 from trainer.data.synth_users import make_population
 from trainer.data.synth_world import make_world
-from trainer.errors import UserError
+from umask.errors import UserError
 
 USERS, DAYS, SEED, CHUNK = 200, 14, 7, 64
 START = 1793577600  # 2026-11-02T00:00Z, a Monday

@@ -9,7 +9,7 @@ import pytest
 from trainer.data.contract import open_dataset, read_apps, read_events, read_locations
 from trainer.data.schema import NORMALIZED_EVENTS
 from trainer.data.tsinghua import import_tsinghua, register
-from trainer.errors import UserError
+from umask.errors import UserError
 
 # 2016-04-21 00:00:00 UTC = 08:00:00 in Beijing
 APRIL_21 = 1461196800

@@ -13,7 +13,7 @@ from embeddings.checkpoint import load_full_tables, save_sharded
 from embeddings.config import EmbeddingsConfig, TableConfig
 from embeddings.ids import IdMapper
 from embeddings.sharded import ShardedTables
-from trainer.errors import UserError
+from umask.errors import UserError
 
 ROWS = {"app": 48, "loc": 40}
 CFG = EmbeddingsConfig(

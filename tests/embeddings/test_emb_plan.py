@@ -11,7 +11,7 @@ from embeddings.config import SHARDING_TYPES, EmbeddingsConfig, TableConfig
 from embeddings.plan import AVAILABLE_SHARDING_TYPES, check_sharding_types, describe_plan, plan_tables
 from embeddings.tables import build_tables
 from trainer.config import ConfigError, load_config
-from trainer.errors import UserError
+from umask.errors import UserError
 
 
 def cfg_with(app_types, loc_types, **loc) -> EmbeddingsConfig:

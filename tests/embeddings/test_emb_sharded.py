@@ -18,7 +18,7 @@ from embeddings.config import EmbeddingsConfig, TableConfig
 from embeddings.ids import IdMapper
 from embeddings.sharded import ShardedTables
 from embeddings.tables import build_tables
-from trainer.errors import UserError
+from umask.errors import UserError
 
 LR = 0.05
 DIM = 16

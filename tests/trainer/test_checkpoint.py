@@ -4,7 +4,7 @@ import json
 import pytest
 
 from trainer.checkpoint import verify_checkpoint, write_manifest, write_state
-from trainer.errors import UserError
+from umask.errors import UserError
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 
 from trainer.complete import COMPLETED, complete_windows, latest_windows, register, task_cut
 from trainer.data.featurize import WEEK
-from trainer.errors import UserError
+from umask.errors import UserError
 from trainer.inference import load_inference_model
 from umask.config import MaskConfig
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from trainer.data.schema import EXAMPLES, DenseLayout
-from trainer.errors import UserError
+from umask.errors import UserError
 from trainer.data.batch import Batch
 from trainer.evaluate import (BASELINES, METHODS, MODEL, UNIFORM, EvalSettings, ScoredRows, app_recall,
                               evaluate, findings, json_ready, register, uniform_evidence, used_apps)

@@ -2,7 +2,7 @@
 import pytest
 from ray.train import WorkerGroupError
 
-from trainer.errors import UserError
+from umask.errors import UserError
 from trainer.launch import _worker_user_error, train
 
 

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from trainer.data.schema import EVENT_CODES, NORMALIZED_EVENTS
-from trainer.errors import UserError
+from umask.errors import UserError
 
 SIDE_TABLES = ("apps.parquet", "locations.parquet", "profiles.parquet")
 POLICIES = ("strict", "quarantine")

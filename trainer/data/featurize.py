@@ -53,7 +53,7 @@ from trainer.data.contract import EventReader, open_dataset, read_apps, read_loc
 from trainer.data.regions import ABSENT, RegionTable, build_region_table
 from trainer.data.mix64 import mix64
 from trainer.data.schema import EXAMPLES, NORMALIZED_EVENTS, SPLITS, DenseLayout
-from trainer.errors import UserError
+from umask.errors import UserError
 
 ORIGIN = 345_600  # 1970-01-05T00:00:00Z, a Monday: windows and time_of_week count from it
 WEEK = 7 * 86_400

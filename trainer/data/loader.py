@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from trainer.data.batch import Batch, ExampleRows
 from trainer.data.schema import EXAMPLES, SPLITS
-from trainer.errors import UserError
+from umask.errors import UserError
 
 # SeedSequence entropy prefixes, so the row-group deal and the row shuffles never share a stream
 _DEAL_STREAM = 0

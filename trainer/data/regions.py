@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from trainer.errors import UserError
+from umask.errors import UserError
 
 ABSENT = -1  # lookup result for a loc_id the locations table does not list
 KMEANS_SEED = 0  # the clustering is part of the data definition: same input, same regions

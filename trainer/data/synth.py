@@ -29,7 +29,7 @@ from trainer.data.synth_events import Window, chunk_events
 from trainer.data.synth_personas import NUM_CATEGORIES
 from trainer.data.synth_users import make_population
 from trainer.data.synth_world import CHUNK_STREAM, PROFILE_DIM, World, make_world
-from trainer.errors import UserError
+from umask.errors import UserError
 
 CHUNK_USERS = 5000
 DEFAULT_START = "2026-11-02"  # a Monday

@@ -38,7 +38,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from trainer.data.contract import open_dataset, read_apps, read_locations
-from trainer.errors import UserError
+from umask.errors import UserError
 
 TRACE = "App_usage_trace.txt"
 APP_CATEGORIES = "App2Category.txt"
