@@ -129,14 +129,6 @@ class RayConfig:
 
 
 @dataclass
-class ExportConfig:
-    out: str = "export"
-
-    def problems(self) -> list[tuple[str, str]]:
-        return []
-
-
-@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -144,7 +136,6 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
 
     def problems(self) -> list[tuple[str, str]]:
         """Rules that tie sections together; each section checks its own keys."""
