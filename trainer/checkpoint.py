@@ -10,13 +10,15 @@ ranks' folders into one checkpoint in the run's storage. One checkpoint holds:
   manifest-rank{r}.json      sha256 of every file rank r wrote, and the run's name
 Our code never unpickles, but DeepSpeed's engine files are pickles (its torch.load uses
 weights_only=False): a checkpoint is read only after every file in every manifest matches its
-checksum and the manifests name this run, so only files this run wrote are ever unpickled.
+checksum and the manifests name this run, so only files this run wrote are ever unpickled; and
+only when it is whole: one manifest per rank of state.json's world_size.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -24,6 +26,7 @@ from safetensors.torch import save_file
 from umask.errors import UserError
 
 ENGINE_TAG = "engine"
+RANK0_FILES = ("state.json", "config.yaml", "dense.safetensors")  # rank 0 writes them into every checkpoint
 
 
 def save_checkpoint(folder: Path, *, rank: int, world_size: int, run_name: str, step: int,
@@ -77,22 +80,71 @@ def load_checkpoint(folder: Path, *, rank: int, world_size: int, run_name: str, 
 
 
 def verify_checkpoint(folder: Path, run_name: str) -> dict:
-    """Checks every rank's manifest (run name, every file's sha256); returns state.json."""
+    """Checks that the checkpoint is whole, this run's and unmodified; returns state.json.
+
+    Whole: a manifest-rank{r}.json for every rank r of state.json's world_size and no other,
+    each naming its own rank, and rank 0's listing RANK0_FILES. This run's: every manifest
+    names run_name. Unmodified: every listed file is present and matches its sha256.
+    """
     folder = Path(folder)
-    manifests = sorted(folder.glob("manifest-rank*.json"))
-    if not manifests:
+    paths = sorted(folder.glob("manifest-rank*.json"))
+    if not paths:
         raise UserError(f"{folder}: not a checkpoint of this trainer (no manifest-rank*.json)")
-    for path in manifests:
-        manifest = json.loads(path.read_text())
-        if manifest.get("run") != run_name:
-            raise UserError(f"{path}: written by run {manifest.get('run')!r}, not {run_name!r}; refusing to load it")
+    manifests = dict(_read_manifest(path, run_name) for path in paths)
+    if 0 not in manifests:
+        raise UserError(f"{folder}: manifest-rank0.json is missing, and with it the record of rank 0's "
+                        f"files ({', '.join(RANK0_FILES)}); the checkpoint is incomplete")
+    unlisted = [name for name in RANK0_FILES if name not in manifests[0]["files"]]
+    if unlisted:
+        raise UserError(f"{folder}: manifest-rank0.json does not list {', '.join(unlisted)}, which rank 0 "
+                        "writes into every checkpoint; the checkpoint is incomplete")
+    _check_file(folder, "state.json", manifests[0]["files"]["state.json"], "manifest-rank0.json")
+    state = json.loads((folder / "state.json").read_text())
+    world_size = state.get("world_size")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise UserError(f"{folder / 'state.json'}: world_size must be a positive integer, got {world_size!r}")
+    missing = [rank for rank in range(world_size) if rank not in manifests]
+    if missing:
+        raise UserError(f"{folder}: state.json says world_size={world_size}, but "
+                        f"{', '.join(f'manifest-rank{r}.json' for r in missing)} "
+                        f"(rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}) "
+                        f"{'are' if len(missing) > 1 else 'is'} missing; the checkpoint is incomplete")
+    extra = sorted(rank for rank in manifests if rank >= world_size)
+    if extra:
+        raise UserError(f"{folder}: manifest-rank{extra[0]}.json is from rank {extra[0]}, but state.json says "
+                        f"world_size={world_size}; refusing a mix of checkpoints")
+    for rank, manifest in sorted(manifests.items()):
         for name, digest in manifest["files"].items():
-            file = folder / name
-            if not file.is_file():
-                raise UserError(f"{folder}: {name} is listed in {path.name} but missing")
-            if _sha256(file) != digest:
-                raise UserError(f"{file}: checksum does not match {path.name}; the checkpoint was modified")
-    return json.loads((folder / "state.json").read_text())
+            _check_file(folder, name, digest, f"manifest-rank{rank}.json")
+    return state
+
+
+def _read_manifest(path: Path, run_name: str) -> tuple[int, dict]:
+    """manifest-rank{r}.json -> (r, the manifest), once its name, rank and run agree."""
+    match = re.fullmatch(r"manifest-rank(\d+)\.json", path.name)
+    if match is None:
+        raise UserError(f"{path}: not a manifest name (manifest-rank<r>.json); refusing to load the checkpoint")
+    rank = int(match.group(1))
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: unreadable manifest ({err})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise UserError(f"{path}: not a manifest (no 'files' mapping)")
+    if manifest.get("run") != run_name:
+        raise UserError(f"{path}: written by run {manifest.get('run')!r}, not {run_name!r}; refusing to load it")
+    if manifest.get("rank") != rank:
+        raise UserError(f"{path}: says rank {manifest.get('rank')!r}, but its name says rank {rank}; "
+                        "refusing to load it")
+    return rank, manifest
+
+
+def _check_file(folder: Path, name: str, digest: str, manifest_name: str) -> None:
+    file = folder / name
+    if not file.is_file():
+        raise UserError(f"{folder}: {name} is listed in {manifest_name} but missing")
+    if _sha256(file) != digest:
+        raise UserError(f"{file}: checksum does not match {manifest_name}; the checkpoint was modified")
 
 
 def _full_dense_state(engine, rank: int) -> dict | None:

@@ -4,6 +4,10 @@ Shaped like torchtitan's Trainer: the constructor builds the parts, and `next_ba
 `forward_backward`, `train_step`, `save`, `restore` and `train` are methods a model-specific
 trainer can override one at a time. It runs inside a Ray Train worker, where the process
 group already exists; locally that worker is a CPU process of an embedded Ray.
+
+The metrics do not make a step wait for the device: they stay device tensors, summed in a
+MetricWindow, and the ranks average them (one all-reduce, one copy to the host) only on logged
+steps and on checkpoint steps, where Ray Train takes them with the checkpoint.
 """
 from __future__ import annotations
 
@@ -80,10 +84,12 @@ class Trainer:
         self.micro_step += 1
         return {k: out[k].detach() for k in ("loss", "reconstruction", "consistency")}
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> StepMetrics:
         """One optimizer step of the dense model: gradient_accumulation_steps micro-batches.
 
-        Also measures data_wait, the share of the step spent waiting for the loader.
+        Returns this rank's metrics of the step without waiting for the device: the model's
+        as device tensors (means over the micro-batches), and the step's host time and the part
+        of it spent waiting for the loader, as floats. `train` averages them over ranks.
         """
         started = time.perf_counter()
         waited = 0.0
@@ -94,9 +100,8 @@ class Trainer:
             waited += time.perf_counter() - asked
             parts.append(self.forward_backward(batch))
         self.step += 1
-        means = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
-        means["data_wait"] = torch.tensor(waited / (time.perf_counter() - started), device=self.device)
-        return dict(zip(means, _mean_over_ranks(torch.stack(list(means.values())))))
+        values = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
+        return StepMetrics(values, seconds=time.perf_counter() - started, waited=waited)
 
     def save(self, metrics: dict[str, float]) -> None:
         """Writes this rank's checkpoint and reports it to Ray Train (a barrier on every rank)."""
@@ -130,18 +135,72 @@ class Trainer:
             print(f"resumed at step {self.step} from {checkpoint.path}", flush=True)
 
     def train(self) -> dict[str, float]:
+        """Trains up to cfg.train.steps; returns the metrics of the last logged window.
+
+        Logged metrics are means over the steps since the previous logged step (the window)
+        and over ranks; data_wait is the share of the window's host time spent waiting for the
+        loader. A checkpoint step between logged steps reports the window so far to Ray Train
+        and keeps the window open. After a resume, the first window starts at the resumed step.
+        """
         self.restore()
         examples_per_step = (self.cfg.train.batch_size * self.world_size
                              * self.engine.gradient_accumulation_steps())
         progress = ProgressLog(self.run_dir, self.cfg.train.steps, self.cfg.train.log_every,
                                self.rank == 0, start_step=self.step)
+        window = MetricWindow()
         metrics: dict[str, float] = {}
         while self.step < self.cfg.train.steps:
-            metrics = self.train_step()
-            progress.step(self.step, examples_per_step, metrics)
-            if self.step % self.cfg.train.checkpoint_every == 0 or self.step == self.cfg.train.steps:
+            window.add(self.train_step())
+            logged = progress.due(self.step)
+            checkpoint = self.step % self.cfg.train.checkpoint_every == 0 or self.step == self.cfg.train.steps
+            if logged or checkpoint:  # the same steps on every rank: the all-reduce inside is collective
+                metrics = window.mean_over_ranks()
+            progress.step(self.step, examples_per_step, metrics if logged else None)
+            if logged:
+                window = MetricWindow()
+            if checkpoint:
                 self.save(metrics)
         return metrics
+
+
+@dataclasses.dataclass
+class StepMetrics:
+    """One optimizer step on one rank, as train_step measured it without waiting for the device."""
+    values: dict[str, torch.Tensor]  # 0-dim tensors on the device: loss, reconstruction, consistency
+    seconds: float  # the step's host time
+    waited: float  # the part of `seconds` spent waiting for the loader
+
+
+class MetricWindow:
+    """The steps since the last logged one: the metrics' sums on the device, host times as floats.
+
+    `add` queues one small addition on the device and never waits for it; `mean_over_ranks` is
+    the host-device synchronisation: one all-reduce and one copy to the host.
+    """
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.sums: torch.Tensor | None = None  # [len(names)] float32, on the device
+        self.steps = 0
+        self.seconds = 0.0
+        self.waited = 0.0
+
+    def add(self, step: StepMetrics) -> None:
+        values = torch.stack([v.detach().float() for v in step.values.values()])
+        self.names = list(step.values)
+        self.sums = values if self.sums is None else self.sums + values
+        self.steps += 1
+        self.seconds += step.seconds
+        self.waited += step.waited
+
+    def mean_over_ranks(self) -> dict[str, float]:
+        """Each metric's mean over the window, and data_wait (the window's share of host time
+        spent waiting for the loader), each averaged over ranks."""
+        if self.sums is None:
+            raise ValueError("no step in the window")
+        data_wait = torch.tensor([self.waited / max(self.seconds, 1e-9)], device=self.sums.device)
+        means = _mean_over_ranks(torch.cat([self.sums / self.steps, data_wait]))
+        return dict(zip([*self.names, "data_wait"], means))
 
 
 def _write_plan(placements: dict, path: Path) -> None:
@@ -159,7 +218,10 @@ def _device(cfg: RunConfig) -> torch.device:
 
 
 def _mean_over_ranks(values: torch.Tensor) -> list[float]:
-    """[n] metrics -> their means over ranks, in one all-reduce (on the model's device: nccl needs it)."""
+    """[n] metrics -> their means over ranks, in one all-reduce (on the model's device: nccl needs it).
+
+    It waits for the device (the copy to the host): train calls it on logged and checkpoint steps only.
+    """
     values = values.detach().float()
     dist.all_reduce(values)
     return (values / dist.get_world_size()).tolist()

@@ -1,5 +1,7 @@
-"""Progress the way users expect: a line every N steps on rank 0, and every step's metrics in a CSV.
+"""Progress the way users expect: a line every N steps on rank 0, and the same figures in a CSV.
 
+Each logged figure is a mean over the steps since the previous logged step and over ranks
+(trainer/loop.py's MetricWindow): the ranks gather their metrics only on logged steps.
 Ray Train V2 keeps only metrics that come with a checkpoint, so the run writes its own record:
 <run dir>/metrics.csv, one row per logged step, from rank 0.
 """
@@ -24,11 +26,24 @@ class ProgressLog:
         self.path = Path(run_dir) / "metrics.csv"
         self._columns: list[str] | None = None
 
-    def step(self, step: int, examples: int, metrics: dict[str, float]) -> None:
-        """Records step `step` (1-based) that consumed `examples` examples on all ranks together."""
+    def due(self, step: int) -> bool:
+        """Whether step `step` (1-based) is logged: every log_every-th step and the last one.
+
+        The same answer on every rank, so all ranks reduce their metrics on these steps.
+        """
+        return step % self.log_every == 0 or step == self.total_steps
+
+    def step(self, step: int, examples: int, metrics: dict[str, float] | None) -> None:
+        """Records step `step` (1-based) that consumed `examples` examples on all ranks together.
+
+        `metrics` (means over the steps since the last logged one, over ranks) are needed only
+        when due(step); other steps pass None.
+        """
         self.window_examples += examples
-        if not self.is_rank0 or (step % self.log_every and step != self.total_steps):
+        if not self.is_rank0 or not self.due(step):
             return
+        if metrics is None:
+            raise ValueError(f"step {step} is logged: it needs its metrics")
         now = time.perf_counter()
         rate = self.window_examples / max(now - self.window_started, 1e-9)
         per_step = (now - self.started) / max(step - self.start_step, 1)

@@ -18,6 +18,8 @@ def two_rank_checkpoint(tmp_path):
         (own / f"loader-rank{rank}.json").write_text(json.dumps({"epoch": 0, "batches_in_epoch": 3}))
         if rank == 0:
             write_state(own, step=12, world_size=2, run_name="r")
+            (own / "config.yaml").write_text("train: {steps: 12}\n")
+            (own / "dense.safetensors").write_bytes(b"\x01" * 32)
         write_manifest(own, rank=rank, run_name="r")
         for path in own.rglob("*"):
             if path.is_file():
@@ -51,3 +53,50 @@ def test_another_runs_checkpoint_is_refused(two_rank_checkpoint):
 def test_a_folder_without_manifests_is_refused(tmp_path):
     with pytest.raises(UserError, match="no manifest-rank"):
         verify_checkpoint(tmp_path, "r")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_missing_ranks_manifest_is_refused(two_rank_checkpoint, rank):
+    (two_rank_checkpoint / f"manifest-rank{rank}.json").unlink()
+    with pytest.raises(UserError, match=f"{two_rank_checkpoint}: .*manifest-rank{rank}.json.* missing") as err:
+        verify_checkpoint(two_rank_checkpoint, "r")
+    assert "\n" not in str(err.value)
+
+
+def test_the_missing_rank_is_named(two_rank_checkpoint):
+    (two_rank_checkpoint / "manifest-rank1.json").unlink()
+    with pytest.raises(UserError, match=r"world_size=2, but manifest-rank1.json \(rank 1\) is missing"):
+        verify_checkpoint(two_rank_checkpoint, "r")
+
+
+@pytest.mark.parametrize("name", ["state.json", "config.yaml", "dense.safetensors"])
+def test_a_missing_rank0_file_is_refused(two_rank_checkpoint, name):
+    (two_rank_checkpoint / name).unlink()
+    with pytest.raises(UserError, match=f"{name} is listed in manifest-rank0.json but missing"):
+        verify_checkpoint(two_rank_checkpoint, "r")
+
+
+@pytest.mark.parametrize("name", ["state.json", "config.yaml", "dense.safetensors"])
+def test_a_rank0_file_left_out_of_the_manifest_is_refused(two_rank_checkpoint, name):
+    path = two_rank_checkpoint / "manifest-rank0.json"
+    manifest = json.loads(path.read_text())
+    del manifest["files"][name]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=f"manifest-rank0.json does not list {name}"):
+        verify_checkpoint(two_rank_checkpoint, "r")
+
+
+def test_a_manifest_of_another_rank_is_refused(two_rank_checkpoint):
+    path = two_rank_checkpoint / "manifest-rank1.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "rank": 0}))
+    with pytest.raises(UserError, match="manifest-rank1.json: says rank 0, but its name says rank 1"):
+        verify_checkpoint(two_rank_checkpoint, "r")
+
+
+def test_a_rank_beyond_the_world_size_is_refused(two_rank_checkpoint, tmp_path):
+    stray = tmp_path / "rank2"
+    stray.mkdir()
+    write_manifest(stray, rank=2, run_name="r")
+    (two_rank_checkpoint / "manifest-rank2.json").write_bytes((stray / "manifest-rank2.json").read_bytes())
+    with pytest.raises(UserError, match="manifest-rank2.json is from rank 2, but state.json says world_size=2"):
+        verify_checkpoint(two_rank_checkpoint, "r")
