@@ -20,7 +20,7 @@ Prints a compact table of the target slots per user and writes completed.parquet
 from __future__ import annotations
 
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -166,32 +166,30 @@ def _region(index: int, layout: DenseLayout) -> str:
     return "unk" if index == layout.num_regions else f"r{index}"
 
 
-def register(commands) -> None:
-    parser = commands.add_parser("complete", help="complete users' latest week for a task with a checkpoint")
-    parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint folder, or a run folder (its latest checkpoint)")
-    parser.add_argument("--events", required=True,
-                        help="contract events: a dataset folder, an events directory or a Parquet file")
-    parser.add_argument("--task", required=True, choices=("short", "long", "cold"))
-    parser.add_argument("--out", required=True, help="folder for completed.parquet")
-    parser.add_argument("--cut", type=int, help="first target slot for every user (default: per task)")
-    parser.add_argument("--steps", type=int, help="DDIM steps (default: model.diffusion.sample_steps)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the evidence mask and the sampler")
-    parser.set_defaults(handler=_complete_command)
+@dataclass(frozen=True)
+class Completion:
+    """What complete_checkpoint did: the readable table of the target slots, and the
+    completed.parquet it wrote, for how many users, with the checkpoint of which step."""
+    readable: str
+    path: Path
+    users: int
+    step: int
 
 
-def _complete_command(args) -> int:
-    inference = load_inference_model(args.checkpoint)
+def complete_checkpoint(checkpoint: str | Path, events: str | Path, task: str, out: str | Path,
+                        cut: int | None = None, steps: int | None = None, seed: int = 0) -> Completion:
+    """What `u-mask complete` does: the checkpoint (a checkpoint or run folder) completes each
+    user's latest window of `events` for `task`, written to `<out>/completed.parquet`."""
+    inference = load_inference_model(checkpoint)
     diffusion = inference.cfg.model.diffusion
-    if args.steps is not None and not 1 <= args.steps <= diffusion.train_steps:
-        raise UserError(f"--steps {args.steps}: must be in [1, model.diffusion.train_steps="
+    if steps is not None and not 1 <= steps <= diffusion.train_steps:
+        raise UserError(f"--steps {steps}: must be in [1, model.diffusion.train_steps="
                         f"{diffusion.train_steps}]")
     with tempfile.TemporaryDirectory(prefix="umask-complete-") as workdir:
-        rows = latest_windows(Path(args.events), inference, Path(workdir))
-    result = complete_windows(inference, rows, args.task, args.cut, args.steps, args.seed)
-    print(readable(rows, result, inference.layout, args.task, inference.cfg.data.slot_seconds))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(completed_table(rows, result), out / "completed.parquet")
-    print(f"wrote {out / 'completed.parquet'} ({len(rows)} users, checkpoint step {inference.step})")
-    return 0
+        rows = latest_windows(Path(events), inference, Path(workdir))
+    result = complete_windows(inference, rows, task, cut, steps, seed)
+    path = Path(out) / "completed.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(completed_table(rows, result), path)
+    return Completion(readable(rows, result, inference.layout, task, inference.cfg.data.slot_seconds),
+                      path, len(rows), inference.step)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -486,48 +485,19 @@ def _app_categories(inference: InferenceModel) -> pa.Table | None:
     return read_apps(open_dataset(source), inference.cfg.data.num_categories)
 
 
-def register(commands) -> None:
-    parser = commands.add_parser("eval", help="evaluate a checkpoint against the baselines (JSON + PNG)")
-    parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint folder, or a run folder (its latest checkpoint)")
-    parser.add_argument("--data", help="featurize output to evaluate (default: the checkpoint "
-                                       "config's data.features)")
-    parser.add_argument("--split", default="test", choices=("test", "cold", "val"))
-    parser.add_argument("--out", required=True, help="folder for report.json, report.md and PNGs")
-    parser.add_argument("--samples", type=int, default=1, help="sampler seeds to average over")
-    parser.add_argument("--steps", type=int, help="DDIM steps (default: model.diffusion.sample_steps)")
-    parser.add_argument("--uniform-checkpoint",
-                        help="a run trained with model.mask.family=uniform: it completes the "
-                             "umask_uniform_mask row (default: the same weights as --checkpoint)")
-    parser.add_argument("--batches", type=int, help="evaluate at most this many batches")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0, help="seeds the masks and the sampler")
-    parser.add_argument("--popularity-batches", type=int, default=50,
-                        help="training batches the global popularity baseline averages")
-    parser.set_defaults(handler=_eval_command)
-
-
-def _eval_command(args) -> int:
-    for name in ("samples", "batch_size", "popularity_batches", "steps", "batches"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    inference = load_inference_model(args.checkpoint)
-    if args.steps is not None and args.steps > inference.cfg.model.diffusion.train_steps:
-        raise UserError(f"--steps {args.steps}: at most model.diffusion.train_steps="
+def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, settings: EvalSettings,
+                        data: str | Path | None = None, uniform_checkpoint: str | Path | None = None,
+                        on_batch: Callable[[int, int], None] | None = None) -> dict:
+    """What `u-mask eval` does: evaluates the checkpoint (a checkpoint or run folder) on
+    `settings.split` of `data` (default: the checkpoint config's data.features), with the
+    uniform-mask run's model for the ablation row when given, and writes report.json, report.md
+    and the plots into `out`. Returns the report."""
+    inference = load_inference_model(checkpoint)
+    if settings.steps is not None and settings.steps > inference.cfg.model.diffusion.train_steps:
+        raise UserError(f"--steps {settings.steps}: at most model.diffusion.train_steps="
                         f"{inference.cfg.model.diffusion.train_steps}")
-    settings = EvalSettings(split=args.split, samples=args.samples, steps=args.steps,
-                            batches=args.batches, batch_size=args.batch_size, seed=args.seed,
-                            popularity_batches=args.popularity_batches)
-    uniform = None if args.uniform_checkpoint is None else load_inference_model(args.uniform_checkpoint)
-    features = Path(args.data or inference.cfg.data.features)
-    report = evaluate(inference, features, settings, _app_categories(inference),
-                      lambda done, total: print(f"evaluated batch {done}/{total}", file=sys.stderr, flush=True),
-                      uniform)
-    out = Path(args.out)
-    write_report(report, out)
-    print(markdown_table(report))
-    print("\n".join(report["findings"]))
-    print(f"wrote {out / 'report.json'}, report.md and {len(report['tasks'])} plots "
-          f"({report['examples']} examples of {report['users']} users, checkpoint step {report['step']})")
-    return 0
+    uniform = None if uniform_checkpoint is None else load_inference_model(uniform_checkpoint)
+    features = Path(data or inference.cfg.data.features)
+    report = evaluate(inference, features, settings, _app_categories(inference), on_batch, uniform)
+    write_report(report, Path(out))
+    return report

@@ -10,15 +10,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-from trainer.cli import add_config_arguments, config_from_args
 from trainer.config import RunConfig, save_config
 from umask.errors import UserError
-
-
-def register(commands) -> None:
-    parser = commands.add_parser("train", help="train U-MASK on Ray (embedded Ray unless RAY_ADDRESS is set)")
-    add_config_arguments(parser)
-    parser.set_defaults(handler=lambda args: _print_result(train(config_from_args(args))))
 
 
 def train(cfg: RunConfig):
@@ -114,9 +107,3 @@ def _worker_env(cfg: RunConfig) -> dict[str, str]:
 
 def _absolute_storage(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
-
-
-def _print_result(result) -> int:
-    """A finished run's last metrics and checkpoint (Ray Train raises instead of returning a failure)."""
-    print(f"done: {result.metrics} checkpoint={result.checkpoint.path if result.checkpoint else None}")
-    return 0

@@ -1,11 +1,4 @@
 """`u-mask model-info`: parameter counts of the configured model, dense and sparse, without allocating it."""
-from trainer.cli import add_config_arguments, config_from_args
-
-
-def register(commands) -> None:
-    parser = commands.add_parser("model-info", help="print parameter counts of the configured model size")
-    add_config_arguments(parser)
-    parser.set_defaults(handler=_show)
 
 
 def model_parameter_counts(cfg) -> dict[str, int]:
@@ -22,12 +15,3 @@ def model_parameter_counts(cfg) -> dict[str, int]:
     for name, table in cfg.embeddings.tables().items():
         counts[f"table.{name}"] = table.num_embeddings * table.dim
     return counts
-
-
-def _show(args) -> int:
-    cfg = config_from_args(args)
-    counts = model_parameter_counts(cfg)
-    print(f"model size {cfg.model.size!r}: hidden={cfg.model.hidden} depth={cfg.model.depth} heads={cfg.model.heads}")
-    for name, count in counts.items():
-        print(f"  {name:<16} {count:>15,}")
-    return 0

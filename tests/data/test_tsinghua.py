@@ -1,14 +1,14 @@
 """The Tsinghua importer: text fixture in the public format -> a contract dataset."""
-import argparse
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from trainer.cli import main as cli_main
 from trainer.data.contract import open_dataset, read_apps, read_events, read_locations
 from trainer.data.schema import NORMALIZED_EVENTS
-from trainer.data.tsinghua import import_tsinghua, register
+from trainer.data.tsinghua import import_tsinghua
 from umask.errors import UserError
 
 # 2016-04-21 00:00:00 UTC = 08:00:00 in Beijing
@@ -122,12 +122,9 @@ def test_refuses_to_write_over_a_dataset_and_needs_the_trace(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
     src = fixture(tmp_path / "src", categories=None)
-    args = parser.parse_args(["import-tsinghua", "--src", str(src), "--out", str(tmp_path / "out"),
-                              "--rows-per-file", "2"])
-    assert args.handler(args) == 0
+    assert cli_main(["data", "import-tsinghua", "--src", str(src), "--out", str(tmp_path / "out"),
+                     "--rows-per-file", "2"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "events: 3 rows in 2 files",
         "locations: 2 base stations with 3 POI counts each, no coordinates",

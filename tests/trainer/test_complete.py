@@ -1,7 +1,5 @@
 """`u-mask complete`: task windows by hand, and the command on real contract events of two users
 with a checkpoint built in the trainer's format (tests/trainer/conftest.py built_checkpoint)."""
-import argparse
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -9,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from trainer.complete import COMPLETED, complete_windows, latest_windows, register, task_cut
+from trainer.cli import main as cli_main
+from trainer.complete import COMPLETED, complete_windows, latest_windows, task_cut
 from trainer.data.featurize import WEEK
-from umask.errors import UserError
 from trainer.inference import load_inference_model
 from umask.config import MaskConfig
 
@@ -19,10 +17,7 @@ MASK = MaskConfig()  # short: up to 6 target slots, long: up to 72, cold: 24 slo
 
 
 def run_complete(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["complete", *argv])
-    return args.handler(args)
+    return cli_main(["complete", *argv])
 
 
 def window(observed_slots: list[int], slots: int = 168) -> torch.Tensor:
@@ -106,12 +101,12 @@ def test_complete_command_prints_and_writes_the_completed_week(built_checkpoint,
     assert dense.shape == (2 * 168, 56) and np.isfinite(dense).all()
 
 
-def test_complete_command_errors_name_the_problem(built_checkpoint, two_users, tmp_path):
+def test_complete_command_errors_name_the_problem(built_checkpoint, two_users, tmp_path, capsys):
     run, _, _ = built_checkpoint
     events, _ = two_users
-    with pytest.raises(UserError, match="no such file"):
-        run_complete("--checkpoint", str(run), "--events", str(tmp_path / "none.parquet"),
-                     "--task", "cold", "--out", str(tmp_path))
-    with pytest.raises(UserError, match="--cut 400"):
-        run_complete("--checkpoint", str(run), "--events", str(events), "--task", "cold",
-                     "--out", str(tmp_path), "--cut", "400")
+    assert run_complete("--checkpoint", str(run), "--events", str(tmp_path / "none.parquet"),
+                        "--task", "cold", "--out", str(tmp_path)) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert run_complete("--checkpoint", str(run), "--events", str(events), "--task", "cold",
+                        "--out", str(tmp_path), "--cut", "400") == 2
+    assert "--cut 400" in capsys.readouterr().err

@@ -1,7 +1,6 @@
 """`u-mask eval` and checkpoint loading: metrics on hand-computed cases, baselines on a dataset
 whose right answers are known, the command end to end on a checkpoint built in the trainer's
 format (tests/trainer/conftest.py built_checkpoint; no training, so the model is untrained)."""
-import argparse
 import copy
 import json
 import math
@@ -16,9 +15,10 @@ import torch
 
 from trainer.data.schema import EXAMPLES, DenseLayout
 from umask.errors import UserError
+from trainer.cli import main as cli_main
 from trainer.data.batch import Batch
 from trainer.evaluate import (BASELINES, METHODS, MODEL, UNIFORM, EvalSettings, ScoredRows, app_recall,
-                              evaluate, findings, json_ready, register, uniform_evidence, used_apps)
+                              evaluate, findings, json_ready, uniform_evidence, used_apps)
 from trainer.inference import load_inference_model, resolve_checkpoint
 from umask.config import TASKS
 
@@ -28,10 +28,7 @@ T = 168
 
 
 def run_eval(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", *argv])
-    return args.handler(args)
+    return cli_main(["eval", *argv])
 
 
 # --- metrics and masks by hand --------------------------------------------------------------
@@ -304,9 +301,9 @@ def test_eval_command_writes_report_and_plots(built_checkpoint, tmp_path, capsys
     assert (out / "report.md").read_text().startswith("| task |")
 
 
-def test_eval_command_rejects_bad_arguments(built_checkpoint, tmp_path):
+def test_eval_command_rejects_bad_arguments(built_checkpoint, tmp_path, capsys):
     run, _, _ = built_checkpoint
-    with pytest.raises(UserError, match="--samples must be positive"):
-        run_eval("--checkpoint", str(run), "--out", str(tmp_path), "--samples", "0")
-    with pytest.raises(UserError, match="checkpoint not found"):
-        run_eval("--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path))
+    assert run_eval("--checkpoint", str(run), "--out", str(tmp_path), "--samples", "0") == 2
+    assert "--samples must be positive" in capsys.readouterr().err
+    assert run_eval("--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path)) == 2
+    assert "checkpoint not found" in capsys.readouterr().err

@@ -4,8 +4,8 @@ Two phases, so that no stage holds the event set in memory:
 1. partition: the event stream is split by a stable hash of user_id into data.num_shards
    buckets, each appended (one row group per buffer flush) to its own staging Parquet file;
 2. featurize: each bucket becomes examples independently, by `featurize_bucket`, a pure
-   function of (bucket file, side tables, data config) -> output files. Locally the buckets
-   run in data.featurize_workers processes; on a cluster the same function runs as Ray tasks.
+   function of (bucket file, side tables, data config) -> output files. The buckets run in
+   data.featurize_workers local processes (not yet as Ray tasks).
 
 Per bucket (numpy/pyarrow only, no Python loop per event or per user):
 - exact duplicate rows (all six columns, nulls included) are dropped;
@@ -47,7 +47,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainer.cli import add_config_arguments, config_from_args
 from trainer.config import DataConfig, RunConfig, save_config
 from trainer.data.contract import EventReader, open_dataset, read_apps, read_locations
 from trainer.data.regions import ABSENT, RegionTable, build_region_table
@@ -506,13 +505,7 @@ def _manifest(reports: list[dict], rows: int, side: SideTables, cfg: DataConfig,
     }
 
 
-# --- command line ---------------------------------------------------------------------
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("featurize", help="turn contract events into training examples")
-    add_config_arguments(parser)
-    parser.set_defaults(handler=_featurize_command)
-
+# --- a whole run: what `u-mask data featurize` does ------------------------------------
 
 def featurize(cfg: RunConfig) -> dict:
     """What `u-mask data featurize` does: data.source -> examples, manifest and the resolved
@@ -527,14 +520,3 @@ def featurize(cfg: RunConfig) -> dict:
                                 read_locations(dataset), data, out, reader.report.as_dict)
     save_config(cfg, out / "config.yaml")
     return manifest
-
-
-def _featurize_command(args) -> int:
-    cfg = config_from_args(args)
-    manifest = featurize(cfg)
-    examples, users, events = manifest["examples"], manifest["users"], manifest["events"]
-    print(f"featurized {events['featurized']} events ({events['duplicates_dropped']} duplicates "
-          f"dropped, {manifest['quarantine']['rows_quarantined']} rows quarantined) into "
-          f"{sum(examples.values())} examples of {sum(users.values())} users ("
-          + ", ".join(f"{s} {examples[s]}" for s in SPLITS) + f") in {cfg.data.features}")
-    return 0

@@ -3,17 +3,16 @@
 Users, examples and events per split (from the manifest), the share of observed slots per
 example as quantiles and sparsity buckets (the axis the evaluation reports along), the most
 used app categories and how location records spread over regions. One pass over the files,
-a row group at a time; printed for people and written as `<features>/summary.json`.
+a row group at a time. `u-mask data summary` prints it for people and writes it as
+`<features>/summary.json`.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from trainer.cli import add_config_arguments, config_from_args
 from trainer.data.loader import load_manifest
 from trainer.data.schema import SPLITS
 
@@ -99,17 +98,3 @@ def format_summary(summary: dict) -> str:
     lines.append(f"regions ({regions['source']}): {regions['regions_used']} used over "
                  f"{regions['located_slots']} located slots, unknown {regions['unknown_share']:.1%}")
     return "\n".join(lines)
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("summary", help="summarize featurized data (also as summary.json)")
-    add_config_arguments(parser)
-    parser.set_defaults(handler=_summary_command)
-
-
-def _summary_command(args) -> int:
-    features = Path(config_from_args(args).data.features)
-    summary = summarize(features)
-    (features / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(format_summary(summary))
-    return 0

@@ -9,7 +9,6 @@ depends on the chunk size, not on the number of users.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import multiprocessing
 import os
@@ -75,32 +74,6 @@ def synthesize(out: str | Path, users: int, days: int = 28, seed: int = 0, apps:
             events += count
             profiles.write_table(profile_rows)
     return SynthSummary(users, events, len(chunks) + len(TABLES), time.perf_counter() - began)
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "synth", help="write a synthetic dataset in the data contract",
-        description="Write synthetic users (personas with daily and weekly routines) as "
-                    "contract Parquet: events/, apps.parquet, locations.parquet, profiles.parquet.")
-    parser.add_argument("--out", required=True,
-                        help="output directory: new, empty or an earlier synth output")
-    parser.add_argument("--users", type=int, required=True, help="number of users")
-    parser.add_argument("--days", type=int, default=28, help="length of the window in days")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same Parquet content")
-    parser.add_argument("--apps", type=int, default=2000, help="apps in the catalog")
-    parser.add_argument("--locations", type=int, default=500, help="places (cells) in the city")
-    parser.add_argument("--start", default=DEFAULT_START,
-                        help="first hour of the window, UTC (YYYY-MM-DD or YYYY-MM-DDTHH:00)")
-    parser.add_argument("--workers", type=int, default=1, help="processes generating chunks")
-    parser.set_defaults(handler=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    summary = synthesize(args.out, users=args.users, days=args.days, seed=args.seed,
-                         apps=args.apps, locations=args.locations, start=args.start,
-                         workers=args.workers)
-    print(summary.line(Path(args.out)))
-    return 0
 
 
 def _write_chunk(task) -> tuple[int, pa.Table]:

@@ -80,28 +80,6 @@ class ImportSummary:
         return out
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "import-tsinghua", help="convert the Tsinghua App Usage text files into a contract dataset")
-    parser.add_argument("--src", required=True, type=Path,
-                        help=f"folder holding {TRACE} (and {APP_CATEGORIES}, {BASE_POI})")
-    parser.add_argument("--out", required=True, type=Path,
-                        help="new dataset folder (must not exist or be empty)")
-    parser.add_argument("--utc-offset-hours", type=int, default=CHINA_UTC_OFFSET_HOURS,
-                        help="time zone of the trace's local times (default 8, China)")
-    parser.add_argument("--rows-per-file", type=int, default=5_000_000,
-                        help="events per output Parquet file")
-    parser.set_defaults(handler=_run)
-
-
-def _run(args) -> int:
-    summary = import_tsinghua(args.src, args.out, args.utc_offset_hours, args.rows_per_file)
-    for line in summary.lines():
-        print(line)
-    print(f"wrote {args.out}")
-    return 0
-
-
 def import_tsinghua(src: Path, out: Path, utc_offset_hours: int = CHINA_UTC_OFFSET_HOURS,
                     rows_per_file: int = 5_000_000) -> ImportSummary:
     """Convert the text files in `src` into a contract dataset at `out`."""
