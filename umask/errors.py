@@ -2,9 +2,9 @@
 
 Library errors are translated into it where they are understood (with the file, key or row
 at fault); the `u-mask` CLI (trainer/cli.py) prints it without a traceback and exits with
-status 2. It lives in umask/, the bottom layer, which imports torch only and installs on its
-own, so that umask/, embeddings/ and trainer/ can all raise it without importing anything
-above them.
+status 2. It lives in umask/, the bottom layer (torch only, and meant to be installable on its
+own), so that umask/, embeddings/ and trainer/ can all raise it without importing a layer above
+their own.
 """
 
 
