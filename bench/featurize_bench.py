@@ -28,9 +28,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainer.config import DataConfig
-from trainer.data.featurize import (EXAMPLE_WRITE_OPTIONS, ORIGIN, WEEK, SideTables, featurize_events,
+from trainer.data.featurize import (EXAMPLE_WRITE_OPTIONS, build_feature_spec, featurize_events,
                                     prepare_output, split_of)
-from trainer.data.schema import EXAMPLES, NORMALIZED_EVENTS, SPLITS, DenseLayout
+from trainer.data.schema import EXAMPLES, NORMALIZED_EVENTS
+from umask.spec import SPLITS, DenseLayout
+from umask.spec import WEEK_SECONDS as WEEK
+from umask.spec import WINDOW_ORIGIN as ORIGIN
 
 APPS, CATEGORIZED_APPS, LOCATIONS = 2000, 1800, 9000
 BATCH_ROWS = 1 << 20
@@ -70,13 +73,14 @@ def side_tables(seed: int = 0) -> tuple[pa.Table, pa.Table]:
 
 def ours(events: pa.Table, apps: pa.Table, locations: pa.Table, cfg: DataConfig, out: Path) -> None:
     prepare_output(out)
-    featurize_events(events.to_batches(max_chunksize=BATCH_ROWS), apps, locations, cfg, out)
+    featurize_events(events.to_batches(max_chunksize=BATCH_ROWS), *build_feature_spec(apps, locations, cfg),
+                     cfg, out)
 
 
 def pandas_featurize(events: pa.Table, apps: pa.Table, locations: pa.Table, cfg: DataConfig,
                      out: Path) -> None:
     """The same examples as featurize_events, written with pandas groupbys."""
-    side = SideTables.build(apps, locations, cfg)
+    spec, maps = build_feature_spec(apps, locations, cfg)
     T, C, K = cfg.slots, cfg.num_categories, cfg.num_regions
     layout, span = DenseLayout(C, K), T * cfg.slot_seconds
     df = events.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get).drop_duplicates()
@@ -96,7 +100,7 @@ def pandas_featurize(events: pa.Table, apps: pa.Table, locations: pa.Table, cfg:
     observed[ex, slot] = True
 
     with_app = df[df["app_id"].notna()].copy()
-    category = pd.Series(side.categories, index=side.app_ids)
+    category = pd.Series(maps.categories, index=maps.app_ids)
     with_app["category"] = with_app["app_id"].map(category).fillna(C).astype(np.int64)
     grouped = with_app.groupby(keys + ["category"])
     usage = grouped.size() if cfg.category_value == "count" else grouped["traffic_bytes"].sum()
@@ -106,7 +110,7 @@ def pandas_featurize(events: pa.Table, apps: pa.Table, locations: pa.Table, cfg:
         dense[ex, slot, layout.category.start + c] = np.log1p(usage[c].to_numpy(np.float64))
 
     with_loc = df[df["loc_id"].notna()].copy()
-    with_loc["region"] = side.region(with_loc["loc_id"].to_numpy(np.int64))
+    with_loc["region"] = maps.region(with_loc["loc_id"].to_numpy(np.int64), spec)
     counts = with_loc.groupby(keys + ["region"]).size().unstack(fill_value=0)
     shares = counts.div(counts.sum(axis=1), axis=0)
     ex, slot = (shares.index.get_level_values(k).to_numpy() for k in keys)
@@ -116,7 +120,7 @@ def pandas_featurize(events: pa.Table, apps: pa.Table, locations: pa.Table, cfg:
     bags = [_pandas_bag(with_app, "app_id", E, T), _pandas_bag(with_loc, "loc_id", E, T)]
     user = examples["user_id"].to_numpy(np.int64)
     window = examples["window"].to_numpy(np.int64)
-    split = split_of(user, cfg)
+    split = split_of(user, spec)
     slot_start = window[:, None] * span + np.arange(T) * cfg.slot_seconds  # [E, T] since ORIGIN
     tow = ((slot_start % WEEK) // cfg.slot_seconds).astype(np.int16)
     for s, name in enumerate(SPLITS):
@@ -159,7 +163,7 @@ def _lists(values: np.ndarray) -> pa.ListArray:
 
 
 def read_examples(out: Path) -> dict:
-    rows = pa.concat_tables([pq.read_table(p, schema=EXAMPLES) for p in sorted(out.rglob("*.parquet"))])
+    rows = pa.concat_tables([pq.read_table(p, schema=EXAMPLES) for p in sorted(out.glob("split=*/**/*.parquet"))])
     return {(r["user_id"], r["window_start"]): r for r in rows.to_pylist()}
 
 

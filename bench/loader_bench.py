@@ -26,12 +26,14 @@ from torch import nn
 
 from trainer.data.batch import Batch
 from trainer.data.loader import ShardedLoader
-from trainer.data.schema import EXAMPLES, DenseLayout
+from trainer.data.schema import EXAMPLES
+from umask.spec import FeatureMaps, FeatureSpec, save_spec
 from umask.config import ModelConfig
 from umask.model import UMask
 
 SLOTS = 168
-LAYOUT = DenseLayout(num_categories=20, num_regions=32)
+SPEC = FeatureSpec(slot_seconds=3600, slots=SLOTS, num_categories=20, num_regions=32)
+LAYOUT = SPEC.layout
 BATCH = 32
 ROW_GROUP = 512
 SHARDS = 4
@@ -80,9 +82,9 @@ def write_dataset(features: Path, examples: int) -> None:
         path = features / "split=train" / f"shard={shard:05d}" / "part-00000.parquet"
         path.parent.mkdir(parents=True)
         pq.write_table(synthetic_examples(shard * per_shard, per_shard, rng), path, row_group_size=ROW_GROUP)
+    spec = save_spec(features / "spec", SPEC, FeatureMaps.empty())
     (features / "manifest.json").write_text(json.dumps({
-        "slots": SLOTS, "channels": LAYOUT.num_channels, "num_categories": LAYOUT.num_categories,
-        "num_regions": LAYOUT.num_regions, "slot_seconds": 3600, "examples": {"train": per_shard * SHARDS}}))
+        "spec_digest": spec.digest, "examples": {"train": per_shard * SHARDS}}))
 
 
 def loader_examples_per_s(features: Path) -> float:
@@ -120,7 +122,7 @@ def step_examples_per_s(features: Path, steps: int) -> float:
     with ShardedLoader(features, rank=0, world_size=1, batch_size=BATCH, seed=0, epochs=1) as loader:
         batch = next(loader)
     bags = SlotBags()
-    model = UMask(ModelConfig(), LAYOUT.num_categories, LAYOUT.num_regions, sparse_dim=32)
+    model = UMask(ModelConfig(), SPEC, sparse_dim=32)
     optimizer = torch.optim.AdamW([*model.parameters(), *bags.parameters()], lr=1e-3)
     generator = torch.Generator().manual_seed(0)
 

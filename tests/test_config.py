@@ -67,7 +67,19 @@ def test_defaults_are_a_valid_config():
     assert load_config() == RunConfig()
 
 
-def test_day_slots_must_fit_the_slot_length():
-    with pytest.raises(ConfigError, match=r"model\.day_slots: must be the slots in one day .* = 48"):
-        load_config([], ["data.slot_seconds=1800"])
-    assert load_config([], ["data.slot_seconds=1800", "model.day_slots=48"]).model.day_slots == 48
+@pytest.mark.parametrize("slot_seconds", [900, 1800, 3600, 7200, 86400])
+def test_any_slot_length_that_divides_a_day_is_valid(slot_seconds):
+    spec = load_config([], [f"data.slot_seconds={slot_seconds}"]).data.feature_spec()
+    assert spec.slots_per_day * slot_seconds == 86400 and spec.slots_per_week == 7 * spec.slots_per_day
+
+
+@pytest.mark.parametrize("slot_seconds", [1000, 5000, 100_000])
+def test_a_slot_length_that_does_not_divide_a_day_is_refused(slot_seconds):
+    with pytest.raises(ConfigError, match=r"data\.slot_seconds: must divide a day"):
+        load_config([], [f"data.slot_seconds={slot_seconds}"])
+
+
+def test_day_slots_is_no_key_any_more():
+    # U-SCOPE's day is the feature spec's, so a second setting cannot disagree with the data
+    with pytest.raises(ConfigError, match=r"model\.day_slots: unknown key"):
+        load_config([], ["model.day_slots=24"])

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from embeddings.config import EmbeddingsConfig
 from umask.config import ModelConfig
-from trainer.data.schema import DenseLayout
+from umask.spec import CONFIG_KEYS, DenseLayout, FeatureSpec, time_problems
 from umask.errors import UserError
 
 
@@ -28,11 +28,19 @@ class ConfigError(UserError):
 
 @dataclass
 class DataConfig:
+    """Where the data is and how featurize turns it into examples.
+
+    The keys of umask.spec.CONFIG_KEYS (slot_seconds, slots, num_categories, num_regions,
+    category_value, split_salt and the split fractions) become the feature spec that featurize
+    writes; training refuses features whose spec disagrees with them. The others may change
+    between featurize and train.
+    """
+
     source: str = "data/synth"  # a contract dataset: events/ (or events.parquet), apps.parquet, ...
     features: str = "data/features"  # featurize output, read by the loader
     invalid_rows: str = "quarantine"  # strict: fail on the first invalid row; quarantine: set it aside
-    slot_seconds: int = 3600
-    slots: int = 168  # T, slots per example window (168 hourly slots = one week)
+    slot_seconds: int = 3600  # slot length; must divide a day: 900, 1800, 3600, 7200, ...
+    slots: int = 168  # T, slots per example window (168 hourly slots = one week; 336 half-hours)
     num_categories: int = 20  # C, app categories in apps.parquet (category_id in [0, C))
     num_regions: int = 32  # K, regions when locations.parquet has no region_id
     category_value: str = "count"  # count | bytes: what the app-category channels measure
@@ -45,14 +53,19 @@ class DataConfig:
     shuffle_window: int = 4  # row groups whose rows the loader shuffles together (memory: 2 windows per rank)
     featurize_workers: int = 2  # processes (locally) or Ray tasks (on a cluster)
 
+    def feature_spec(self) -> FeatureSpec:
+        """The feature spec these settings give before any side table is read (no maps, no
+        region centroids): enough to size a model. featurize adds the rest."""
+        return FeatureSpec(**{key: getattr(self, key) for key in CONFIG_KEYS})
+
     def problems(self) -> list[tuple[str, str]]:
         out = []
         if self.invalid_rows not in ("strict", "quarantine"):
             out.append(("invalid_rows", "must be 'strict' or 'quarantine'"))
         if self.category_value not in ("count", "bytes"):
             out.append(("category_value", "must be 'count' or 'bytes'"))
-        for key in ("slot_seconds", "slots", "num_categories", "num_regions", "num_shards",
-                    "row_group_size", "featurize_workers"):
+        out += time_problems(self.slot_seconds, self.slots)
+        for key in ("num_categories", "num_regions", "num_shards", "row_group_size", "featurize_workers"):
             if getattr(self, key) <= 0:
                 out.append((key, "must be positive"))
         for key in ("val_fraction", "test_fraction", "cold_fraction"):
@@ -60,9 +73,6 @@ class DataConfig:
                 out.append((key, "must be in [0, 1)"))
         if self.val_fraction + self.test_fraction + self.cold_fraction >= 1.0:
             out.append(("val_fraction", "val + test + cold fractions leave no training users"))
-        if self.slot_seconds > 0 and 604800 // self.slot_seconds > 32767:
-            out.append(("slot_seconds", "a week would have more slots than time_of_week (int16) "
-                                        "can number; use slots of 19 s or more"))
         per_example = self.slots * DenseLayout(self.num_categories, self.num_regions).num_channels
         if self.row_group_size * per_example >= 2**31:
             out.append(("row_group_size", f"a row group would hold 2^31 or more dense values "
@@ -137,12 +147,6 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
-    def problems(self) -> list[tuple[str, str]]:
-        """Rules that tie sections together; each section checks its own keys."""
-        if self.model.day_slots * self.data.slot_seconds != 86400:
-            return [("model.day_slots", f"must be the slots in one day (86400 / data.slot_seconds = "
-                                        f"{86400 / self.data.slot_seconds:g})")]
-        return []
 
 
 def load_config(paths: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -8,8 +8,7 @@ so a sparsity bucket without slots shows up as NaN in a report.
 import torch
 from torch import Tensor
 
-# Upper edges of the sparsity buckets, as the share of a user's slots that hold a record.
-SPARSITY_EDGES = (0.05, 0.15, 0.3, 0.5)
+from umask.spec import SPARSITY_EDGES, bucket_labels
 
 
 def true_rank(scores: Tensor, truth: Tensor) -> Tensor:
@@ -77,11 +76,6 @@ def grouped_bootstrap_interval(difference: Tensor, group: Tensor, draws: int = 2
 def sparsity_bucket(observed_share: Tensor, edges: tuple[float, ...] = SPARSITY_EDGES) -> Tensor:
     """Bucket index per user: 0 for share <= edges[0], ..., len(edges) above the last; [N]."""
     return torch.bucketize(observed_share, torch.tensor(edges, dtype=observed_share.dtype))
-
-
-def bucket_labels(edges: tuple[float, ...] = SPARSITY_EDGES) -> list[str]:
-    bounds = (0.0, *edges, 1.0)
-    return [f"({lo:g}, {hi:g}]" if i else f"[{lo:g}, {hi:g}]" for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
 
 
 def completion_metrics(prediction: Tensor, truth: Tensor, scored: Tensor, num_categories: int,

@@ -12,10 +12,14 @@ import pytest
 from trainer.cli import main as cli_main
 from trainer.config import DataConfig, load_config
 from trainer.data import featurize
-from trainer.data.featurize import (ORIGIN, REGION_SALT, SHARD_SALT, WEEK, bucket_of, featurize_events,
-                                    prepare_output, split_of)
+from trainer.data.featurize import (build_feature_spec, bucket_of, featurize_events, prepare_output,
+                                    split_of)
 from trainer.data.regions import build_region_table, kmeans_regions
-from trainer.data.schema import EXAMPLES, NORMALIZED_EVENTS, SPLITS
+from trainer.data.loader import read_spec
+from trainer.data.schema import EXAMPLES, NORMALIZED_EVENTS
+from umask.spec import REGION_SALT, SHARD_SALT, SPLITS
+from umask.spec import WEEK_SECONDS as WEEK
+from umask.spec import WINDOW_ORIGIN as ORIGIN
 from umask.errors import UserError
 
 B = ORIGIN + 100 * WEEK  # a Monday 00:00 UTC; with T=4 hourly slots windows are 4 h long
@@ -69,6 +73,11 @@ def batches_of(rows, size=4):
     return table.to_batches(max_chunksize=size)
 
 
+def featurize_tables(batches, apps, locations, cfg, out):
+    """featurize_events with the spec that featurize builds from these side tables."""
+    return featurize_events(batches, *build_feature_spec(apps, locations, cfg), cfg, out)
+
+
 def small_config(**overrides) -> DataConfig:
     settings = dict(slots=4, slot_seconds=3600, num_categories=2, num_regions=2, num_shards=2,
                     row_group_size=512, featurize_workers=1)
@@ -80,7 +89,7 @@ def run(tmp_path, rows=EVENTS, apps=APPS, locations=LOCATIONS, **overrides):
     cfg = small_config(**overrides)
     out = tmp_path / "features"
     prepare_output(out)
-    manifest = featurize_events(batches_of(rows), apps, locations, cfg, out)
+    manifest = featurize_tables(batches_of(rows), apps, locations, cfg, out)
     return manifest, read_examples(out), cfg
 
 
@@ -162,7 +171,7 @@ def test_splits_follow_the_reference_hash(tmp_path):
     for (user, _), ex in examples.items():
         assert ex["split"] == expected_split(user, cfg)
     ids = np.arange(0, 2**62, 2**62 // 5000, dtype=np.int64)[:5000]
-    got = [SPLITS[i] for i in split_of(ids, cfg)]
+    got = [SPLITS[i] for i in split_of(ids, cfg.feature_spec())]
     assert got == [expected_split(int(i), cfg) for i in ids]
     counts = {s: got.count(s) / len(got) for s in SPLITS}
     assert counts["val"] == pytest.approx(0.05, abs=0.015) and counts["test"] == pytest.approx(0.1, abs=0.02)
@@ -199,10 +208,11 @@ def test_listed_location_without_coordinates_is_unknown_region(tmp_path):
 def test_kmeans_regions_separate_far_places_and_join_across_the_antimeridian():
     lat = np.array([39.9, 39.95, 40.0, -33.9, -33.85, 10.0, 10.1])
     lon = np.array([116.4, 116.5, 116.3, 151.2, 151.25, 179.95, -179.95])
-    regions = kmeans_regions(lat, lon, 3)
+    regions, centroids = kmeans_regions(lat, lon, 3)
     assert len(set(regions[:3])) == 1 and len(set(regions[3:5])) == 1 and regions[5] == regions[6]
     assert len({regions[0], regions[3], regions[5]}) == 3
-    np.testing.assert_array_equal(regions, kmeans_regions(lat, lon, 3))
+    np.testing.assert_array_equal(regions, kmeans_regions(lat, lon, 3)[0])
+    assert centroids.shape == (3, 3)
 
 
 def test_region_ids_out_of_range_name_the_row():
@@ -232,7 +242,7 @@ def test_shards_are_disjoint_by_user_and_deterministic(tmp_path):
     out = tmp_path / "a"
     prepare_output(out)
     cfg = small_config(num_shards=4, slots=24, row_group_size=16)
-    featurize_events(batches_of(rows, 500), APPS, LOCATIONS, cfg, out)
+    featurize_tables(batches_of(rows, 500), APPS, LOCATIONS, cfg, out)
     shard_users = {}
     for path in out.glob("split=*/shard=*/part-00000.parquet"):
         shard = int(path.parent.name.split("=")[1])
@@ -244,7 +254,7 @@ def test_shards_are_disjoint_by_user_and_deterministic(tmp_path):
 
     again = tmp_path / "b"
     prepare_output(again)
-    featurize_events(batches_of(rows[::-1], 77), APPS, LOCATIONS, cfg, again)  # other order, batches
+    featurize_tables(batches_of(rows[::-1], 77), APPS, LOCATIONS, cfg, again)  # other order, batches
     for path in out.glob("split=*/shard=*/*.parquet"):
         assert pq.read_table(path).equals(pq.read_table(again / path.relative_to(out)))
 
@@ -255,7 +265,7 @@ def test_worker_processes_give_the_same_output(tmp_path):
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         prepare_output(out)
-        manifest = featurize_events(batches_of(rows, 100), APPS, None,
+        manifest = featurize_tables(batches_of(rows, 100), APPS, None,
                                     small_config(num_shards=3, featurize_workers=workers), out)
         outputs.append((manifest, read_examples(out)))
     assert outputs[0][0]["shards"] == outputs[1][0]["shards"]
@@ -271,9 +281,12 @@ def test_row_groups_and_manifest(tmp_path):
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [2, 2, 1]
     assert manifest["shards"][0]["row_groups"] == {split: [2, 2, 1]}
     assert manifest["examples"][split] == 5
-    assert (manifest["slots"], manifest["channels"], manifest["num_categories"], manifest["num_regions"],
-            manifest["slot_seconds"]) == (4, 8, 2, 2, 3600)
-    assert manifest["dense_layout"]["unknown_region"] == 5
+    spec = read_spec(tmp_path / "features")
+    assert manifest["spec_digest"] == spec.digest
+    assert (spec.slots, spec.layout.num_channels, spec.num_categories, spec.num_regions,
+            spec.slot_seconds, spec.region_source) == (4, 8, 2, 2, 3600, "region_id")
+    assert json.loads((tmp_path / "features" / "spec" / "spec.json").read_text())["dense_layout"][
+        "unknown_region"] == 5
     assert not (tmp_path / "features" / "_staging").exists()
     assert json.loads((tmp_path / "features" / "manifest.json").read_text()) == manifest
 
@@ -341,7 +354,9 @@ def test_featurize_and_summary_commands(tmp_path, capsys):
     assert summary["observed_slot_share"]["mean"] == pytest.approx((3 / 4 + 1 / 4 + 1 / 4 + 1 / 4) / 4)
     assert summary["observed_slot_share"]["quantiles"]["p50"] == 0.25
     assert summary["observed_slot_share"]["quantiles"]["p90"] == 0.75
-    assert summary["observed_slot_share"]["buckets"] == {"<=5%": 0, "<=20%": 0, "<=50%": 3, ">50%": 1}
+    # the buckets are the spec's, the same as eval's (umask.spec.SPARSITY_EDGES)
+    assert summary["observed_slot_share"]["buckets"] == {
+        "[0, 0.05]": 0, "(0.05, 0.15]": 0, "(0.15, 0.3]": 3, "(0.3, 0.5]": 0, "(0.5, 1]": 1}
     top = summary["top_categories"]
     assert [c["category"] for c in top] == ["1", "0", "unknown"]  # app records: 11 x4, 10 x3, 99 x2
     assert [c["usage"] for c in top] == [4, 3, 2]
@@ -359,7 +374,7 @@ def test_featurize_and_summary_commands(tmp_path, capsys):
 def _library_run(tmp_path) -> Path:
     out = tmp_path / "library"
     prepare_output(out)
-    featurize_events(batches_of(EVENTS), APPS, LOCATIONS, small_config(), out)
+    featurize_tables(batches_of(EVENTS), APPS, LOCATIONS, small_config(), out)
     return out
 
 

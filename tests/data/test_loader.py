@@ -12,10 +12,12 @@ import torch
 import trainer.data.loader as loader_module
 from trainer.data.batch import Batch, gather_bags
 from trainer.data.loader import ShardedLoader, deal_row_groups
-from trainer.data.schema import EXAMPLES, SPLITS
+from trainer.data.schema import EXAMPLES
+from umask.spec import SPLITS, FeatureMaps, FeatureSpec, save_spec
 from umask.errors import UserError
 
-T, F = 4, 3
+T, C, K = 4, 1, 1
+F = C + K + 4  # umask.spec.DenseLayout
 
 
 def example_row(user: int, split: str, slots: int = T, channels: int = F) -> dict:
@@ -48,9 +50,11 @@ def write_part(features: Path, split: str, shard: int, groups: list[list[dict]],
     return path
 
 
-def write_manifest(features: Path, slots: int = T, channels: int = F) -> None:
-    features.mkdir(parents=True, exist_ok=True)
-    (features / "manifest.json").write_text(json.dumps({"slots": slots, "channels": channels}))
+def write_manifest(features: Path, slots: int = T) -> None:
+    """The spec folder and a manifest that names it, as featurize writes them."""
+    spec = save_spec(features / "spec", FeatureSpec(slot_seconds=3600, slots=slots, num_categories=C,
+                                                   num_regions=K), FeatureMaps.empty())
+    (features / "manifest.json").write_text(json.dumps({"spec_digest": spec.digest}))
 
 
 def write_dataset(features: Path, group_sizes: list[list[int]], split: str = "train", first_user: int = 0) -> list[int]:
@@ -87,8 +91,8 @@ def users(batches: list[Batch]) -> list[int]:
 
 
 def test_batch_holds_the_source_values_in_kjt_layout(tmp_path):
-    write_manifest(tmp_path, slots=3, channels=2)
-    rows = [example_row(4, "train", 3, 2), example_row(5, "train", 3, 2)]
+    write_manifest(tmp_path, slots=3)
+    rows = [example_row(4, "train", 3), example_row(5, "train", 3)]
     write_part(tmp_path, "train", 0, [rows])
     [batch] = collect(ShardedLoader(tmp_path, 0, 1, batch_size=2, seed=0, epochs=1, shuffle=False))
     # user 4: observed slots t with (4+t)%3==0 -> t=2, 1 app id; user 5: t=1, 2 app ids
@@ -97,9 +101,9 @@ def test_batch_holds_the_source_values_in_kjt_layout(tmp_path):
     assert batch.split.tolist() == [SPLITS.index("train")] * 2
     assert batch.time_of_week.tolist() == [[4, 5, 6], [5, 6, 7]] and batch.time_of_week.dtype == torch.int64
     assert batch.observed.tolist() == [[False, False, True], [False, True, False]]
-    assert batch.dense.shape == (2, 3, 2) and batch.dense.dtype == torch.float32
-    assert batch.dense[0].tolist() == [[4.0, 4.25], [4.5, 4.75], [5.0, 5.25]]
-    assert batch.dense[1, 2].tolist() == [6.0, 6.25]
+    assert batch.dense.shape == (2, 3, 6) and batch.dense.dtype == torch.float32
+    assert batch.dense[0, 0].tolist() == [4.0, 4.25, 4.5, 4.75, 5.0, 5.25]
+    assert batch.dense[1, 2].tolist() == [8.0, 8.25, 8.5, 8.75, 9.0, 9.25]
     assert batch.app_lengths.tolist() == [0, 0, 1, 0, 2, 0] and batch.app_lengths.dtype == torch.int32
     assert batch.app_values.tolist() == [402, 501, 501]
     assert batch.loc_lengths.tolist() == [0, 0, 1, 0, 1, 0]
@@ -266,7 +270,7 @@ def test_bad_rows_name_file_row_group_and_row(tmp_path):
     short["dense"] = short["dense"][:-1]
     path = write_part(tmp_path, "train", 0, [[example_row(1, "train")], [example_row(2, "train"), short]])
     loader = ShardedLoader(tmp_path, 0, 1, batch_size=3, seed=0, epochs=1, shuffle=False)
-    with pytest.raises(UserError, match=re.escape(f"{path}: row group 1, row 1: column 'dense' has 11 values, expected 12")):
+    with pytest.raises(UserError, match=re.escape(f"{path}: row group 1, row 1: column 'dense' has 23 values, expected 24")):
         next(loader)
     loader.close()
 

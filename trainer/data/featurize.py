@@ -4,23 +4,28 @@ Two phases, so that no stage holds the event set in memory:
 1. partition: the event stream is split by a stable hash of user_id into data.num_shards
    buckets, each appended (one row group per buffer flush) to its own staging Parquet file;
 2. featurize: each bucket becomes examples independently, by `featurize_bucket`, a pure
-   function of (bucket file, side tables, data config) -> output files. The buckets run in
-   data.featurize_workers local processes (not yet as Ray tasks).
+   function of (bucket file, feature spec and maps, row group size) -> output files. The
+   buckets run in data.featurize_workers local processes (not yet as Ray tasks).
+
+Everything that decides what an example means comes from the feature spec (umask/spec.py),
+built once per run by `build_feature_spec` from data.* and the side tables (the app-to-
+category map, the regions: precomputed or fitted here) and written to `<features>/spec/`.
 
 Per bucket (numpy/pyarrow only, no Python loop per event or per user):
 - exact duplicate rows (all six columns, nulls included) are dropped;
-- window w of a user covers [ORIGIN + w*T*slot_seconds, ...) with ORIGIN the Monday
+- window w of a user covers [origin + w*T*slot_seconds, ...) with origin the Monday
   1970-01-05T00:00Z, so windows are week-aligned when T*slot_seconds is a week; a
   (user, window) with at least one event is one example;
-- dense channels per schema.DenseLayout. Category usage is log1p of the slot's app records
+- dense channels per umask.spec.DenseLayout. Category usage is log1p of the slot's app records
   (count) or of their traffic bytes (data.category_value; null bytes count 0); apps missing
   from apps.parquet fall in the unknown category; location-only records (null app_id) count
   for regions, activity and volume, not for categories. Region shares are over the slot's
   records with a loc_id; install and uninstall events are records like `use` (observed,
   activity, categories, app bag), because an install is evidence of the user's interest
   in the app at that time and the event kind is not a channel of its own;
-- regions come from trainer.data.regions; loc_ids absent from locations.parquet (or every
-  loc_id when there is no such table) go to region stable_hash(loc_id) % K, so the same
+- regions come from the spec's map (trainer.data.regions builds it); loc_ids absent from
+  locations.parquet (or every loc_id when there is no such table) go to region
+  stable_hash(loc_id, REGION_SALT) % K (umask.spec.FeatureMaps.region), so the same
   place always lands in the same region and unlisted places still spread over K regions
   instead of piling up in "unknown" (which is kept for listed places without a region);
 - id bags are the distinct raw app_ids and loc_ids of each slot, sorted;
@@ -29,11 +34,12 @@ Per bucket (numpy/pyarrow only, no Python loop per event or per user):
 
 Output, one split per folder so the loader can choose splits by path:
 `<features>/split=<split>/shard=<00000>/part-00000.parquet` (row groups of
-data.row_group_size examples) and `<features>/manifest.json`.
+data.row_group_size examples), `<features>/spec/` and `<features>/manifest.json`.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -49,20 +55,16 @@ import pyarrow.parquet as pq
 
 from trainer.config import DataConfig, RunConfig, save_config
 from trainer.data.contract import EventReader, open_dataset, read_apps, read_locations
-from trainer.data.regions import ABSENT, RegionTable, build_region_table
-from trainer.data.mix64 import mix64
-from trainer.data.schema import EXAMPLES, NORMALIZED_EVENTS, SPLITS, DenseLayout
+from trainer.data.regions import build_region_table
+from trainer.data.schema import EXAMPLES, NORMALIZED_EVENTS, SPEC_DIR
 from umask.errors import UserError
+from umask.spec import SHARD_SALT, SPLITS, DenseLayout, FeatureMaps, FeatureSpec, save_spec, stable_hash
 
-ORIGIN = 345_600  # 1970-01-05T00:00:00Z, a Monday: windows and time_of_week count from it
-WEEK = 7 * 86_400
-SHARD_SALT = 0x5348415244  # separates the shard hash from the split hash of the same user
-REGION_SALT = 0x524547494F4E
 PARTITION_BUFFER_ROWS = 1 << 22  # rows buffered across buckets before a flush (~170 MB)
 STAGING = "_staging"
 MANIFEST = "manifest.json"
 # what a previous featurize run leaves in its output folder, removed before a new run
-OUTPUTS = (STAGING, "quarantine", MANIFEST, MANIFEST + ".tmp", "config.yaml", "summary.json")
+OUTPUTS = (STAGING, SPEC_DIR, "quarantine", MANIFEST, MANIFEST + ".tmp", "config.yaml", "summary.json")
 
 # staging files are read once, soon after they are written: compressing, dictionary-encoding
 # and summarizing them would cost more CPU than the disk traffic it saves
@@ -77,63 +79,41 @@ HASHED_SETTINGS = ("source", "invalid_rows", "slot_seconds", "slots", "num_categ
                    "category_value", "val_fraction", "test_fraction", "cold_fraction", "split_salt",
                    "num_shards", "row_group_size")
 
-_GOLDEN = 0x9E3779B97F4A7C15
-_MASK64 = (1 << 64) - 1
-
-
-def stable_hash(values: np.ndarray, salt: int) -> np.ndarray:
-    """splitmix64 of int64 values offset by a salt: uint64, the same on every machine."""
-    offset = np.uint64((_GOLDEN * (salt + 1)) & _MASK64)
-    return mix64(values.astype(np.int64, copy=False).view(np.uint64) + offset)
-
 
 def bucket_of(user_ids: np.ndarray, num_shards: int) -> np.ndarray:
-    """Shard (bucket) of each user, in [0, num_shards)."""
+    """Shard (bucket) [n] int64 in [0, num_shards) of user ids [n]: stable_hash(user, SHARD_SALT)."""
     return (stable_hash(user_ids, SHARD_SALT) % np.uint64(num_shards)).astype(np.int64)
 
 
-def split_of(user_ids: np.ndarray, cfg: DataConfig) -> np.ndarray:
-    """Index into SPLITS of each user: a uniform draw u in [0, 1) against the fractions."""
-    u = (stable_hash(user_ids, cfg.split_salt) >> np.uint64(11)) * 2.0**-53
-    edges = np.cumsum([cfg.val_fraction, cfg.test_fraction, cfg.cold_fraction])
+def split_of(user_ids: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """Index into SPLITS [n] int8 of each user: a uniform draw u in [0, 1) (the top 53 bits of
+    stable_hash(user, split_salt)) against the spec's fractions."""
+    u = (stable_hash(user_ids, spec.split_salt) >> np.uint64(11)) * 2.0**-53
+    edges = np.cumsum([spec.val_fraction, spec.test_fraction, spec.cold_fraction])
     # u < val -> val (1), < val+test -> test (2), < val+test+cold -> cold (3), else train (0)
     return ((np.searchsorted(edges, u, side="right") + 1) % 4).astype(np.int8)
 
 
-@dataclass(frozen=True)
-class SideTables:
-    """apps.parquet and locations.parquet reduced to lookups; picklable for workers."""
-
-    app_ids: np.ndarray  # [A] int64, sorted
-    categories: np.ndarray  # [A] int32 in [0, C)
-    regions: RegionTable
-
-    @staticmethod
-    def build(apps: pa.Table | None, locations: pa.Table | None, cfg: DataConfig) -> SideTables:
-        if apps is None:
-            app_ids, categories = np.empty(0, np.int64), np.empty(0, np.int32)
-        else:
-            app_ids = apps.column("app_id").to_numpy().astype(np.int64)
-            categories = apps.column("category_id").to_numpy().astype(np.int32)
-            bad = np.flatnonzero((categories < 0) | (categories >= cfg.num_categories))
-            if len(bad):
-                raise UserError(f"apps.parquet: row {bad[0]}: category_id {categories[bad[0]]} is "
-                                f"outside [0, {cfg.num_categories}) (data.num_categories)")
-            order = np.argsort(app_ids, kind="stable")
-            app_ids, categories = app_ids[order], categories[order]
-        return SideTables(app_ids, categories, build_region_table(locations, cfg.num_regions))
-
-    def category(self, app_ids: np.ndarray, unknown: int) -> np.ndarray:
-        if len(self.app_ids) == 0:
-            return np.full(len(app_ids), unknown, np.int64)
-        pos = np.minimum(np.searchsorted(self.app_ids, app_ids), len(self.app_ids) - 1)
-        return np.where(self.app_ids[pos] == app_ids, self.categories[pos], unknown).astype(np.int64)
-
-    def region(self, loc_ids: np.ndarray) -> np.ndarray:
-        region = self.regions.lookup(loc_ids).astype(np.int64)
-        absent = region == ABSENT
-        region[absent] = stable_hash(loc_ids[absent], REGION_SALT) % np.uint64(self.regions.num_regions)
-        return region
+def build_feature_spec(apps: pa.Table | None, locations: pa.Table | None,
+                       cfg: DataConfig) -> tuple[FeatureSpec, FeatureMaps]:
+    """The spec of a featurize run: data.* settings, plus the app-to-category map from
+    apps.parquet and the regions of locations.parquet (precomputed or fitted here, once)."""
+    if apps is None:
+        app_ids, categories = np.empty(0, np.int64), np.empty(0, np.int32)
+    else:
+        app_ids = apps.column("app_id").to_numpy().astype(np.int64)
+        categories = apps.column("category_id").to_numpy().astype(np.int32)
+        bad = np.flatnonzero((categories < 0) | (categories >= cfg.num_categories))
+        if len(bad):
+            raise UserError(f"apps.parquet: row {bad[0]}: category_id {categories[bad[0]]} is "
+                            f"outside [0, {cfg.num_categories}) (data.num_categories)")
+        order = np.argsort(app_ids, kind="stable")
+        app_ids, categories = app_ids[order], categories[order]
+    regions = build_region_table(locations, cfg.num_regions)
+    spec = dataclasses.replace(
+        cfg.feature_spec(), region_source=regions.source,
+        region_centroids=tuple(tuple(float(v) for v in c) for c in regions.centroids))
+    return spec, FeatureMaps(app_ids, categories, regions.loc_ids, regions.regions)
 
 
 # --- phase 1: partition by user --------------------------------------------------------
@@ -197,16 +177,16 @@ class _Events:
     duplicates: int
 
 
-def featurize_bucket(bucket_file: str | Path, shard: int, side: SideTables, cfg: DataConfig,
-                     out: str | Path) -> dict:
+def featurize_bucket(bucket_file: str | Path, shard: int, spec: FeatureSpec, maps: FeatureMaps,
+                     row_group_size: int, out: str | Path) -> dict:
     """One bucket's events -> split=*/shard=<shard>/part-00000.parquet; returns its report."""
     table = pq.read_table(bucket_file)
-    events = _sorted_unique_events(table, cfg)
-    layout = DenseLayout(cfg.num_categories, cfg.num_regions)
-    T, span = cfg.slots, cfg.slots * cfg.slot_seconds
+    events = _sorted_unique_events(table, spec)
+    layout = spec.layout
+    T, span, origin = spec.slots, spec.window_seconds, spec.window_origin
 
-    window = np.floor_divide(events.ts - ORIGIN, span)
-    slot = (events.ts - ORIGIN - window * span) // cfg.slot_seconds
+    window = np.floor_divide(events.ts - origin, span)
+    slot = (events.ts - origin - window * span) // spec.slot_seconds
     starts = np.ones(len(events.ts), bool)
     starts[1:] = (events.rank[1:] != events.rank[:-1]) | (window[1:] != window[:-1])
     example = np.cumsum(starts) - 1  # [N] example index of each event
@@ -218,9 +198,9 @@ def featurize_bucket(bucket_file: str | Path, shard: int, side: SideTables, cfg:
     channels = _SlotRecords(
         flat_slot=flat_slot, traffic=events.traffic,
         app_slot=flat_slot[events.app_valid],
-        category=side.category(events.app[events.app_valid], cfg.num_categories),
-        category_value=(events.traffic[events.app_valid] if cfg.category_value == "bytes" else None),
-        loc_slot=flat_slot[events.loc_valid], region=side.region(events.loc[events.loc_valid]))
+        category=maps.category(events.app[events.app_valid], spec),
+        category_value=(events.traffic[events.app_valid] if spec.category_value == "bytes" else None),
+        loc_slot=flat_slot[events.loc_valid], region=maps.region(events.loc[events.loc_valid], spec))
 
     example_split = events.user_split[events.rank[first]]  # [E], ascending
     report = {"shard": shard, "events": len(table), "duplicates_dropped": events.duplicates,
@@ -232,14 +212,14 @@ def featurize_bucket(bucket_file: str | Path, shard: int, side: SideTables, cfg:
         path.parent.mkdir(parents=True, exist_ok=True)
         sizes = []
         with pq.ParquetWriter(path, EXAMPLES, **EXAMPLE_WRITE_OPTIONS) as writer:
-            for e0 in range(lo, hi, cfg.row_group_size):
-                e1 = min(e0 + cfg.row_group_size, hi)
+            for e0 in range(lo, hi, row_group_size):
+                e1 = min(e0 + row_group_size, hi)
                 dense, observed = channels.dense(e0, e1, T, layout)
                 writer.write_table(pa.Table.from_arrays([
                     pa.array(events.users[events.rank[first[e0:e1]]]),
                     pa.array([name] * (e1 - e0), pa.string()),
-                    pa.array(ORIGIN + window[first[e0:e1]] * span),
-                    _fixed_lists(_time_of_week(window[first[e0:e1]], cfg), T),
+                    pa.array(origin + window[first[e0:e1]] * span),
+                    _fixed_lists(_time_of_week(window[first[e0:e1]], spec), T),
                     _fixed_lists(observed, T),
                     _fixed_lists(dense, T * layout.num_channels),
                     *_bags(app_slot, app_ids, e0, e1, T),
@@ -252,7 +232,7 @@ def featurize_bucket(bucket_file: str | Path, shard: int, side: SideTables, cfg:
     return report
 
 
-def _sorted_unique_events(table: pa.Table, cfg: DataConfig) -> _Events:
+def _sorted_unique_events(table: pa.Table, spec: FeatureSpec) -> _Events:
     user, _ = _column_values(table.column("user_id"))
     ts, _ = _column_values(table.column("ts"))
     by_user = np.argsort(user)
@@ -262,7 +242,7 @@ def _sorted_unique_events(table: pa.Table, cfg: DataConfig) -> _Events:
     np.not_equal(sorted_users[1:], sorted_users[:-1], out=new_user[1:])
     rank_by_user = np.cumsum(new_user) - 1  # [N] dense user index of the rows in by_user order
     users = sorted_users[new_user]
-    user_split = split_of(users, cfg)
+    user_split = split_of(users, spec)
     order, rank, ts = _split_user_time_order(user_split[rank_by_user], rank_by_user,
                                              ts[by_user], by_user)
 
@@ -390,10 +370,11 @@ class _SlotRecords:
         return dense.reshape(n, T, -1), (records > 0).reshape(n, T)
 
 
-def _time_of_week(window: np.ndarray, cfg: DataConfig) -> np.ndarray:
+def _time_of_week(window: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     """[E, T] int16: slot of the week (0 = Monday 00:00 UTC) of every slot of each window."""
-    offsets = window[:, None] * (cfg.slots * cfg.slot_seconds) + np.arange(cfg.slots) * cfg.slot_seconds
-    return ((offsets % WEEK) // cfg.slot_seconds).astype(np.int16)
+    starts = (spec.window_origin + window[:, None] * spec.window_seconds
+              + np.arange(spec.slots) * spec.slot_seconds)  # [E, T] epoch seconds
+    return spec.time_of_week(starts)
 
 
 def _fixed_lists(values: np.ndarray, per_row: int) -> pa.ListArray:
@@ -415,10 +396,14 @@ def _bags(pair_slot: np.ndarray, pair_ids: np.ndarray, e0: int, e1: int,
 
 # --- both phases -------------------------------------------------------------------------
 
-def featurize_events(batches: Iterable[pa.RecordBatch], apps: pa.Table | None,
-                     locations: pa.Table | None, cfg: DataConfig, out: str | Path,
+def featurize_events(batches: Iterable[pa.RecordBatch], spec: FeatureSpec, maps: FeatureMaps,
+                     cfg: DataConfig, out: str | Path,
                      input_report: Callable[[], dict] | None = None) -> dict:
-    """Events (NORMALIZED_EVENTS batches) + side tables -> examples and manifest in `out`.
+    """Events (NORMALIZED_EVENTS batches) -> examples, the spec folder and the manifest in `out`.
+
+    The spec (build_feature_spec for new data, a checkpoint's for data to complete) decides
+    the examples; cfg gives only how they are made: data.num_shards, data.featurize_workers
+    and data.row_group_size.
 
     `out` should be new or emptied by `prepare_output` (the CLI does so before the reader
     writes its quarantine files there).
@@ -428,9 +413,9 @@ def featurize_events(batches: Iterable[pa.RecordBatch], apps: pa.Table | None,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_limits(cfg)
-    side = SideTables.build(apps, locations, cfg)
     bucket_files, rows = partition_events(batches, out / STAGING, cfg.num_shards)
-    jobs = [(str(path), bucket, side, cfg, str(out)) for bucket, path in bucket_files.items()]
+    jobs = [(str(path), bucket, spec, maps, cfg.row_group_size, str(out))
+            for bucket, path in bucket_files.items()]
     workers = min(cfg.featurize_workers, len(jobs))
     if workers <= 1:
         reports = [featurize_bucket(*job) for job in jobs]
@@ -439,7 +424,8 @@ def featurize_events(batches: Iterable[pa.RecordBatch], apps: pa.Table | None,
         with concurrent.futures.ProcessPoolExecutor(
                 workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             reports = list(pool.map(featurize_bucket, *zip(*jobs)))
-    manifest = _manifest(reports, rows, side, cfg, input_report() if input_report else None)
+    spec = save_spec(out / SPEC_DIR, spec, maps)
+    manifest = _manifest(reports, rows, spec, cfg, input_report() if input_report else None)
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out / MANIFEST)
@@ -483,21 +469,15 @@ def check_limits(cfg: DataConfig) -> None:
         raise UserError("; ".join(f"data.{key}: {message}" for key, message in problems))
 
 
-def _manifest(reports: list[dict], rows: int, side: SideTables, cfg: DataConfig,
+def _manifest(reports: list[dict], rows: int, spec: FeatureSpec, cfg: DataConfig,
               quarantine: dict | None) -> dict:
-    layout = DenseLayout(cfg.num_categories, cfg.num_regions)
+    """What this run wrote: counts per split and shard, the input's fate, and the spec's digest
+    (the layout of the examples is the spec's, in spec/spec.json)."""
     total = {key: {s: sum(r[key].get(s, 0) for r in reports) for s in SPLITS}
              for key in ("examples", "users")}
     duplicates = sum(r["duplicates_dropped"] for r in reports)
     return {
-        "slots": cfg.slots, "channels": layout.num_channels, "num_categories": cfg.num_categories,
-        "num_regions": cfg.num_regions, "slot_seconds": cfg.slot_seconds, "window_origin": ORIGIN,
-        "dense_layout": {"category": [layout.category.start, layout.category.stop],
-                         "unknown_category": cfg.num_categories,
-                         "region": [layout.region.start, layout.region.stop],
-                         "unknown_region": layout.region.stop - 1,
-                         "activity": layout.activity, "volume": layout.volume},
-        "category_value": cfg.category_value, "region_source": side.regions.source,
+        "spec_digest": spec.digest, "spec": SPEC_DIR,
         "examples": total["examples"], "users": total["users"],
         "events": {"read": rows, "duplicates_dropped": duplicates, "featurized": rows - duplicates},
         "shards": sorted(reports, key=lambda r: r["shard"]),
@@ -516,7 +496,7 @@ def featurize(cfg: RunConfig) -> dict:
     prepare_output(out)
     reader = EventReader(dataset, data.invalid_rows,
                          out / "quarantine" if data.invalid_rows == "quarantine" else None)
-    manifest = featurize_events(reader.batches(), read_apps(dataset, data.num_categories),
-                                read_locations(dataset), data, out, reader.report.as_dict)
+    spec, maps = build_feature_spec(read_apps(dataset, data.num_categories), read_locations(dataset), data)
+    manifest = featurize_events(reader.batches(), spec, maps, data, out, reader.report.as_dict)
     save_config(cfg, out / "config.yaml")
     return manifest

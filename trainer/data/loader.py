@@ -2,7 +2,7 @@
 
 Input is the featurize output: `<features>/split=<name>/shard=<n>/part-<n>.parquet` files in the
 EXAMPLES schema, split-homogeneous so a split is chosen by path and every count comes from
-Parquet footers, plus `<features>/manifest.json` for T (`slots`) and F (`channels`).
+Parquet footers, plus `<features>/spec/` (umask/spec.py) for T (`slots`) and F (`channels`).
 
 How an epoch is cut, from footers alone and identically on every rank (no communication):
 1. The unit of work is one row group. A permutation seeded by (seed, epoch) orders all row
@@ -25,6 +25,7 @@ per-row Python), one window prefetched in a background thread so I/O overlaps th
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,8 +38,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from trainer.config import DataConfig
 from trainer.data.batch import Batch, ExampleRows
-from trainer.data.schema import EXAMPLES, SPLITS
+from trainer.data.schema import EXAMPLES, SPEC_DIR
+from umask.spec import SPLITS, FeatureSpec, load_spec
 from umask.errors import UserError
 
 # SeedSequence entropy prefixes, so the row-group deal and the row shuffles never share a stream
@@ -82,17 +85,26 @@ def load_manifest(features_dir: Path) -> dict:
     return manifest
 
 
-def read_manifest(features_dir: Path) -> tuple[int, int]:
-    """(slots T, channels F) from the featurize manifest."""
-    path = Path(features_dir) / "manifest.json"
+def read_spec(features_dir: Path) -> FeatureSpec:
+    """The feature spec of a featurize output (`<features>/spec/`), checked against the
+    manifest's spec_digest so that examples and spec come from the same run."""
     manifest = load_manifest(features_dir)
-    sizes = []
-    for key in ("slots", "channels"):
-        value = manifest.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"{path}: key '{key}' must be a positive integer, found {value!r}")
-        sizes.append(value)
-    return sizes[0], sizes[1]
+    spec = load_spec(Path(features_dir) / SPEC_DIR)
+    if manifest.get("spec_digest") != spec.digest:
+        raise UserError(f"{Path(features_dir) / 'manifest.json'}: spec_digest "
+                        f"{manifest.get('spec_digest')!r} is not the digest of {SPEC_DIR}/spec.json "
+                        f"({spec.digest}); the folder mixes the output of two featurize runs")
+    return spec
+
+
+def check_spec_matches(spec: FeatureSpec, data: DataConfig, features_dir: str | Path) -> None:
+    """Refuses, in one line naming each key, features whose spec disagrees with the run's data.*
+    (umask.spec.CONFIG_KEYS): the model would read one channel as another, or slots as hours."""
+    mismatches = spec.mismatches(dataclasses.asdict(data))
+    if mismatches:
+        raise UserError(f"{features_dir}: the features were made with other data settings than this "
+                        f"config's: data.{'; data.'.join(mismatches)}; featurize again with this config, "
+                        "or set these keys to the features' values")
 
 
 def _check_schema(path: Path, schema: pa.Schema) -> None:
@@ -226,7 +238,8 @@ class ShardedLoader:
         self.rank, self.world_size, self.batch_size, self.seed = rank, world_size, batch_size, seed
         self.splits, self.epochs, self.shuffle, self.shuffle_window = splits, epochs, shuffle, shuffle_window
         self.files = discover(self.features_dir, splits)
-        self.slots, self.channels = read_manifest(self.features_dir)
+        self.spec = read_spec(self.features_dir)
+        self.slots, self.channels = self.spec.slots, self.spec.layout.num_channels
         self.row_groups = [RowGroupRef(f, g, file.metadata.row_group(g).num_rows)
                            for f, file in enumerate(self.files)
                            for g in range(file.metadata.num_row_groups)
@@ -343,7 +356,7 @@ class ShardedLoader:
         return {"seed": self.seed, "world_size": self.world_size, "rank": self.rank,
                 "batch_size": self.batch_size, "splits": list(self.splits), "shuffle": self.shuffle,
                 "shuffle_window": self.shuffle_window, "row_groups": len(self.row_groups),
-                "examples": self.num_examples}
+                "examples": self.num_examples, "spec_digest": self.spec.digest}
 
     def state_dict(self) -> dict:
         """JSON-able position: the next batch is batch `batches_in_epoch` of `epoch`."""

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from trainer.data.loader import load_manifest
-from trainer.data.schema import SPLITS
+from trainer.data.loader import load_manifest, read_spec
+from umask.spec import SPLITS, bucket_labels, sparsity_bucket
 
-SPARSITY_EDGES = (0.05, 0.2, 0.5)  # observed-slot share buckets: <=5 %, <=20 %, <=50 %, more
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 TOP_CATEGORIES = 10
 
@@ -24,10 +23,9 @@ TOP_CATEGORIES = 10
 def summarize(features: str | Path) -> dict:
     """The summary of a featurize output folder as a JSON-ready dict."""
     features = Path(features)
-    manifest = load_manifest(features)
-    T, C, K = manifest["slots"], manifest["num_categories"], manifest["num_regions"]
-    layout = manifest["dense_layout"]
-    category, region = slice(*layout["category"]), slice(*layout["region"])
+    manifest, spec = load_manifest(features), read_spec(features)
+    T, C, K = spec.slots, spec.num_categories, spec.num_regions
+    category, region = spec.layout.category, spec.layout.region
     observed_counts = {s: np.zeros(T + 1, np.int64) for s in SPLITS}  # examples by #observed slots
     usage = np.zeros(C + 1)
     in_region = np.zeros(K + 1)
@@ -47,33 +45,34 @@ def summarize(features: str | Path) -> dict:
     located = in_region.sum()
     return {
         "features": str(features),
-        "slots": T, "slot_seconds": manifest["slot_seconds"],
+        "slots": T, "slot_seconds": spec.slot_seconds, "spec_digest": spec.digest,
         "users": manifest["users"], "examples": manifest["examples"], "events": manifest["events"],
         "quarantined_rows": (manifest.get("quarantine") or {}).get("rows_quarantined", 0),
-        "observed_slot_share": _share_summary(every_split, T),
-        "observed_slot_share_by_split": {s: _share_summary(observed_counts[s], T) for s in SPLITS
-                                         if observed_counts[s].any()},
-        "category_value": manifest["category_value"],
+        "observed_slot_share": _share_summary(every_split, T, spec.sparsity_edges),
+        "observed_slot_share_by_split": {s: _share_summary(observed_counts[s], T, spec.sparsity_edges)
+                                         for s in SPLITS if observed_counts[s].any()},
+        "category_value": spec.category_value,
         "top_categories": [{"category": names[i], "usage": int(round(usage[i])),
                             "share": float(usage[i] / max(usage.sum(), 1e-12))}
                            for i in order if usage[i] > 0],
-        "regions": {"source": manifest["region_source"], "located_slots": int(round(located)),
+        "regions": {"source": spec.region_source, "located_slots": int(round(located)),
                     "regions_used": int(np.count_nonzero(in_region[:K] > 0)),
                     "unknown_share": float(in_region[K] / located) if located else 0.0,
                     "share": [float(v / located) if located else 0.0 for v in in_region[:K]]},
     }
 
 
-def _share_summary(counts: np.ndarray, T: int) -> dict:
-    """Quantiles and buckets of the observed-slot share from counts[k] = examples with k slots."""
+def _share_summary(counts: np.ndarray, T: int, edges: tuple[float, ...]) -> dict:
+    """Quantiles and sparsity buckets (the spec's edges, as eval reports them) of the
+    observed-slot share, from counts[k] = examples with k observed slots."""
     total = int(counts.sum())
     if total == 0:
         return {"examples": 0}
     shares = np.arange(T + 1) / T
     cumulative = np.cumsum(counts) / total
     quantiles = {f"p{round(q * 100)}": float(shares[np.searchsorted(cumulative, q)]) for q in QUANTILES}
-    bucket = np.searchsorted(SPARSITY_EDGES, shares, side="left")  # share <= edge -> that bucket
-    labels = [f"<={e:.0%}" for e in SPARSITY_EDGES] + [f">{SPARSITY_EDGES[-1]:.0%}"]
+    bucket = sparsity_bucket(shares, edges)
+    labels = bucket_labels(edges)
     return {"examples": total, "mean": float((counts * shares).sum() / total), "quantiles": quantiles,
             "buckets": {label: int(counts[bucket == i].sum()) for i, label in enumerate(labels)}}
 

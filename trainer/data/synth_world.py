@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainer.data import synth_personas as personas
-from trainer.data.mix64 import mix64
+from umask.spec import mix64
 from trainer.data.synth_apps import AppCatalog, make_catalog
 from trainer.data.synth_city import City, make_city
 
