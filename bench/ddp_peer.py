@@ -40,19 +40,19 @@ from embeddings.ids import hash_rows
 from trainer.config import RunConfig
 from trainer.data.batch import Batch
 from trainer.data.loader import ShardedLoader
-from trainer.data.schema import DenseLayout
+from trainer.data.loader import read_spec
+from umask.spec import FeatureSpec
 from umask.model import UMask
 
 
 class PeerModel(nn.Module):
     """Both tables and the dense model in one module, so one DDP covers all of them."""
 
-    def __init__(self, cfg: RunConfig, layout: DenseLayout, gather_negatives):
+    def __init__(self, cfg: RunConfig, spec: FeatureSpec, gather_negatives):
         super().__init__()
         self.app = _table(cfg, "app")
         self.loc = _table(cfg, "loc")
-        self.umask = UMask(cfg.model, num_categories=layout.num_categories, num_regions=layout.num_regions,
-                           sparse_dim=self.app.embedding_dim + self.loc.embedding_dim,
+        self.umask = UMask(cfg.model, spec, sparse_dim=self.app.embedding_dim + self.loc.embedding_dim,
                            gather_negatives=gather_negatives)
 
     def forward(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -97,7 +97,7 @@ class PeerTrainer:
                                     batch_size=cfg.train.batch_size, seed=cfg.train.seed, splits=("train",),
                                     shuffle_window=cfg.data.shuffle_window)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = PeerModel(cfg, DenseLayout(cfg.data.num_categories, cfg.data.num_regions), _other_ranks_rows)
+        model = PeerModel(cfg, read_spec(Path(cfg.data.features)), _other_ranks_rows)
         self.ddp = DistributedDataParallel(model)
         self.dense_params = list(model.umask.parameters())
         self.tables = torch.optim.Adagrad([model.app.weight, model.loc.weight], lr=cfg.embeddings.lr,

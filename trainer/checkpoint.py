@@ -7,6 +7,8 @@ ranks' folders into one checkpoint in the run's storage. One checkpoint holds:
   loader-rank{r}.json        the rank's loader state: the exact next batch
   dense.safetensors          rank 0: the full dense model weights, for eval and export
   state.json, config.yaml    rank 0: step, world size, run name; the resolved config
+  spec/                      rank 0: the feature spec of the training features (umask/spec.py),
+                             which eval, complete and export use instead of any run config
   manifest-rank{r}.json      sha256 of every file rank r wrote, and the run's name
 Our code never unpickles, but DeepSpeed's engine files are pickles (its torch.load uses
 weights_only=False): a checkpoint is read only after every file in every manifest matches its
@@ -19,19 +21,24 @@ import contextlib
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from trainer.data.schema import SPEC_DIR
+
 from umask.errors import UserError
 
 ENGINE_TAG = "engine"
-RANK0_FILES = ("state.json", "config.yaml", "dense.safetensors")  # rank 0 writes them into every checkpoint
+RANK0_FILES = ("state.json", "config.yaml", "dense.safetensors", "spec/spec.json")  # rank 0 writes them
 
 
 def save_checkpoint(folder: Path, *, rank: int, world_size: int, run_name: str, step: int,
-                    engine, tables, loader_state: dict, config_yaml: str) -> None:
-    """Writes this rank's part of the checkpoint for `step` into `folder` (collective: all ranks)."""
+                    engine, tables, loader_state: dict, config_yaml: str, spec_dir: Path) -> None:
+    """Writes this rank's part of the checkpoint for `step` into `folder` (collective: all ranks).
+
+    spec_dir: the feature spec folder of the training features, copied whole by rank 0."""
     from embeddings.checkpoint import save_sharded
 
     folder = Path(folder)
@@ -44,6 +51,7 @@ def save_checkpoint(folder: Path, *, rank: int, world_size: int, run_name: str, 
     if rank == 0:
         write_state(folder, step=step, world_size=world_size, run_name=run_name)
         (folder / "config.yaml").write_text(config_yaml)
+        shutil.copytree(spec_dir, folder / SPEC_DIR)
     write_manifest(folder, rank=rank, run_name=run_name)
 
 

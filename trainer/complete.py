@@ -1,10 +1,11 @@
 """`u-mask complete`: a checkpoint completes the latest window of given users' events for a task.
 
 The events (a contract dataset, events directory or file) go through the same contract reader
-and featurize core as training data, into a temporary folder, so a user's slots are built
-exactly as the model saw them in training. Side tables (apps, locations) come from the events'
-own dataset when it has them, else from the checkpoint config's data.source, so app categories
-and regions are the ones the model was trained on.
+and featurize core as training data, into a temporary folder, under the checkpoint's feature
+spec: the same slots and windows, and the app categories and regions of the spec's maps, so a
+user's slots are built exactly as the model saw them in training. Nothing is refitted and the
+training data need not be on disk; side tables next to the events are not read. Apps the
+spec does not list fall in the unknown category, unlisted places in the spec's hashed region.
 
 Per user, the latest window is completed for one task with a fixed cut:
   short, long  the target is the task's longest window (target_max slots) right after the
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from trainer.data.batch import Batch, ExampleRows
-from trainer.data.schema import SPLITS, DenseLayout
+from umask.spec import SPLITS, DenseLayout, FeatureSpec
 from umask.errors import UserError
 from trainer.inference import InferenceModel, load_inference_model
 from umask.config import MaskConfig
@@ -51,24 +52,19 @@ WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 def latest_windows(events: Path, inference: InferenceModel, workdir: Path) -> ExampleRows:
     """Featurizes `events` into `workdir` and returns each user's latest window, by user id."""
-    from trainer.data.contract import EventReader, open_dataset, read_apps, read_locations
+    from trainer.data.contract import EventReader, open_dataset
     from trainer.data.featurize import featurize_events
     from trainer.data.loader import discover, read_row_group
 
-    cfg = inference.cfg
     dataset = open_dataset(events)
-    side = dataset
-    if dataset.apps is None and dataset.locations is None and Path(cfg.data.source).exists():
-        side = open_dataset(cfg.data.source)
-    data = replace(cfg.data, num_shards=1, featurize_workers=1)  # a few users: one bucket
-    featurize_events(EventReader(dataset, "strict").batches(), read_apps(side, data.num_categories),
-                     read_locations(side), data, workdir)
+    data = replace(inference.cfg.data, num_shards=1, featurize_workers=1)  # a few users: one bucket
+    featurize_events(EventReader(dataset, "strict").batches(), inference.spec, inference.maps, data, workdir)
     splits = tuple(s for s in SPLITS if (workdir / f"split={s}").is_dir())
     if not splits:
         raise UserError(f"{events}: no events, so no user to complete")
     files = discover(workdir, splits)
     channels = inference.layout.num_channels
-    rows = ExampleRows.concat([read_row_group(f, g, data.slots, channels)
+    rows = ExampleRows.concat([read_row_group(f, g, inference.spec.slots, channels)
                                for f in files for g in range(f.metadata.num_row_groups)])
     # lexsort: last key first; the last row of each user is then its latest window
     order = np.lexsort((rows.window_start, rows.user_id))
@@ -108,7 +104,7 @@ def complete_windows(inference: InferenceModel, rows: ExampleRows, task: str, cu
     generator = torch.Generator().manual_seed(seed)
     tasks = torch.full((len(batch),), TASKS.index(task), dtype=torch.long)
     evidence = mask_for_window(batch.dense, batch.observed, batch.time_of_week, tasks, start, target,
-                               model.num_categories, model.num_regions, model.cfg.mask, generator).evidence
+                               inference.spec, model.cfg.mask, generator).evidence
     completed = model.complete(batch.dense, evidence, batch.time_of_week, inference.slot_sparse(batch),
                                steps=steps, generator=generator)
     return {"dense": completed, "evidence": evidence, "target": target, "cut": start}
@@ -130,9 +126,9 @@ def completed_table(rows: ExampleRows, result: dict[str, Tensor]) -> pa.Table:
     }, schema=COMPLETED)
 
 
-def readable(rows: ExampleRows, result: dict[str, Tensor], layout: DenseLayout, task: str,
-             slot_seconds: int) -> str:
+def readable(rows: ExampleRows, result: dict[str, Tensor], spec: FeatureSpec, task: str) -> str:
     """Per user: a header line, then each target slot's top categories, region, activity, volume."""
+    layout = spec.layout
     lines = []
     for b in range(len(rows)):
         observed, evidence = rows.observed[b], result["evidence"][b].numpy()
@@ -150,8 +146,8 @@ def readable(rows: ExampleRows, result: dict[str, Tensor], layout: DenseLayout, 
                               for v, i in zip(top.values, top.indices))
             truth = (_category(int(rows.dense[b, t, layout.category].argmax()), layout)
                      if observed[t] else "-")
-            tow = int(rows.time_of_week[b, t]) * slot_seconds // 3600
-            lines.append(f"  {t:4d}  {WEEKDAYS[tow // 24 % 7]} {tow % 24:02d}:00  "
+            day, second = divmod(int(rows.time_of_week[b, t]) * spec.slot_seconds, 86400)
+            lines.append(f"  {t:4d}  {WEEKDAYS[day]} {second // 3600:02d}:{second % 3600 // 60:02d}  "
                          f"{'yes' if observed[t] else 'no':>4}  {names:<34}  {truth:>8}  "
                          f"{_region(int(values[layout.region].argmax()), layout):>6}  "
                          f"{float(values[layout.activity]):8.2f}  {float(values[layout.volume]):6.2f}")
@@ -191,5 +187,4 @@ def complete_checkpoint(checkpoint: str | Path, events: str | Path, task: str, o
     path = Path(out) / "completed.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(completed_table(rows, result), path)
-    return Completion(readable(rows, result, inference.layout, task, inference.cfg.data.slot_seconds),
-                      path, len(rows), inference.step)
+    return Completion(readable(rows, result, inference.spec, task), path, len(rows), inference.step)

@@ -20,8 +20,8 @@ scored slots that are among the method's 10 top apps. Every method ranks apps by
 it measures the method's forecast: an app's score is the method's completed usage of the app's
 category summed over the target window, times the app's share of its category's records in the
 training batches read for popularity. Apps never seen there cannot be ranked and count as
-misses. Categories come from apps.parquet of the checkpoint config's data.source (without it
-every app is in the unknown category).
+misses. Categories come from the checkpoint's feature spec (its app-to-category map), so the
+training data need not be on disk. Sparsity buckets are the spec's edges.
 
 intervals (report.json): per task and per bucket, umask minus each other method on category
 MRR over the same scored slots, with a 95% bootstrap interval that resamples users.
@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pyarrow as pa
 import torch
 from torch import Tensor
 
 from trainer.data.batch import Batch
 from umask.errors import UserError
 from trainer.inference import InferenceModel, load_inference_model
+from umask.spec import FeatureMaps, FeatureSpec, bucket_labels
 
 MODEL, UNIFORM = "umask", "umask_uniform_mask"
 BASELINES = ("global_popularity", "hour_of_week", "last_observed")
@@ -114,18 +114,20 @@ class ScoredRows:
         truth = torch.cat(self.truth)[:, categories].argmax(1)
         return reciprocal_rank(torch.cat(self.prediction)[:, categories], truth)
 
-    def metrics(self, num_categories: int, num_regions: int) -> dict[str, dict[str, float]]:
-        from umask.metrics import bucket_labels, completion_metrics_by_sparsity, sparsity_bucket
+    def metrics(self, spec: FeatureSpec) -> dict[str, dict[str, float]]:
+        """completion metrics per sparsity bucket of the spec, plus "all" and app recall."""
+        from umask.metrics import completion_metrics_by_sparsity, sparsity_bucket
 
         # each scored slot becomes a one-slot "user" so the bucket metrics apply row by row
         prediction = torch.cat(self.prediction)[:, None, :]  # [S,1,F]
         truth = torch.cat(self.truth)[:, None, :]
         share = torch.cat(self.share)  # [S]
         scored = torch.ones(share.shape[0], 1, dtype=torch.bool)
-        report = completion_metrics_by_sparsity(prediction, truth, scored, share, num_categories, num_regions)
+        report = completion_metrics_by_sparsity(prediction, truth, scored, share, spec.num_categories,
+                                                spec.num_regions, spec.sparsity_edges)
         recall = torch.cat(self.app_recall)  # [U]
-        bucket = sparsity_bucket(torch.cat(self.user_share))
-        for index, label in enumerate(["all", *bucket_labels()]):
+        bucket = sparsity_bucket(torch.cat(self.user_share), spec.sparsity_edges)
+        for index, label in enumerate(["all", *bucket_labels(spec.sparsity_edges)]):
             rows = ~recall.isnan() & ((bucket == index - 1) if index else True)
             report[label]["app_users"] = int(rows.sum())
             report[label][f"app_recall{APP_K}"] = float(recall[rows].mean()) if rows.any() else math.nan
@@ -151,12 +153,10 @@ def uniform_evidence(candidates: Tensor, budget: Tensor, generator: torch.Genera
     return gumbel_top_k(p, budget, generator)
 
 
-def training_prior(features: Path, apps: pa.Table | None, num_categories: int, batches: int,
+def training_prior(features: Path, spec: FeatureSpec, maps: FeatureMaps, batches: int,
                    batch_size: int, seed: int) -> TrainingPrior:
-    """Mean observed slot and app frequencies over the first `batches` training batches.
-
-    apps: (app_id, category_id) as trainer.data.contract.read_apps gives it, or None.
-    """
+    """Mean observed slot and app frequencies over the first `batches` training batches; apps
+    are put in categories by the spec's map (unlisted apps: the unknown category C)."""
     from trainer.data.loader import ShardedLoader
     from umask.baselines import popularity_profile
 
@@ -171,14 +171,8 @@ def training_prior(features: Path, apps: pa.Table | None, num_categories: int, b
             sums, count = (part if sums is None else sums + part), count + n
             app_values.append(batch.app_values.numpy())
     ids, counts = np.unique(np.concatenate(app_values), return_counts=True)
-    category = np.full(len(ids), num_categories, dtype=np.int64)  # unknown unless listed
-    if apps is not None:
-        listed_ids = apps.column("app_id").to_numpy()
-        order = np.argsort(listed_ids)
-        at = np.searchsorted(listed_ids, ids, sorter=order).clip(max=len(listed_ids) - 1)
-        listed = listed_ids[order[at]] == ids
-        category[listed] = apps.column("category_id").to_numpy()[order[at[listed]]]
-    per_category = np.bincount(category, weights=counts, minlength=num_categories + 1)
+    category = maps.category(ids, spec)  # [V] in [0, C]
+    per_category = np.bincount(category, weights=counts, minlength=spec.num_categories + 1)
     return TrainingPrior(profile=sums / max(count, 1.0), app_ids=torch.from_numpy(ids),
                          app_category=torch.from_numpy(category),
                          app_share=torch.from_numpy(counts / per_category[category]).float())
@@ -216,30 +210,27 @@ def check_uniform_model(inference: InferenceModel, uniform: InferenceModel) -> N
         raise UserError(f"--uniform-checkpoint {uniform.checkpoint} was trained with "
                         f"model.mask.family={family}; the ablation needs a run trained with "
                         "model.mask.family=uniform")
-    def shape(model: InferenceModel) -> tuple[int, int, int]:
-        return model.cfg.data.slots, model.cfg.data.num_categories, model.cfg.data.num_regions
-
-    if shape(uniform) != shape(inference):
-        raise UserError(f"--uniform-checkpoint {uniform.checkpoint} reads (slots, categories, regions) = "
-                        f"{shape(uniform)}, the checkpoint {shape(inference)}: train both on the same "
-                        "featurized data")
+    if uniform.spec.digest != inference.spec.digest:
+        raise UserError(f"--uniform-checkpoint {uniform.checkpoint} was trained on features of another "
+                        f"feature spec (digest {uniform.spec.digest[:12]}) than the checkpoint "
+                        f"({inference.spec.digest[:12]}): train both on the same featurized data")
 
 
 def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
-             apps: pa.Table | None = None, on_batch: Callable[[int, int], None] | None = None,
+             on_batch: Callable[[int, int], None] | None = None,
              uniform: InferenceModel | None = None) -> dict:
-    """The report (see the module docstring) as a JSON-ready dict; apps: the app categories
-    (trainer.data.contract.read_apps) for app_recall10; on_batch(done, total) after each batch;
-    uniform: the model trained with uniform masks for the ablation row (default: the same)."""
+    """The report (see the module docstring) as a JSON-ready dict; on_batch(done, total) after
+    each batch; uniform: the model trained with uniform masks for the ablation row (default:
+    the same). The features must have the checkpoint's feature spec (a UserError otherwise)."""
     from trainer.data.loader import ShardedLoader
     from umask.config import TASKS
 
-    layout = inference.layout
     model = inference.model
     if uniform is not None:
         check_uniform_model(inference, uniform)
     steps = settings.steps or inference.cfg.model.diffusion.sample_steps
-    prior = training_prior(features, apps, layout.num_categories, settings.popularity_batches,
+    spec = inference.spec
+    prior = training_prior(features, spec, inference.maps, settings.popularity_batches,
                            settings.batch_size, settings.seed)
     rows = {(task, method, sample): ScoredRows() for task in TASKS for method in METHODS
             for sample in seeds_of(method, settings)}
@@ -248,9 +239,10 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
                        epochs=1, shuffle=False) as loader:
         split_examples = loader.num_examples  # the loader leaves out a last partial batch
         total = min(loader.batches_per_epoch(), settings.batches or loader.batches_per_epoch())
-        if loader.channels != layout.num_channels:
-            raise UserError(f"{features} has {loader.channels} dense channels, the checkpoint's model "
-                            f"{layout.num_channels}: featurize with the checkpoint's config.yaml")
+        if loader.spec.digest != spec.digest:
+            raise UserError(f"{features}: made under another feature spec (digest {loader.spec.digest[:12]}) "
+                            f"than the checkpoint's ({spec.digest[:12]}): "
+                            f"{'; '.join(loader.spec.mismatches(asdict(spec))) or 'same settings, other maps'}")
         for index, batch in enumerate(loader):
             if settings.batches is not None and index == settings.batches:
                 break
@@ -269,7 +261,7 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
     per_seed = {(task, method): [rows[(task, method, s)] for s in seeds_of(method, settings)]
                 for task in TASKS for method in METHODS}
     tasks = {task: {method: _mean_over_samples(
-        [seed_rows.metrics(layout.num_categories, layout.num_regions) for seed_rows in per_seed[(task, method)]])
+        [seed_rows.metrics(spec) for seed_rows in per_seed[(task, method)]])
         for method in METHODS} for task in TASKS}
     report = {
         "checkpoint": str(inference.checkpoint), "step": inference.step, "features": str(features),
@@ -280,29 +272,30 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
         "headline_metric": HEADLINE, "tasks": tasks,
     }
     report["intervals"] = {task: headline_intervals(
-        {method: per_seed[(task, method)] for method in METHODS}, layout.num_categories, settings.seed)
+        {method: per_seed[(task, method)] for method in METHODS}, spec, settings.seed)
         for task in TASKS}
     report["findings"] = findings(tasks, uniform_trained=uniform is not None,
                                   intervals=report["intervals"])
     return report
 
 
-def headline_intervals(per_method: dict[str, list[ScoredRows]], num_categories: int,
+def headline_intervals(per_method: dict[str, list[ScoredRows]], spec: FeatureSpec,
                        seed: int) -> dict[str, dict[str, dict[str, float]]]:
     """umask minus each other method on category MRR, paired on the same scored slots (the
     model's reciprocal ranks averaged over its seeds), with a 95 % bootstrap interval that
     resamples users; {"all" or bucket: {method: {difference, low, high, users}}}."""
-    from umask.metrics import bucket_labels, grouped_bootstrap_interval, sparsity_bucket
+    from umask.metrics import grouped_bootstrap_interval, sparsity_bucket
 
     def reciprocal_ranks(method: str) -> Tensor:  # [S]
-        return torch.stack([r.category_reciprocal_ranks(num_categories) for r in per_method[method]]).mean(0)
+        return torch.stack([r.category_reciprocal_ranks(spec.num_categories)
+                            for r in per_method[method]]).mean(0)
 
     model = reciprocal_ranks(MODEL)
     differences = {method: model - reciprocal_ranks(method) for method in (UNIFORM, *BASELINES)}  # [S] each
     users = torch.cat(per_method[MODEL][0].user)  # [S]
-    bucket = sparsity_bucket(torch.cat(per_method[MODEL][0].share))  # [S]
+    bucket = sparsity_bucket(torch.cat(per_method[MODEL][0].share), spec.sparsity_edges)  # [S]
     out = {}
-    for index, label in enumerate(["all", *bucket_labels()]):
+    for index, label in enumerate(["all", *bucket_labels(spec.sparsity_edges)]):
         rows = (bucket == index - 1) if index else torch.ones_like(users, dtype=torch.bool)
         out[label] = {}
         for method, difference in differences.items():
@@ -333,7 +326,7 @@ def _evaluate_task(models: dict[str, tuple], batch: Batch, share: Tensor, prior:
     relevant, total = used_apps(batch, scored, prior.app_ids)  # [B,V], [B]
     completions = {
         ("global_popularity", 0): global_popularity(dense, evidence, profile),
-        ("hour_of_week", 0): hour_of_week_frequency(dense, evidence, tow, profile),
+        ("hour_of_week", 0): hour_of_week_frequency(dense, evidence, tow, profile, model.spec.slots_per_week),
         ("last_observed", 0): last_observed(dense, evidence, profile),
     }
     for sample in range(settings.samples):
@@ -473,18 +466,6 @@ def json_ready(value):
     return value
 
 
-def _app_categories(inference: InferenceModel) -> pa.Table | None:
-    """apps.parquet of the checkpoint config's data.source, when that dataset is here."""
-    from trainer.data.contract import open_dataset, read_apps
-
-    source = Path(inference.cfg.data.source)
-    if not source.exists():
-        print(f"note: {source} (data.source) is not here; app_recall10 puts every app in the "
-              "unknown category")
-        return None
-    return read_apps(open_dataset(source), inference.cfg.data.num_categories)
-
-
 def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, settings: EvalSettings,
                         data: str | Path | None = None, uniform_checkpoint: str | Path | None = None,
                         on_batch: Callable[[int, int], None] | None = None) -> dict:
@@ -498,6 +479,6 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, settings: EvalS
                         f"{inference.cfg.model.diffusion.train_steps}")
     uniform = None if uniform_checkpoint is None else load_inference_model(uniform_checkpoint)
     features = Path(data or inference.cfg.data.features)
-    report = evaluate(inference, features, settings, _app_categories(inference), on_batch, uniform)
+    report = evaluate(inference, features, settings, on_batch, uniform)
     write_report(report, Path(out))
     return report

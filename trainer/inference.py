@@ -2,14 +2,15 @@
 
 What `u-mask eval` and `u-mask complete` share: find the checkpoint (a checkpoint folder, or a
 run folder meaning its latest one), check every file against the manifests, then rebuild the
-run's config from config.yaml, the dense model from dense.safetensors and the whole app/loc
-tables from tables/ (embeddings.checkpoint.load_full_tables). No DeepSpeed, no Ray, no process
+run's config from config.yaml, the feature spec from spec/ (the model is sized by it, and its
+maps place apps and locations exactly as in training), the dense model from dense.safetensors
+and the whole app/loc tables from tables/ (embeddings.checkpoint.load_full_tables). No DeepSpeed, no Ray, no process
 group; only YAML, JSON and safetensors are read, so nothing is ever unpickled.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,8 @@ from torch import Tensor
 from trainer.config import RunConfig, load_config
 from trainer.checkpoint import verify_checkpoint
 from trainer.data.batch import Batch
-from trainer.data.schema import DenseLayout
+from trainer.data.schema import SPEC_DIR
+from umask.spec import DenseLayout, FeatureMaps, FeatureSpec, load_maps, load_spec
 from umask.errors import UserError
 
 if TYPE_CHECKING:  # torchrec and the model are imported where they are used, as on the driver
@@ -39,13 +41,22 @@ class InferenceModel:
     checkpoint: Path
     step: int
     cfg: RunConfig
+    spec: FeatureSpec  # the training features' spec
     model: UMask
     tables: EmbeddingBagCollection  # the full app and loc tables
     ids: IdMapper
+    _maps: FeatureMaps | None = field(default=None, repr=False)
 
     @property
     def layout(self) -> DenseLayout:
-        return DenseLayout(self.cfg.data.num_categories, self.cfg.data.num_regions)
+        return self.spec.layout
+
+    @property
+    def maps(self) -> FeatureMaps:
+        """The spec's app-to-category and loc-to-region maps (read on first use)."""
+        if self._maps is None:
+            self._maps = load_maps(self.checkpoint / SPEC_DIR, self.spec)
+        return self._maps
 
     @torch.no_grad()
     def slot_sparse(self, batch: Batch) -> Tensor:
@@ -81,8 +92,8 @@ def load_inference_model(path: str | Path) -> InferenceModel:
     run_name = _state(folder).get("run")
     state = verify_checkpoint(folder, run_name)  # before any tensor file is opened
     cfg = load_config([str(folder / "config.yaml")])
-    model = UMask(cfg.model, num_categories=cfg.data.num_categories, num_regions=cfg.data.num_regions,
-                  sparse_dim=pooled_dim(cfg.embeddings))
+    spec = load_spec(folder / SPEC_DIR)
+    model = UMask(cfg.model, spec, sparse_dim=pooled_dim(cfg.embeddings))
     dense_file = folder / "dense.safetensors"
     try:
         weights = load_file(str(dense_file))
@@ -96,7 +107,7 @@ def load_inference_model(path: str | Path) -> InferenceModel:
                         f"{str(err).splitlines()[0]} {_first_key_problem(str(err))}") from None
     model.eval().requires_grad_(False)
     tables = load_full_tables(cfg.embeddings, folder / "tables")
-    return InferenceModel(folder, int(state["step"]), cfg, model, tables, IdMapper(cfg.embeddings))
+    return InferenceModel(folder, int(state["step"]), cfg, spec, model, tables, IdMapper(cfg.embeddings))
 
 
 def _state(folder: Path) -> dict:

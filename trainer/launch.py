@@ -16,19 +16,19 @@ from umask.errors import UserError
 
 def train(cfg: RunConfig):
     """Runs the training job and returns Ray Train's Result (metrics and the last checkpoint)."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchTrainer
 
     from embeddings.plan import check_sharding_types
-    from trainer.data.loader import read_manifest
+    from trainer.data.loader import check_spec_matches, read_spec
 
     check_sharding_types(cfg.embeddings, "cuda" if cfg.ray.use_gpu else "cpu")
     # Workers do not share the driver's working directory: give them absolute paths.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, source=str(Path(cfg.data.source).resolve()),
         features=str(Path(cfg.data.features).resolve())))
-    read_manifest(Path(cfg.data.features))  # fails here, on the driver, if featurize has not run
+    # fails here, on the driver, if featurize has not run or made other features than cfg says
+    check_spec_matches(read_spec(Path(cfg.data.features)), cfg.data, cfg.data.features)
     storage = _absolute_storage(cfg.ray.storage_path)
     run_dir = Path(storage) / cfg.ray.name
     if run_dir.exists() and not cfg.train.resume:

@@ -22,9 +22,8 @@ import torch.distributed as dist
 
 from trainer.config import RunConfig, to_yaml
 from trainer.data.batch import Batch
-from trainer.data.loader import ShardedLoader
-from trainer.data.schema import DenseLayout
-from umask.errors import UserError
+from trainer.data.loader import ShardedLoader, check_spec_matches
+from trainer.data.schema import SPEC_DIR
 from trainer.deepspeed_config import deepspeed_config
 from trainer.progress import ProgressLog
 from trainer.sparse_grad import unscaled_for_tables
@@ -48,18 +47,14 @@ class Trainer:
         self.loader = ShardedLoader(cfg.data.features, self.rank, self.world_size,
                                     batch_size=cfg.train.batch_size, seed=cfg.train.seed, splits=("train",),
                                     shuffle_window=cfg.data.shuffle_window)
-        layout = DenseLayout(cfg.data.num_categories, cfg.data.num_regions)
-        if layout.num_channels != self.loader.channels:
-            raise UserError(f"{cfg.data.features} has {self.loader.channels} dense channels, but "
-                            f"data.num_categories={layout.num_categories} and data.num_regions="
-                            f"{layout.num_regions} make {layout.num_channels}: featurize with this config")
+        self.spec = self.loader.spec  # the model and every checkpoint take the features' spec
+        check_spec_matches(self.spec, cfg.data, cfg.data.features)
         torch.manual_seed(cfg.train.seed)  # the same initial tables and dense weights on every rank
         self.ids = IdMapper(cfg.embeddings)
         self.tables = ShardedTables(cfg.embeddings, dist.group.WORLD, self.device)
         if self.rank == 0:
             _write_plan(self.tables.placements, run_dir / "plan.json")
-        model = UMask(cfg.model, num_categories=layout.num_categories, num_regions=layout.num_regions,
-                      sparse_dim=pooled_dim(cfg.embeddings),
+        model = UMask(cfg.model, self.spec, sparse_dim=pooled_dim(cfg.embeddings),
                       gather_negatives=_other_ranks_rows if self.world_size > 1 else no_extra_negatives)
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(),
@@ -68,11 +63,14 @@ class Trainer:
         self.micro_step = 0
 
     def next_batch(self) -> Batch:
-        return next(self.loader).to(self.device)
+        """The loader's next batch, on the host (ids are hashed there, then everything moves)."""
+        return next(self.loader)
 
     def forward_backward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One micro-batch: lookups, the model's loss, backward through both optimizers."""
-        kjt = self.ids.to_kjt(batch.app_values, batch.app_lengths, batch.loc_values, batch.loc_lengths)
+        kjt = self.ids.to_kjt(batch.app_values, batch.app_lengths, batch.loc_values,
+                              batch.loc_lengths).to(self.device)
+        batch = batch.to(self.device)
         pooled = unscaled_for_tables(self.tables(kjt), self.engine)  # [B*T, E]
         slot_sparse = pooled.view(len(batch), batch.observed.shape[1], -1)  # [B, T, E]
         generator = torch.Generator().manual_seed(
@@ -112,7 +110,8 @@ class Trainer:
         with tempfile.TemporaryDirectory(prefix="umask-ckpt-") as folder:
             save_checkpoint(Path(folder), rank=self.rank, world_size=self.world_size, run_name=self.cfg.ray.name,
                             step=self.step, engine=self.engine, tables=self.tables,
-                            loader_state=self.loader.state_dict(), config_yaml=to_yaml(self.cfg))
+                            loader_state=self.loader.state_dict(), config_yaml=to_yaml(self.cfg),
+                            spec_dir=Path(self.cfg.data.features) / SPEC_DIR)
             ray.train.report({"step": self.step, **metrics},
                              checkpoint=ray.train.Checkpoint.from_directory(folder))
 

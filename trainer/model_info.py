@@ -9,8 +9,7 @@ def model_parameter_counts(cfg) -> dict[str, int]:
     from umask.model import UMask
 
     with torch.device("meta"):
-        model = UMask(cfg.model, num_categories=cfg.data.num_categories, num_regions=cfg.data.num_regions,
-                      sparse_dim=pooled_dim(cfg.embeddings))
+        model = UMask(cfg.model, cfg.data.feature_spec(), sparse_dim=pooled_dim(cfg.embeddings))
     counts = {f"dense.{k}": v for k, v in model.param_count().items()}
     for name, table in cfg.embeddings.tables().items():
         counts[f"table.{name}"] = table.num_embeddings * table.dim

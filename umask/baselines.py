@@ -6,7 +6,6 @@ UMask.complete, returns evidence slots unchanged, so the same metrics apply to a
 import torch
 from torch import Tensor
 
-from umask.config import HOURS_PER_WEEK
 from umask.hour_prior import evidence_mean_by_hour
 
 
@@ -22,10 +21,11 @@ def global_popularity(dense: Tensor, evidence: Tensor, profile: Tensor) -> Tenso
 
 
 def hour_of_week_frequency(dense: Tensor, evidence: Tensor, time_of_week: Tensor,
-                           profile: Tensor) -> Tensor:
-    """The user's own mean at the slot's hour of week; at hours without evidence the user's
-    overall evidence mean; for users without evidence, `profile` [F]."""
-    hour_mean, _ = evidence_mean_by_hour(dense, evidence, time_of_week, HOURS_PER_WEEK, profile)
+                           profile: Tensor, slots_per_week: int) -> Tensor:
+    """The user's own mean at the slot's hour of week (time_of_week [B,T] in [0, slots_per_week),
+    the feature spec's slot of the week); at hours without evidence the user's overall
+    evidence mean; for users without evidence, `profile` [F]."""
+    hour_mean, _ = evidence_mean_by_hour(dense, evidence, time_of_week, slots_per_week, profile)
     return _keep_evidence(dense, evidence, hour_mean)
 
 

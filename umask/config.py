@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 TASKS = ("short", "long", "cold")  # task tau; its index is the task id used in tensors
 ATTENTION_MODES = ("evidence_keys", "evidence_causal", "bias")
-# time_of_week (every batch carries it per slot) is the hour of the week, in [0, 168).
-HOURS_PER_DAY, HOURS_PER_WEEK = 24, 168
+# Lengths below are in slots (hours with the default 3600-s slots). time_of_week, which every
+# batch carries per slot, is the slot of the week in [0, spec.slots_per_week): the model takes
+# the slots per day and week from the feature spec (umask/spec.py), never from a constant.
 
 
 @dataclass
@@ -160,7 +161,6 @@ class ModelConfig:
     heads: int = 4  # hidden / heads must be a power of two >= 16 (the Triton kernel's tiles)
     mlp_ratio: float = 4.0
     user_dim: int = 32  # z_u
-    day_slots: int = 24  # U-SCOPE groups this many consecutive slots into a day
     short_view_slots: int = 24  # U-SCOPE short view: the most recent evidence slots it keeps
     attention: str = "evidence_keys"  # mask-guided attention mode of every DiT block
     # DiT tokens also get the user's evidence means at their hour of week / hour of day
@@ -179,7 +179,7 @@ class ModelConfig:
 
     def problems(self) -> list[tuple[str, str]]:
         out = [(k, "must be positive") for k in ("hidden", "depth", "heads", "user_dim",
-                                                  "day_slots", "short_view_slots")
+                                                  "short_view_slots")
                if getattr(self, k) <= 0]
         if self.heads > 0 and self.hidden % self.heads:
             out.append(("heads", f"must divide hidden ({self.hidden})"))

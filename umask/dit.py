@@ -10,7 +10,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-from umask.config import HOURS_PER_WEEK
 from umask.hour_prior import hour_prior_features
 from umask.kernels import mask_guided_attention
 from umask.kernels.sorting import evidence_first_permutation, permute_tokens, unpermute_tokens
@@ -51,10 +50,11 @@ class SlotEmbedder(nn.Module):
     instead of left for attention to rediscover from scattered evidence tokens].
     """
 
-    def __init__(self, channels: int, sparse_dim: int, hidden: int, hour_prior: bool = False):
+    def __init__(self, channels: int, sparse_dim: int, hidden: int, slots_per_week: int,
+                 hour_prior: bool = False):
         super().__init__()
         self.values = nn.Linear(2 * channels + 1, hidden)
-        self.time_of_week = nn.Embedding(HOURS_PER_WEEK, hidden)
+        self.time_of_week = nn.Embedding(slots_per_week, hidden)
         self.sparse = nn.Linear(sparse_dim, hidden, bias=False)
         # A module of its own (not wider `values`) so checkpoints without it still load.
         self.hour_prior = nn.Linear(2 * channels + 3, hidden) if hour_prior else None
@@ -136,14 +136,16 @@ class DiT(nn.Module):
     """
 
     def __init__(self, channels: int, sparse_dim: int, user_dim: int, hidden: int, depth: int,
-                 heads: int, mlp_ratio: float, attention: str, hour_prior: bool = False,
-                 prior_residual: bool = False):
+                 heads: int, mlp_ratio: float, attention: str, slots_per_day: int,
+                 hour_prior: bool = False, prior_residual: bool = False):
+        """slots_per_day: the feature spec's; time_of_week is in [0, 7 * slots_per_day)."""
         super().__init__()
         if prior_residual and not hour_prior:
             raise ValueError("prior_residual needs hour_prior: the residual's base is the prior")
         self.channels = channels
+        self.slots_per_day = slots_per_day
         self.prior_residual = prior_residual
-        self.embedder = SlotEmbedder(channels, sparse_dim, hidden, hour_prior)
+        self.embedder = SlotEmbedder(channels, sparse_dim, hidden, 7 * slots_per_day, hour_prior)
         self.t_embedder = TimestepEmbedder(hidden)
         self.user_embedder = nn.Linear(user_dim, hidden)
         self.blocks = nn.ModuleList([DiTBlock(hidden, heads, mlp_ratio, attention) for _ in range(depth)])
@@ -173,7 +175,7 @@ class DiT(nn.Module):
                 time_of_week: Tensor, slot_sparse: Tensor) -> Tensor:
         """x_t, evidence_values [B,T,F]; t [B]; z_u [B,U]; evidence [B,T] bool;
         time_of_week [B,T]; slot_sparse [B,T,E]. Returns the x0 prediction [B,T,F]."""
-        prior = (hour_prior_features(evidence_values, evidence, time_of_week)  # [B,T,2F+3]
+        prior = (hour_prior_features(evidence_values, evidence, time_of_week, self.slots_per_day)  # [B,T,2F+3]
                  if self.embedder.hour_prior is not None else None)
         x = self.embedder(x_t, evidence_values, evidence, time_of_week, slot_sparse, prior)  # [B,T,hidden]
         perm = evidence_first_permutation(evidence)

@@ -8,7 +8,6 @@ multiplied by 0 before any sum, so target values cannot leak through here.
 import torch
 from torch import Tensor
 
-from umask.config import HOURS_PER_DAY, HOURS_PER_WEEK
 
 
 def evidence_mean_by_hour(values: Tensor, evidence: Tensor, hour: Tensor, hours: int,
@@ -33,18 +32,20 @@ def evidence_mean_by_hour(values: Tensor, evidence: Tensor, hour: Tensor, hours:
     return hour_mean.gather(1, index), counts.gather(1, index[..., :1])
 
 
-def hour_prior_features(values: Tensor, evidence: Tensor, time_of_week: Tensor) -> Tensor:
+def hour_prior_features(values: Tensor, evidence: Tensor, time_of_week: Tensor, slots_per_day: int) -> Tensor:
     """The DiT's per-token prior [B,T,2F+3] from evidence only.
 
+    time_of_week [B,T] is the slot of the week in [0, 7 * slots_per_day) (the feature spec's);
+    "hour" below is that slot, an hour with 3600-s slots.
     [mean at the slot's hour of week, mean at its hour of day (both falling back to the
     user's evidence mean, then to 0), log1p of the evidence slots behind each: hour of week,
     hour of day, the whole window]. In a one-week window a target's hour of week never holds
     evidence, so its first block is the user's mean; hour of day is the routine signal.
     """
     zero = values.new_zeros(values.shape[-1])
-    week_mean, week_count = evidence_mean_by_hour(values, evidence, time_of_week, HOURS_PER_WEEK, zero)
-    day_mean, day_count = evidence_mean_by_hour(values, evidence, time_of_week % HOURS_PER_DAY,
-                                                HOURS_PER_DAY, zero)
+    week_mean, week_count = evidence_mean_by_hour(values, evidence, time_of_week, 7 * slots_per_day, zero)
+    day_mean, day_count = evidence_mean_by_hour(values, evidence, time_of_week % slots_per_day,
+                                                slots_per_day, zero)
     user_count = evidence.sum(1, keepdim=True)[..., None].to(values.dtype).expand_as(week_count)  # [B,T,1]
     counts = torch.log1p(torch.cat([week_count, day_count, user_count], dim=-1))  # [B,T,3]
     return torch.cat([week_mean, day_mean, counts], dim=-1)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from umask.config import HOURS_PER_DAY, HOURS_PER_WEEK, TASKS, MaskConfig
+from umask.config import TASKS, MaskConfig
+from umask.spec import FeatureSpec
 
 # r_u is kept inside (0, 1) so that no user is fully trusted or fully ignored.
 RELIABILITY_FLOOR, RELIABILITY_CEIL = 0.01, 0.99
@@ -65,16 +66,18 @@ def target_windows(task: Tensor, slots: int, cfg: MaskConfig,
     return cut, target
 
 
-def reliability(dense: Tensor, candidates: Tensor, time_of_week: Tensor, num_categories: int,
+def reliability(dense: Tensor, candidates: Tensor, time_of_week: Tensor, spec: FeatureSpec,
                 cfg: MaskConfig) -> Tensor:
-    """r_u in (0,1) from the candidate slots only: amount, hour-of-day regularity, focus; [B]."""
+    """r_u in (0,1) from the candidate slots only: amount, hour-of-day regularity, focus; [B].
+
+    Regularity is over the spec's slots of the day (hours with 3600-s slots)."""
     mask = candidates.float()
     count = mask.sum(1)
     count_term = 1.0 - torch.exp(-count / cfg.reliability_count_scale)
-    hour_hist = torch.zeros(mask.shape[0], HOURS_PER_DAY, device=mask.device)
-    hour_hist.scatter_add_(1, time_of_week.long() % HOURS_PER_DAY, mask)  # [B,24]
+    hour_hist = torch.zeros(mask.shape[0], spec.slots_per_day, device=mask.device)
+    hour_hist.scatter_add_(1, time_of_week.long() % spec.slots_per_day, mask)  # [B,slots_per_day]
     regularity = 1.0 - _normalized_entropy(hour_hist)
-    usage = (torch.expm1(dense[..., : num_categories + 1].clamp(min=0)) * mask[..., None]).sum(1)
+    usage = (torch.expm1(dense[..., spec.layout.category].clamp(min=0)) * mask[..., None]).sum(1)
     focus = 1.0 - _normalized_entropy(usage)  # [B]
     terms = torch.stack([count_term, regularity, focus], dim=1)  # [B,3]
     weights = torch.tensor(cfg.reliability_weights, device=mask.device)
@@ -94,11 +97,10 @@ def evidence_ratio(r: Tensor, task: Tensor, cfg: MaskConfig) -> Tensor:
 
 
 def slot_utility(dense: Tensor, candidates: Tensor, time_of_week: Tensor, target: Tensor,
-                 cut: Tensor, task: Tensor, num_categories: int, num_regions: int,
-                 cfg: MaskConfig) -> Tensor:
+                 cut: Tensor, task: Tensor, spec: FeatureSpec, cfg: MaskConfig) -> Tensor:
     """lambda_T * temporal emphasis + lambda_S * spatial affinity per slot; [B,T]."""
-    temporal = _temporal_emphasis(time_of_week, target, cut, task, cfg)
-    spatial = _spatial_affinity(dense, candidates, num_categories, num_regions, cfg)
+    temporal = _temporal_emphasis(time_of_week, target, cut, task, spec.slots_per_day, cfg)
+    spatial = _spatial_affinity(dense, candidates, spec.num_categories, spec.num_regions, cfg)
     return cfg.temporal_weight * temporal + cfg.spatial_weight * spatial
 
 
@@ -136,23 +138,22 @@ def gumbel_top_k(p: Tensor, budget: Tensor, generator: torch.Generator) -> Tenso
     return torch.zeros_like(chosen_rank).scatter(1, order, chosen_rank)
 
 
-def sample_mask(dense: Tensor, observed: Tensor, time_of_week: Tensor, num_categories: int,
-                num_regions: int, cfg: MaskConfig, generator: torch.Generator,
-                task: Tensor | None = None) -> MaskSample:
+def sample_mask(dense: Tensor, observed: Tensor, time_of_week: Tensor, spec: FeatureSpec,
+                cfg: MaskConfig, generator: torch.Generator, task: Tensor | None = None) -> MaskSample:
     """Tasks (drawn unless given), targets and evidence for a batch.
 
-    dense [B,T,F], observed [B,T] bool, time_of_week [B,T] int in [0,168).
+    dense [B,T,F] in spec.layout, observed [B,T] bool, time_of_week [B,T] int in
+    [0, spec.slots_per_week).
     """
     batch, slots = observed.shape
     if task is None:
         task = sample_tasks(batch, cfg, generator).to(observed.device)
     cut, target = target_windows(task, slots, cfg, generator)
-    return mask_for_window(dense, observed, time_of_week, task, cut, target, num_categories,
-                           num_regions, cfg, generator)
+    return mask_for_window(dense, observed, time_of_week, task, cut, target, spec, cfg, generator)
 
 
 def mask_for_window(dense: Tensor, observed: Tensor, time_of_week: Tensor, task: Tensor, cut: Tensor,
-                    target: Tensor, num_categories: int, num_regions: int, cfg: MaskConfig,
+                    target: Tensor, spec: FeatureSpec, cfg: MaskConfig,
                     generator: torch.Generator) -> MaskSample:
     """The adaptive evidence for given tasks [B], cuts [B] and target windows [B,T].
 
@@ -161,10 +162,9 @@ def mask_for_window(dense: Tensor, observed: Tensor, time_of_week: Tensor, task:
     """
     before_cut = torch.arange(observed.shape[1], device=observed.device) < cut[:, None]
     candidates = observed & before_cut  # [B,T]
-    r = reliability(dense, candidates, time_of_week, num_categories, cfg)
+    r = reliability(dense, candidates, time_of_week, spec, cfg)
     ratio = evidence_ratio(r, task, cfg)
-    utility = slot_utility(dense, candidates, time_of_week, target, cut, task, num_categories,
-                           num_regions, cfg)
+    utility = slot_utility(dense, candidates, time_of_week, target, cut, task, spec, cfg)
     p = sampling_distribution(utility, candidates, r, task, cfg)
     budget = evidence_budget(ratio, candidates)
     evidence = gumbel_top_k(p, budget, generator)
@@ -191,18 +191,19 @@ def _normalized_entropy(weights: Tensor) -> Tensor:
 
 
 def _temporal_emphasis(time_of_week: Tensor, target: Tensor, cut: Tensor, task: Tensor,
-                       cfg: MaskConfig) -> Tensor:
-    """Recency decay before the cut plus a bonus at the target window's hours; [B,T]."""
+                       slots_per_day: int, cfg: MaskConfig) -> Tensor:
+    """Recency decay before the cut plus a bonus at the target window's slots of the day and
+    of the week (hours with 3600-s slots); [B,T]."""
     slots = target.shape[1]
     age = (cut[:, None] - 1 - torch.arange(slots, device=cut.device)).clamp(min=0).float()
     halflife = _per_task(cfg, "recency_halflife", task)[:, None]
     recency = torch.exp(-math.log(2.0) * age / halflife)  # [B,T]
     tow = time_of_week.long()
-    target_week_slots = torch.zeros(target.shape[0], HOURS_PER_WEEK, device=target.device)
+    target_week_slots = torch.zeros(target.shape[0], 7 * slots_per_day, device=target.device)
     target_week_slots.scatter_add_(1, tow, target.float())
-    target_week_slots = target_week_slots > 0  # [B,168]
-    target_hours = target_week_slots.view(-1, HOURS_PER_WEEK // HOURS_PER_DAY, HOURS_PER_DAY).any(1)
-    periodic = (cfg.same_hour_bonus * target_hours.gather(1, tow % HOURS_PER_DAY).float()
+    target_week_slots = target_week_slots > 0  # [B, slots per week]
+    target_hours = target_week_slots.view(-1, 7, slots_per_day).any(1)  # [B, slots per day]
+    periodic = (cfg.same_hour_bonus * target_hours.gather(1, tow % slots_per_day).float()
                 + cfg.same_week_slot_bonus * target_week_slots.gather(1, tow).float())
     return (_per_task(cfg, "recency_weight", task)[:, None] * recency
             + _per_task(cfg, "periodic_weight", task)[:, None] * periodic)

@@ -13,6 +13,7 @@ from umask.diffusion import Diffusion
 from umask.dit import DiT
 from umask.losses import channel_weights, info_nce, reconstruction_loss
 from umask.masking import MaskSample, sample_mask
+from umask.spec import FeatureSpec
 from umask.uscope import UScope
 
 
@@ -23,30 +24,32 @@ def no_extra_negatives(z: Tensor) -> Tensor:
 class UMask(nn.Module):
     """The U-MASK model for dense slots [B,T,F] with F = (C+1) + (K+1) + 2 channels.
 
-    gather_negatives(z_long [B,U]) -> [M,U] returns the OTHER ranks' long views (the trainer
-    all-gathers and drops its own rows); the default adds none, which is right on one rank.
+    The feature spec (umask/spec.py) sizes it: C, K and the dense layout, the slots per day
+    (U-SCOPE's days, the hour prior) and per week (the range of time_of_week). T may be any
+    window length. gather_negatives(z_long [B,U]) -> [M,U] returns the OTHER ranks' long views
+    (the trainer all-gathers and drops its own rows); the default adds none, right on one rank.
     """
 
-    def __init__(self, cfg: ModelConfig, num_categories: int, num_regions: int, sparse_dim: int,
-                 profile_dim: int = 0, gather_negatives: Callable[[Tensor], Tensor] = no_extra_negatives):
+    def __init__(self, cfg: ModelConfig, spec: FeatureSpec, sparse_dim: int, profile_dim: int = 0,
+                 gather_negatives: Callable[[Tensor], Tensor] = no_extra_negatives):
         super().__init__()
         self.cfg = cfg
-        self.num_categories = num_categories
-        self.num_regions = num_regions
-        self.channels = num_categories + num_regions + 4
+        self.spec = spec
+        self.num_categories = spec.num_categories
+        self.num_regions = spec.num_regions
+        self.channels = spec.layout.num_channels
         self.gather_negatives = gather_negatives
-        self.uscope = UScope(self.channels, sparse_dim, cfg.user_dim, cfg.day_slots, profile_dim)
+        self.uscope = UScope(self.channels, sparse_dim, cfg.user_dim, spec.slots_per_day, profile_dim)
         self.dit = DiT(self.channels, sparse_dim, cfg.user_dim, cfg.hidden, cfg.depth, cfg.heads,
-                       cfg.mlp_ratio, cfg.attention, cfg.hour_prior, cfg.prior_residual)
+                       cfg.mlp_ratio, cfg.attention, spec.slots_per_day, cfg.hour_prior, cfg.prior_residual)
         self.diffusion = Diffusion(cfg.diffusion)
-        self.register_buffer("loss_weights", channel_weights(num_categories, num_regions, cfg.loss),
+        self.register_buffer("loss_weights", channel_weights(self.num_categories, self.num_regions, cfg.loss),
                              persistent=False)
         self.register_buffer("channel_scale", self._channel_scale(), persistent=False)
 
     def sample_mask(self, dense: Tensor, observed: Tensor, time_of_week: Tensor,
                     generator: torch.Generator, task: Tensor | None = None) -> MaskSample:
-        return sample_mask(dense, observed, time_of_week, self.num_categories, self.num_regions,
-                           self.cfg.mask, generator, task)
+        return sample_mask(dense, observed, time_of_week, self.spec, self.cfg.mask, generator, task)
 
     def forward(self, dense: Tensor, observed: Tensor, time_of_week: Tensor, slot_sparse: Tensor,
                 profile: Tensor | None = None, *, generator: torch.Generator,

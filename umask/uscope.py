@@ -10,7 +10,6 @@ the most recent evidence slots, the long view all of them.
 import torch
 from torch import Tensor, nn
 
-from umask.config import HOURS_PER_WEEK
 
 
 def recent_evidence(evidence: Tensor, keep: int) -> Tensor:
@@ -24,10 +23,11 @@ class UScope(nn.Module):
 
     def __init__(self, channels: int, sparse_dim: int, user_dim: int, day_slots: int,
                  profile_dim: int = 0):
+        """day_slots: the feature spec's slots per day; time_of_week is in [0, 7 * day_slots)."""
         super().__init__()
         self.day_slots = day_slots
         self.slot_proj = nn.Linear(channels + sparse_dim, user_dim)
-        self.time_of_week = nn.Embedding(HOURS_PER_WEEK, user_dim)
+        self.time_of_week = nn.Embedding(7 * day_slots, user_dim)
         self.day_mlp = nn.Sequential(nn.GELU(), nn.Linear(user_dim, user_dim), nn.GELU(),
                                      nn.Linear(user_dim, user_dim))
         self.day_query = nn.Parameter(torch.zeros(user_dim))

@@ -3,6 +3,7 @@
 Ray starts on loopback with exactly the CPUs the tests use; ray.shutdown() at the end ends the
 processes this session started, and only those.
 """
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,8 @@ def tiny_config(tmp_path, tiny_dataset):
 def built_checkpoint(tmp_path_factory, tiny_dataset):
     """A checkpoint in the trainer's format, written directly instead of trained (seconds, not a
     minute): dense.safetensors of a seeded tiny UMask, tables/ saved by save_sharded from a
-    1-rank gloo group, config.yaml, state.json (step 7) and manifest-rank0.json.
+    1-rank gloo group, config.yaml, the features' spec/, state.json (step 7) and
+    manifest-rank0.json.
 
     Returns (run folder, checkpoint folder, {"dense": state dict, "tables": full weights}).
     """
@@ -49,6 +51,8 @@ def built_checkpoint(tmp_path_factory, tiny_dataset):
     from embeddings.tables import pooled_dim
     from trainer.checkpoint import write_manifest, write_state
     from trainer.config import load_config, to_yaml
+    from trainer.data.loader import read_spec
+    from trainer.data.schema import SPEC_DIR
     from umask.model import UMask
 
     run = tmp_path_factory.mktemp("built-runs") / "built"
@@ -57,7 +61,7 @@ def built_checkpoint(tmp_path_factory, tiny_dataset):
         f"data.source={tiny_dataset / 'raw'}", f"data.features={tiny_dataset / 'features'}",
         f"ray.storage_path={run.parent}", "ray.name=built"])
     torch.manual_seed(3)
-    model = UMask(cfg.model, cfg.data.num_categories, cfg.data.num_regions, pooled_dim(cfg.embeddings))
+    model = UMask(cfg.model, read_spec(tiny_dataset / "features"), pooled_dim(cfg.embeddings))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         tables = ShardedTables(cfg.embeddings, dist.group.WORLD, torch.device("cpu"))
@@ -71,6 +75,7 @@ def built_checkpoint(tmp_path_factory, tiny_dataset):
     dense = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(dense, str(folder / "dense.safetensors"))
     (folder / "config.yaml").write_text(to_yaml(cfg))
+    shutil.copytree(tiny_dataset / "features" / SPEC_DIR, folder / SPEC_DIR)
     write_state(folder, step=7, world_size=1, run_name="built")
     write_manifest(folder, rank=0, run_name="built")
     return run, folder, {"dense": dense, "tables": weights}

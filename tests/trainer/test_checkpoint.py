@@ -20,6 +20,8 @@ def two_rank_checkpoint(tmp_path):
             write_state(own, step=12, world_size=2, run_name="r")
             (own / "config.yaml").write_text("train: {steps: 12}\n")
             (own / "dense.safetensors").write_bytes(b"\x01" * 32)
+            (own / "spec").mkdir()
+            (own / "spec" / "spec.json").write_text("{}")
         write_manifest(own, rank=rank, run_name="r")
         for path in own.rglob("*"):
             if path.is_file():
@@ -69,14 +71,14 @@ def test_the_missing_rank_is_named(two_rank_checkpoint):
         verify_checkpoint(two_rank_checkpoint, "r")
 
 
-@pytest.mark.parametrize("name", ["state.json", "config.yaml", "dense.safetensors"])
+@pytest.mark.parametrize("name", ["state.json", "config.yaml", "dense.safetensors", "spec/spec.json"])
 def test_a_missing_rank0_file_is_refused(two_rank_checkpoint, name):
     (two_rank_checkpoint / name).unlink()
     with pytest.raises(UserError, match=f"{name} is listed in manifest-rank0.json but missing"):
         verify_checkpoint(two_rank_checkpoint, "r")
 
 
-@pytest.mark.parametrize("name", ["state.json", "config.yaml", "dense.safetensors"])
+@pytest.mark.parametrize("name", ["state.json", "config.yaml", "dense.safetensors", "spec/spec.json"])
 def test_a_rank0_file_left_out_of_the_manifest_is_refused(two_rank_checkpoint, name):
     path = two_rank_checkpoint / "manifest-rank0.json"
     manifest = json.loads(path.read_text())

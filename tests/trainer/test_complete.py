@@ -1,5 +1,9 @@
 """`u-mask complete`: task windows by hand, and the command on real contract events of two users
 with a checkpoint built in the trainer's format (tests/trainer/conftest.py built_checkpoint)."""
+import copy
+import dataclasses
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -9,7 +13,8 @@ import torch
 
 from trainer.cli import main as cli_main
 from trainer.complete import COMPLETED, complete_windows, latest_windows, task_cut
-from trainer.data.featurize import WEEK
+from umask.spec import WEEK_SECONDS as WEEK
+from trainer.data.schema import EXAMPLES
 from trainer.inference import load_inference_model
 from umask.config import MaskConfig
 
@@ -44,7 +49,7 @@ def test_task_windows(task, observed_slots, cut, expected):
 @pytest.fixture(scope="module")
 def two_users(tiny_dataset, tmp_path_factory):
     """The contract events of the two users with the most events, as one events.parquet with no
-    side tables beside it (so the checkpoint's data.source provides them)."""
+    side tables beside it (the checkpoint's feature spec places apps and locations)."""
     events = pq.read_table(tiny_dataset / "raw" / "events")
     counts = pc.value_counts(events.column("user_id")).to_pylist()
     users = [c["values"] for c in sorted(counts, key=lambda c: (-c["counts"], c["values"]))[:2]]
@@ -110,3 +115,34 @@ def test_complete_command_errors_name_the_problem(built_checkpoint, two_users, t
     assert run_complete("--checkpoint", str(run), "--events", str(events), "--task", "cold",
                         "--out", str(tmp_path), "--cut", "400") == 2
     assert "--cut 400" in capsys.readouterr().err
+
+
+def test_complete_featurizes_as_training_did_without_the_training_data(inference, two_users, tiny_dataset,
+                                                                       tmp_path):
+    """The checkpoint's feature spec alone decides the slots: with the training source gone and
+    side tables beside the events that would give other categories and other k-means regions,
+    each user's latest window is bit for bit the training features' example of that window."""
+    events, users = two_users
+    folder = tmp_path / "dataset"
+    (folder / "events").mkdir(parents=True)
+    shutil.copy(events, folder / "events" / "part-0.parquet")
+    apps = pq.read_table(tiny_dataset / "raw" / "apps.parquet")
+    pq.write_table(apps.set_column(apps.schema.get_field_index("category_id"), "category_id",
+                                   pc.cast(pc.subtract(19, apps["category_id"]), pa.int32())),
+                   folder / "apps.parquet")
+    locations = pq.read_table(tiny_dataset / "raw" / "locations.parquet")
+    pq.write_table(locations.set_column(locations.schema.get_field_index("lat"), "lat",
+                                        pc.negate(locations["lat"])), folder / "locations.parquet")
+    elsewhere = dataclasses.replace(inference, cfg=copy.deepcopy(inference.cfg))
+    elsewhere.cfg.data.source = str(tmp_path / "not-here")
+
+    rows = latest_windows(folder, elsewhere, tmp_path / "work")
+    trained = pa.concat_tables(pq.read_table(path, schema=EXAMPLES) for path in
+                               (tiny_dataset / "features").glob("split=*/shard=*/*.parquet")).to_pylist()
+    by_key = {(r["user_id"], r["window_start"]): r for r in trained}
+    F = inference.layout.num_channels
+    for b, user in enumerate(rows.user_id.tolist()):
+        example = by_key[(user, int(rows.window_start[b]))]
+        np.testing.assert_array_equal(rows.dense[b], np.array(example["dense"], np.float32).reshape(-1, F))
+        assert rows.observed[b].tolist() == example["observed"]
+        assert rows.time_of_week[b].tolist() == example["time_of_week"]

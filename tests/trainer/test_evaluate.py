@@ -2,6 +2,7 @@
 whose right answers are known, the command end to end on a checkpoint built in the trainer's
 format (tests/trainer/conftest.py built_checkpoint; no training, so the model is untrained)."""
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -13,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from trainer.data.schema import EXAMPLES, DenseLayout
+from trainer.data.schema import EXAMPLES
+from umask.spec import DenseLayout, FeatureMaps, FeatureSpec, load_spec, save_spec
 from umask.errors import UserError
 from trainer.cli import main as cli_main
 from trainer.data.batch import Batch
@@ -55,7 +57,7 @@ def test_scored_rows_pool_slots_over_batches_and_bucket_by_user_share():
     rows.add(pred, truth, torch.tensor([[True, True]]), torch.tensor([0.9]), torch.tensor([102]))
     rows.add_users(torch.tensor([0.5, math.nan]), torch.tensor([0.04, 0.2]))  # 2nd user: no apps
     rows.add_users(torch.tensor([0.25]), torch.tensor([0.9]))
-    report = rows.metrics(C, K)
+    report = rows.metrics(KNOWN_SPEC)
     everything = report["all"]
     assert everything["slots"] == 3
     assert everything["category_acc1"] == pytest.approx(2 / 3)
@@ -175,19 +177,27 @@ def known_dataset(tmp_path_factory) -> Path:
                                      (4, 5, 1, 10.0, 1), (5, 5, 1, 10.0, 1), (6, 7, 1, 10.0, 1)])
     write_examples(folder, "test", [(11, 7, 4, 12.0, 1), (12, 7, 4, 12.0, 2), (13, 7, 4, 12.0, 1),
                                     (14, 7, 4, 12.0, 2)])
-    (folder / "manifest.json").write_text(json.dumps({"slots": T, "channels": LAYOUT.num_channels}))
+    spec = save_spec(folder / "spec", KNOWN_SPEC, KNOWN_MAPS)
+    (folder / "manifest.json").write_text(json.dumps({"spec_digest": spec.digest}))
     return folder
 
 
+# the known dataset's feature spec: the tiny preset's time grid and layout, and its own app map
+KNOWN_SPEC = FeatureSpec(slot_seconds=3600, slots=T, num_categories=C, num_regions=K)
+KNOWN_MAPS = FeatureMaps(np.array([1002, 1005, 1007, *NOISE_APPS]),
+                         np.array([2, 5, 7] + [NOISE_CATEGORY] * 12, np.int32),
+                         np.empty(0, np.int64), np.empty(0, np.int32))
+
+
 @pytest.fixture(scope="module")
-def inference(built_checkpoint):
-    return load_inference_model(built_checkpoint[1])
+def inference(built_checkpoint, known_dataset):
+    """The built checkpoint, as if trained on features of the known dataset's spec."""
+    loaded = load_inference_model(built_checkpoint[1])
+    return dataclasses.replace(loaded, spec=load_spec(known_dataset / "spec"), _maps=KNOWN_MAPS)
 
 
 def test_baselines_get_the_known_answers(inference, known_dataset):
-    apps = pa.table({"app_id": [1002, 1005, 1007, *NOISE_APPS],
-                     "category_id": pa.array([2, 5, 7] + [NOISE_CATEGORY] * 12, pa.int32())})
-    report = evaluate(inference, known_dataset, EvalSettings(batch_size=2, steps=2), apps)
+    report = evaluate(inference, known_dataset, EvalSettings(batch_size=2, steps=2))
     assert report["examples"] == 4 and report["users"] == 4
     for task in TASKS:
         methods = report["tasks"][task]
@@ -243,9 +253,15 @@ def test_the_uniform_row_comes_from_the_uniform_checkpoint(inference, known_data
         assert json_ready(ablated["tasks"][task][MODEL]) == json_ready(same["tasks"][task][MODEL])
         assert ablated["tasks"][task][UNIFORM]["all"] != same["tasks"][task][UNIFORM]["all"]
     assert "a model trained with uniform masks" in ablated["findings"][2]
-    uniform.cfg.data.slots += 1
-    with pytest.raises(UserError, match=r"reads \(slots, categories, regions\)"):
+    uniform.spec = dataclasses.replace(uniform.spec, slot_seconds=1800, slots=336)
+    with pytest.raises(UserError, match=r"trained on features of another feature spec"):
         evaluate(inference, known_dataset, settings, uniform=uniform)
+
+
+def test_features_of_another_spec_are_refused(built_checkpoint, known_dataset):
+    # the built checkpoint's spec is the tiny dataset's: same layout, other maps and regions
+    with pytest.raises(UserError, match=r"made under another feature spec .*same settings, other maps"):
+        evaluate(load_inference_model(built_checkpoint[1]), known_dataset, EvalSettings(batch_size=2))
 
 
 # --- checkpoint loading ----------------------------------------------------------------------

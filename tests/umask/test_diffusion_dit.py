@@ -53,7 +53,7 @@ def test_ddim_with_a_perfect_predictor_returns_the_truth_and_keeps_evidence():
 def make_dit(depth=2, attention="evidence_keys"):
     torch.manual_seed(0)
     return DiT(CHANNELS, SPARSE_DIM, user_dim=8, hidden=32, depth=depth, heads=2, mlp_ratio=2.0,
-               attention=attention)
+               attention=attention, slots_per_day=24)
 
 
 def dit_inputs(seed=0):

@@ -9,14 +9,14 @@ from umask.baselines import hour_of_week_frequency
 from umask.config import ModelConfig
 from umask.hour_prior import evidence_mean_by_hour, hour_prior_features
 from umask.model import UMask
-from umask_batches import NUM_CATEGORIES, NUM_REGIONS, SPARSE_DIM, make_batch
+from umask_batches import SPARSE_DIM, SPEC, make_batch
 
 
 def prior_model(prior_residual: bool = False):
     torch.manual_seed(0)
     return UMask(ModelConfig(hidden=32, depth=2, heads=2, user_dim=16, hour_prior=True,
                              prior_residual=prior_residual),
-                 NUM_CATEGORIES, NUM_REGIONS, SPARSE_DIM)
+                 SPEC, SPARSE_DIM)
 
 
 def test_evidence_mean_by_hour_by_hand():
@@ -36,14 +36,14 @@ def test_prior_features_pool_the_same_hour_of_day_across_days():
     values = torch.tensor([[[2.0], [100.0], [6.0], [10.0]]])
     evidence = torch.tensor([[True, False, True, False]])
     time_of_week = torch.tensor([[3, 27, 51, 4]])
-    features = hour_prior_features(values, evidence, time_of_week)  # [1,4,2*1+3]
+    features = hour_prior_features(values, evidence, time_of_week, 24)  # [1,4,2*1+3]
     week_mean, day_mean, counts = features[0, :, 0], features[0, :, 1], features[0, :, 2:]
     assert week_mean.tolist() == [2.0, 4.0, 6.0, 4.0]  # hour 27 and 4: no evidence -> user mean 4
     assert day_mean.tolist() == [4.0, 4.0, 4.0, 4.0]  # 03:00 holds 2 and 6; 04:00 none -> 4
     expected = [[1, 2, 2], [0, 2, 2], [1, 2, 2], [0, 0, 2]]  # hour of week, hour of day, window
     assert torch.allclose(counts, torch.log1p(torch.tensor(expected, dtype=torch.float32)))
     # Without any evidence the means fall back to 0, not to a population value.
-    empty = hour_prior_features(values, torch.zeros_like(evidence), time_of_week)
+    empty = hour_prior_features(values, torch.zeros_like(evidence), time_of_week, 24)
     assert torch.equal(empty, torch.zeros_like(empty))
 
 
@@ -61,12 +61,12 @@ def test_targets_never_reach_the_dit_through_the_hour_prior(prior_residual):
     poisoned = data.dense.clone()
     poisoned[~mask.evidence] = math.inf  # not even inf or nan outside the evidence gets in
     poisoned[~mask.evidence & ~mask.target] = math.nan
-    prior = hour_prior_features(data.dense, mask.evidence, data.time_of_week)
-    assert torch.equal(hour_prior_features(poisoned, mask.evidence, data.time_of_week), prior)
+    prior = hour_prior_features(data.dense, mask.evidence, data.time_of_week, 24)
+    assert torch.equal(hour_prior_features(poisoned, mask.evidence, data.time_of_week, 24), prior)
     x_t = torch.zeros_like(data.dense)
 
     def tokens(dense):
-        prior = hour_prior_features(dense, mask.evidence, data.time_of_week)
+        prior = hour_prior_features(dense, mask.evidence, data.time_of_week, 24)
         return model.dit.embedder(x_t, dense, mask.evidence, data.time_of_week, data.slot_sparse, prior)
 
     def completed(dense):
@@ -85,7 +85,7 @@ def test_targets_never_reach_the_dit_through_the_hour_prior(prior_residual):
 
 def test_the_switch_adds_the_prior_projection_and_it_learns():
     assert prior_model().dit.embedder.hour_prior is not None
-    off = UMask(ModelConfig(hidden=32, depth=2, heads=2, user_dim=16), NUM_CATEGORIES, NUM_REGIONS, SPARSE_DIM)
+    off = UMask(ModelConfig(hidden=32, depth=2, heads=2, user_dim=16), SPEC, SPARSE_DIM)
     assert off.dit.embedder.hour_prior is None
     model = prior_model()
     data = make_batch()
@@ -110,7 +110,7 @@ def test_untrained_residual_model_completes_like_the_hour_of_week_baseline():
     completed = model.complete(data.dense, mask.evidence, data.time_of_week, data.slot_sparse, steps=4,
                                generator=torch.Generator().manual_seed(0))
     baseline = hour_of_week_frequency(data.dense, mask.evidence, data.time_of_week,
-                                      torch.zeros(data.dense.shape[-1]))
+                                      torch.zeros(data.dense.shape[-1]), SPEC.slots_per_week)
     assert torch.allclose(completed, baseline, atol=1e-5)
     plain = prior_model(prior_residual=False).complete(data.dense, mask.evidence, data.time_of_week,
                                                        data.slot_sparse, steps=4,
@@ -122,4 +122,4 @@ def test_residual_without_the_prior_is_refused():
     assert ("prior_residual", "needs hour_prior: true (the residual's base is the prior)") in \
         ModelConfig(prior_residual=True).problems()
     with pytest.raises(ValueError, match="prior_residual needs hour_prior"):
-        UMask(ModelConfig(prior_residual=True), NUM_CATEGORIES, NUM_REGIONS, SPARSE_DIM)
+        UMask(ModelConfig(prior_residual=True), SPEC, SPARSE_DIM)

@@ -9,13 +9,13 @@ from hypothesis import strategies as st
 from umask.config import TASKS, MaskConfig
 from umask.masking import (evidence_budget, evidence_ratio, gumbel_top_k, reliability,
                            sample_mask, sampling_distribution, slot_utility, target_windows)
-from umask_batches import NUM_CATEGORIES, NUM_REGIONS, make_batch
+from umask_batches import NUM_CATEGORIES, NUM_REGIONS, SPEC, make_batch
 
 SHORT, LONG, COLD = (TASKS.index(name) for name in TASKS)
 
 
 def draw(batch, cfg, seed, task=None):
-    return sample_mask(batch.dense, batch.observed, batch.time_of_week, NUM_CATEGORIES, NUM_REGIONS,
+    return sample_mask(batch.dense, batch.observed, batch.time_of_week, SPEC,
                        cfg, torch.Generator().manual_seed(seed), task)
 
 
@@ -71,7 +71,7 @@ def test_reliability_on_a_hand_computed_user():
     candidates = torch.zeros(2, slots, dtype=torch.bool)
     candidates[0, [0, 24]] = True
     time_of_week = torch.arange(slots).expand(2, slots)
-    r = reliability(dense, candidates, time_of_week, NUM_CATEGORIES, MaskConfig())
+    r = reliability(dense, candidates, time_of_week, SPEC, MaskConfig())
     # count term 1 - exp(-2/24); perfectly regular (one hour of day) and focused (one category)
     expected = 0.5 * (1 - math.exp(-2 / 24)) + 0.25 * 1.0 + 0.25 * 1.0
     assert r[0].item() == pytest.approx(expected, rel=1e-6)
@@ -127,7 +127,7 @@ def test_temporal_emphasis_short_recency_and_long_periodicity():
     target = torch.stack([(t >= 30) & (t < 33), (t >= 48) & (t < 50)])
     candidates = t < cut[:, None]
     utility = slot_utility(data.dense, candidates, data.time_of_week, target, cut, task,
-                           NUM_CATEGORIES, NUM_REGIONS, cfg)
+                           SPEC, cfg)
     # short: exp decay with a 6-slot half-life, counted back from the slot before the cut
     assert utility[0, 29].item() == pytest.approx(1.0)
     assert utility[0, 23].item() == pytest.approx(0.5)

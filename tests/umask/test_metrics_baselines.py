@@ -74,8 +74,8 @@ def test_baselines_by_hand():
     assert global_popularity(dense, evidence, profile).flatten().tolist() == [9, 2, 9, 4, 9]
     time_of_week = torch.tensor([[0, 1, 1, 2, 1]])
     # hour 1 has evidence 2.0; hour 0 has none -> the user's mean 3.0; hour 2 is evidence itself
-    assert hour_of_week_frequency(dense, evidence, time_of_week, profile).flatten().tolist() == [3, 2, 2, 4, 2]
-    assert hour_of_week_frequency(dense, torch.zeros_like(evidence), time_of_week, profile).flatten().tolist() == [9] * 5
+    assert hour_of_week_frequency(dense, evidence, time_of_week, profile, 168).flatten().tolist() == [3, 2, 2, 4, 2]
+    assert hour_of_week_frequency(dense, torch.zeros_like(evidence), time_of_week, profile, 168).flatten().tolist() == [9] * 5
     observed = torch.tensor([[True, True, False, False, False]])
     assert popularity_profile(dense, observed).tolist() == [1.5]
 
@@ -101,7 +101,7 @@ def test_weekly_user_is_solved_by_hour_of_week_and_not_by_the_others():
     def score(pred):
         return completion_metrics(pred, dense, target, num_categories, num_regions)
 
-    exact = score(hour_of_week_frequency(dense, evidence, time_of_week, profile))
+    exact = score(hour_of_week_frequency(dense, evidence, time_of_week, profile, 168))
     assert exact["category_acc1"] == 1.0 and exact["region_acc1"] == 1.0 and exact["volume_mae"] == 0.0
     last = score(last_observed(dense, evidence, profile))
     popular = score(global_popularity(dense, evidence, profile))

@@ -4,13 +4,13 @@ import torch
 
 from umask.config import ModelConfig
 from umask.model import UMask
-from umask_batches import CHANNELS, NUM_CATEGORIES, NUM_REGIONS, SPARSE_DIM, make_batch
+from umask_batches import CHANNELS, SPARSE_DIM, SPEC, make_batch
 
 
 def make_model(**overrides):
     torch.manual_seed(0)
     return UMask(ModelConfig(hidden=32, depth=2, heads=2, user_dim=16, **overrides),
-                 NUM_CATEGORIES, NUM_REGIONS, SPARSE_DIM)
+                 SPEC, SPARSE_DIM)
 
 
 def loss_of(model, data, seed=0, mask=None):
@@ -167,7 +167,7 @@ def test_a_cpu_generator_drives_a_cuda_model_like_a_cpu_one():
 
 def test_a_profile_vector_enters_z_u_when_configured():
     torch.manual_seed(0)
-    model = UMask(ModelConfig(hidden=32, heads=2, user_dim=16), NUM_CATEGORIES, NUM_REGIONS, SPARSE_DIM,
+    model = UMask(ModelConfig(hidden=32, heads=2, user_dim=16), SPEC, SPARSE_DIM,
                   profile_dim=5)
     data = make_batch(2, 24)
     evidence = data.observed

@@ -17,7 +17,7 @@ def test_presets_load_and_count_parameters_without_allocating(size, low, high):
     cfg = load_config([str(PRESETS / f"{size}.yaml")])
     assert cfg.model.size == size
     with torch.device("meta"):
-        model = UMask(cfg.model, num_categories=20, num_regions=32, sparse_dim=32)
+        model = UMask(cfg.model, cfg.data.feature_spec(), sparse_dim=32)
     counts = model.param_count()
     assert low < counts["total"] < high, counts
 

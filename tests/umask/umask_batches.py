@@ -3,8 +3,11 @@ from dataclasses import dataclass
 
 import torch
 
+from umask.spec import FeatureSpec
+
 NUM_CATEGORIES, NUM_REGIONS, SPARSE_DIM = 3, 2, 8
 CHANNELS = NUM_CATEGORIES + NUM_REGIONS + 4
+SPEC = FeatureSpec(slot_seconds=3600, slots=168, num_categories=NUM_CATEGORIES, num_regions=NUM_REGIONS)
 
 
 @dataclass
@@ -26,6 +29,6 @@ def make_batch(batch: int = 4, slots: int = 48, observed_share: float = 0.6, see
     activity = torch.log1p(counts.sum(-1, keepdim=True))
     volume = torch.rand(batch, slots, 1, generator=g) * 10
     dense = torch.cat([torch.log1p(counts), regions, activity, volume], -1) * observed[..., None]
-    time_of_week = ((torch.arange(slots) + start_hour) % 168).expand(batch, slots).clone()
+    time_of_week = ((torch.arange(slots) + start_hour) % SPEC.slots_per_week).expand(batch, slots).clone()
     slot_sparse = torch.randn(batch, slots, SPARSE_DIM, generator=g)
     return Batch(dense, observed, time_of_week, slot_sparse)
