@@ -2,7 +2,7 @@
 
 For each size in {tiny, base_like} and each world size in {1, 2} CPU workers, in one run and
 one after the other on the same synthetic dataset:
-- ours: trainer.launch.train(cfg) on an embedded Ray (loopback, one CPU per worker), steady
+- ours: trainer.training.launch.train(cfg) on an embedded Ray (loopback, one CPU per worker), steady
   state read from rank 0's metrics.csv: steps/s and examples/s over the steps after the
   warm-up (elapsed_s of the last step minus that of the last warm-up step), and the mean
   data_wait share of those steps (issue 3's target: below 5 %);
@@ -39,7 +39,7 @@ from bench.ddp_peer import PeerTrainer, run_peer, spawn_ranks  # noqa: E402
 from trainer.config import RunConfig, load_config  # noqa: E402
 from trainer.data.featurize import featurize  # noqa: E402
 from trainer.data.synth import synthesize  # noqa: E402
-from trainer.launch import train  # noqa: E402
+from trainer.training.launch import train  # noqa: E402
 
 TINY_PRESET = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 SIZES = {
@@ -134,7 +134,7 @@ def profile_rank(cfg: RunConfig, run_dir: str, steps: int, warmup: int) -> dict:
     most of it."""
     from torch.profiler import ProfilerActivity, profile
 
-    from trainer.loop import Trainer
+    from trainer.training.loop import Trainer
 
     sides = {"ours": Trainer(cfg, Path(run_dir)), "ddp_peer": PeerTrainer(cfg)}
     for _ in range(warmup):

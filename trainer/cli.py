@@ -1,8 +1,8 @@
 """`u-mask`: the command line. Every command's parser and handler is here, and only here.
 
 A handler is thin: it checks the parsed flags, calls the library function that does the work
-(trainer.data.synth.synthesize, trainer.data.featurize.featurize, trainer.launch.train,
-trainer.evaluate.evaluate_checkpoint, ...) and prints the result. The library modules know nothing of
+(trainer.data.synth.synthesize, trainer.data.featurize.featurize, trainer.training.launch.train,
+trainer.inference.evaluate.evaluate_checkpoint, ...) and prints the result. The library modules know nothing of
 argparse or of this module. Handlers import their library modules inside the function, so
 building the parser (`u-mask --help`) and light commands (`u-mask config`) import neither torch
 nor Ray. One module rather than a package: each command is a dozen lines, and the whole CLI
@@ -127,7 +127,7 @@ def _summary(args) -> int:
     return 0
 
 
-# --- u-mask config | train | model-info  (trainer/config.py, trainer/launch.py) --------------
+# --- u-mask config | train | model-info  (trainer/config.py, trainer/training/launch.py) --------------
 
 def _add_config(commands) -> None:
     parser = commands.add_parser("config", help="print the resolved config (validates it)")
@@ -149,7 +149,7 @@ def _add_train(commands) -> None:
 
 
 def _train(args) -> int:
-    from trainer.launch import train
+    from trainer.training.launch import train
 
     result = train(config_from_args(args))
     # Ray Train raises instead of returning a failed result
@@ -164,7 +164,7 @@ def _add_model_info(commands) -> None:
 
 
 def _model_info(args) -> int:
-    from trainer.model_info import model_parameter_counts
+    from trainer.training.model_info import model_parameter_counts
 
     cfg = config_from_args(args)
     counts = model_parameter_counts(cfg)
@@ -174,7 +174,7 @@ def _model_info(args) -> int:
     return 0
 
 
-# --- u-mask eval | complete  (a trained model: trainer/evaluate.py, trainer/complete.py) ------
+# --- u-mask eval | complete  (a trained model: trainer/inference/evaluate.py, trainer/inference/complete.py) ------
 
 def _add_eval(commands) -> None:
     parser = commands.add_parser("eval", help="evaluate a checkpoint against the baselines (JSON + PNG)")
@@ -202,7 +202,7 @@ def _eval(args) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    from trainer.evaluate import EvalSettings, evaluate_checkpoint, markdown_table
+    from trainer.inference.evaluate import EvalSettings, evaluate_checkpoint, markdown_table
 
     settings = EvalSettings(split=args.split, samples=args.samples, steps=args.steps,
                             batches=args.batches, batch_size=args.batch_size, seed=args.seed,
@@ -233,7 +233,7 @@ def _add_complete(commands) -> None:
 
 
 def _complete(args) -> int:
-    from trainer.complete import complete_checkpoint
+    from trainer.inference.complete import complete_checkpoint
 
     done = complete_checkpoint(args.checkpoint, args.events, args.task, args.out, args.cut,
                                args.steps, args.seed)

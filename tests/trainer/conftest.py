@@ -49,7 +49,7 @@ def built_checkpoint(tmp_path_factory, tiny_dataset):
     from embeddings.checkpoint import save_sharded
     from embeddings.sharded import ShardedTables
     from embeddings.tables import pooled_dim
-    from trainer.checkpoint import write_manifest, write_state
+    from trainer.training.checkpoint import write_manifest, write_state
     from trainer.config import load_config, to_yaml
     from trainer.data.loader import read_spec
     from trainer.data.schema import SPEC_DIR

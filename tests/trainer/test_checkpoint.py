@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from trainer.checkpoint import verify_checkpoint, write_manifest, write_state
+from trainer.training.checkpoint import verify_checkpoint, write_manifest, write_state
 from umask.errors import UserError
 
 

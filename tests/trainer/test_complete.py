@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from trainer.cli import main as cli_main
-from trainer.complete import COMPLETED, complete_windows, latest_windows, task_cut
+from trainer.inference.complete import COMPLETED, complete_windows, latest_windows, task_cut
 from umask.spec import WEEK_SECONDS as WEEK
 from trainer.data.schema import EXAMPLES
-from trainer.inference import load_inference_model
+from trainer.inference.loading import load_inference_model
 from umask.config import MaskConfig
 
 MASK = MaskConfig()  # short: up to 6 target slots, long: up to 72, cold: 24 slots of history

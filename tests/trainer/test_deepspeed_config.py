@@ -2,7 +2,7 @@
 import pytest
 
 from trainer.config import DeepSpeedConfig
-from trainer.deepspeed_config import deepspeed_config
+from trainer.training.deepspeed_config import deepspeed_config
 
 
 def test_auto_precision_is_bf16_on_gpu_and_fp32_on_cpu():

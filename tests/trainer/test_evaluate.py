@@ -19,9 +19,9 @@ from umask.spec import DenseLayout, FeatureMaps, FeatureSpec, load_spec, save_sp
 from umask.errors import UserError
 from trainer.cli import main as cli_main
 from trainer.data.batch import Batch
-from trainer.evaluate import (BASELINES, METHODS, MODEL, UNIFORM, EvalSettings, ScoredRows, app_recall,
+from trainer.inference.evaluate import (BASELINES, METHODS, MODEL, UNIFORM, EvalSettings, ScoredRows, app_recall,
                               evaluate, findings, json_ready, uniform_evidence, used_apps)
-from trainer.inference import load_inference_model, resolve_checkpoint
+from trainer.inference.loading import load_inference_model, resolve_checkpoint
 from umask.config import TASKS
 
 C, K = 20, 32  # the tiny preset's layout, F = 56

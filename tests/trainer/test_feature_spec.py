@@ -13,9 +13,9 @@ from trainer.cli import main as cli_main
 from trainer.config import load_config
 from trainer.data.featurize import featurize
 from trainer.data.loader import read_spec
-from trainer.evaluate import MODEL, EvalSettings, evaluate
-from trainer.inference import load_inference_model
-from trainer.launch import train
+from trainer.inference.evaluate import MODEL, EvalSettings, evaluate
+from trainer.inference.loading import load_inference_model
+from trainer.training.launch import train
 from umask.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -3,7 +3,7 @@ import pytest
 from ray.train import WorkerGroupError
 
 from umask.errors import UserError
-from trainer.launch import _worker_user_error, train
+from trainer.training.launch import _worker_user_error, train
 
 
 def test_user_errors_on_workers_become_one_message():

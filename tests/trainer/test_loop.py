@@ -3,7 +3,7 @@
 The Trainer runs in a spawned process of its own (DeepSpeed caches its process groups for the
 life of a process), in a one-rank gloo group, with save/restore overridden to skip Ray Train.
 In that process the test counts what makes a step wait for the device: the all-reduces
-trainer/loop.py issues and the copies to the host (Tensor.tolist/item) it makes.
+trainer/training/loop.py issues and the copies to the host (Tensor.tolist/item) it makes.
 """
 import csv
 import os
@@ -32,7 +32,7 @@ def _train_and_count(cfg, run_dir: str, port: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    import trainer.loop as loop
+    import trainer.training.loop as loop
 
     torch.set_num_threads(1)
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -42,7 +42,7 @@ def _train_and_count(cfg, run_dir: str, port: int) -> dict:
     trainer = None
 
     class CountingDist:
-        """torch.distributed as trainer/loop.py sees it, counting the all-reduces it issues."""
+        """torch.distributed as trainer/training/loop.py sees it, counting the all-reduces it issues."""
 
         def __getattr__(self, name):
             return getattr(dist, name)

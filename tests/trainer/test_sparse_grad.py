@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import DeepSpeedConfig
-from trainer.deepspeed_config import deepspeed_config
-from trainer.sparse_grad import unscaled_for_tables
+from trainer.training.deepspeed_config import deepspeed_config
+from trainer.training.sparse_grad import unscaled_for_tables
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file
 
-from trainer.inference import load_inference_model
-from trainer.launch import train
+from trainer.inference.loading import load_inference_model
+from trainer.training.launch import train
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from trainer.launch import train
+from trainer.training.launch import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from trainer.config import RunConfig, load_config
-from trainer.checkpoint import verify_checkpoint
+from trainer.training.checkpoint import verify_checkpoint
 from trainer.data.batch import Batch
 from trainer.data.schema import SPEC_DIR
 from umask.spec import DenseLayout, FeatureMaps, FeatureSpec, load_maps, load_spec

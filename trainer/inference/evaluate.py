@@ -43,7 +43,7 @@ from torch import Tensor
 
 from trainer.data.batch import Batch
 from umask.errors import UserError
-from trainer.inference import InferenceModel, load_inference_model
+from trainer.inference.loading import InferenceModel, load_inference_model
 from umask.spec import FeatureMaps, FeatureSpec, bucket_labels
 
 MODEL, UNIFORM = "umask", "umask_uniform_mask"

@@ -34,7 +34,7 @@ from torch import Tensor
 from trainer.data.batch import Batch, ExampleRows
 from umask.spec import SPLITS, DenseLayout, FeatureSpec
 from umask.errors import UserError
-from trainer.inference import InferenceModel, load_inference_model
+from trainer.inference.loading import InferenceModel, load_inference_model
 from umask.config import MaskConfig
 
 COMPLETED = pa.schema([

@@ -24,9 +24,9 @@ from trainer.config import RunConfig, to_yaml
 from trainer.data.batch import Batch
 from trainer.data.loader import ShardedLoader, check_spec_matches
 from trainer.data.schema import SPEC_DIR
-from trainer.deepspeed_config import deepspeed_config
-from trainer.progress import ProgressLog
-from trainer.sparse_grad import unscaled_for_tables
+from trainer.training.deepspeed_config import deepspeed_config
+from trainer.training.progress import ProgressLog
+from trainer.training.sparse_grad import unscaled_for_tables
 
 
 class Trainer:
@@ -105,7 +105,7 @@ class Trainer:
         """Writes this rank's checkpoint and reports it to Ray Train (a barrier on every rank)."""
         import ray.train
 
-        from trainer.checkpoint import save_checkpoint
+        from trainer.training.checkpoint import save_checkpoint
 
         with tempfile.TemporaryDirectory(prefix="umask-ckpt-") as folder:
             save_checkpoint(Path(folder), rank=self.rank, world_size=self.world_size, run_name=self.cfg.ray.name,
@@ -119,7 +119,7 @@ class Trainer:
         """Continues from Ray Train's latest checkpoint of this run, if there is one."""
         import ray.train
 
-        from trainer.checkpoint import load_checkpoint
+        from trainer.training.checkpoint import load_checkpoint
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None or not self.cfg.train.resume:

@@ -1,7 +1,7 @@
 """Progress the way users expect: a line every N steps on rank 0, and the same figures in a CSV.
 
 Each logged figure is a mean over the steps since the previous logged step and over ranks
-(trainer/loop.py's MetricWindow): the ranks gather their metrics only on logged steps.
+(trainer/training/loop.py's MetricWindow): the ranks gather their metrics only on logged steps.
 Ray Train V2 keeps only metrics that come with a checkpoint, so the run writes its own record:
 <run dir>/metrics.csv, one row per logged step, from rank 0.
 """

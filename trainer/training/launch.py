@@ -2,7 +2,7 @@
 
 With no Ray address (ray.address unset and no RAY_ADDRESS), it starts an embedded Ray on this
 machine bound to 127.0.0.1; under `ray job submit` (RAY_ADDRESS set by the job) it joins the
-cluster. Either way the same worker loop (trainer/loop.py) runs in Ray Train's workers.
+cluster. Either way the same worker loop (trainer/training/loop.py) runs in Ray Train's workers.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def _worker_main(loop_config: dict) -> None:
     import logging
     import warnings
 
-    from trainer.loop import Trainer
+    from trainer.training.loop import Trainer
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
     logging.getLogger("torchrec").setLevel(logging.WARNING)
