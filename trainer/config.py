@@ -8,6 +8,8 @@ starts, with the key and the file (or command line) that set it.
 from __future__ import annotations
 
 import dataclasses
+import typing
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -52,6 +54,14 @@ class DataConfig:
     row_group_size: int = 512  # examples per Parquet row group (the loader's unit of work)
     shuffle_window: int = 4  # row groups whose rows the loader shuffles together (memory: 2 windows per rank)
     featurize_workers: int = 2  # processes (locally) or Ray tasks (on a cluster)
+    # ts outside [plausible_start, plausible_end) (UTC ISO dates or times) is an invalid row:
+    # epoch-0 placeholders, sentinels like 9999-12-31, ms or ns where seconds are meant
+    plausible_start: str = "2000-01-01"
+    plausible_end: str = "2100-01-01"
+
+    def plausible_range(self) -> tuple[int, int]:
+        """[start, end) of a valid event ts, in epoch seconds (naive times are UTC)."""
+        return _epoch_seconds(self.plausible_start), _epoch_seconds(self.plausible_end)
 
     def feature_spec(self) -> FeatureSpec:
         """The feature spec these settings give before any side table is read (no maps, no
@@ -68,6 +78,12 @@ class DataConfig:
         for key in ("num_categories", "num_regions", "num_shards", "row_group_size", "featurize_workers"):
             if getattr(self, key) <= 0:
                 out.append((key, "must be positive"))
+        try:
+            start, end = self.plausible_range()
+            if start >= end:
+                out.append(("plausible_start", "must be before plausible_end"))
+        except ValueError as err:
+            out.append(("plausible_start", f"plausible_start/end must be ISO dates: {err}"))
         for key in ("val_fraction", "test_fraction", "cold_fraction"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 out.append((key, "must be in [0, 1)"))
@@ -149,6 +165,14 @@ class RunConfig:
 
 
 
+def _epoch_seconds(iso: str) -> int:
+    """Epoch seconds of an ISO date or date-time; naive ones are UTC. ValueError if not ISO."""
+    moment = datetime.fromisoformat(iso)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp())
+
+
 def load_config(paths: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Defaults <- each YAML (its `defaults:` first) <- `key=value` overrides; validated."""
     merged = OmegaConf.structured(RunConfig)
@@ -161,7 +185,11 @@ def load_config(paths: list[str] | tuple[str, ...] = (), overrides: list[str] | 
         layer = _parse_overrides(overrides)
         sources.append(("the command line", layer))
         merged = _merge(merged, layer, "the command line")
-    cfg: RunConfig = OmegaConf.to_object(merged)
+    try:
+        cfg: RunConfig = OmegaConf.to_object(merged)  # resolves ${...} interpolations
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]} (set in {_origin(key, sources)})") from None
     problems = list(_problems(cfg))
     if problems:
         lines = [f"{key}: {msg} (set in {_origin(key, sources)})" for key, msg in problems]
@@ -184,7 +212,7 @@ def _yaml_layers(path: Path, seen: tuple[Path, ...]):
     if path in seen:
         raise ConfigError(f"{path}: `defaults` includes itself through {' -> '.join(map(str, seen))}")
     try:
-        layer = yaml.safe_load(path.read_text()) or {}
+        layer = _literal_scalars(yaml.load(path.read_text(), Loader=yaml.BaseLoader) or {}, RunConfig)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as err:
@@ -209,8 +237,31 @@ def _parse_overrides(overrides) -> dict:
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
-    return layer
+        node[leaf] = yaml.load(raw, Loader=yaml.BaseLoader) if raw != "" else ""
+    return _literal_scalars(layer, RunConfig)
+
+
+def _literal_scalars(layer, schema):
+    """A YAML layer read with every scalar as its literal text (yaml.BaseLoader), typed here.
+
+    YAML 1.1's implicit typing would turn `ray.name=010` into 8, `no` into False and
+    2026-11-01 into a date; instead string keys keep the text as written, and omegaconf
+    converts the text of int, float and bool keys by the key's declared type. Only null
+    (`null`, `~` or empty) is decided here: None, except for keys declared `str`.
+    """
+    if not isinstance(layer, dict):
+        return layer
+    hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
+    out = {}
+    for key, value in layer.items():
+        declared = hints.get(key)
+        if isinstance(value, dict):
+            out[key] = _literal_scalars(value, declared)
+        elif isinstance(value, str) and value in ("null", "~", "") and declared is not str:
+            out[key] = None
+        else:
+            out[key] = value
+    return out
 
 
 def _merge(merged: DictConfig, layer: dict, source: str) -> DictConfig:

@@ -113,7 +113,9 @@ def test_each_timestamp_unit_floors_to_epoch_seconds(tmp_path, unit, ticks_per_s
     if unit == "s":
         ticks = [APRIL_21, 0, -1]
     write(tmp_path / "e.parquet", events(3, ts=pa.array(ticks, pa.timestamp(unit))))
-    assert read_all(tmp_path / "e.parquet").column("ts").to_pylist() == [APRIL_21, 0, -1]
+    # a plausible range wide enough for the epoch (the default would quarantine 1970)
+    got = read_all(tmp_path / "e.parquet", plausible=(-2**40, 2**40)).column("ts").to_pylist()
+    assert got == [APRIL_21, 0, -1]
 
 
 def test_tz_aware_non_utc_naive_and_int_epoch_seconds_agree(tmp_path):
@@ -149,14 +151,14 @@ def test_zero_row_file_is_skipped_but_counted(tmp_path):
     write(tmp_path / "events/b.parquet", events(2))
     reader = EventReader(open_dataset(tmp_path))
     assert sum(b.num_rows for b in reader.batches()) == 2
-    assert (reader.report.files, reader.report.rows_read, reader.report.rows_valid) == (2, 2, 2)
+    assert (reader.report.files, reader.report.empty_files_skipped, reader.report.rows_read,
+            reader.report.rows_valid) == (1, 1, 2, 2)
 
 
 # --- schema problems: always errors, naming file and column ------------------------------
 
 @pytest.mark.parametrize("table,column,message", [
     (events(2, user_id=None), "user_id", "missing required column 'user_id'"),
-    (events(2, loc_id=None), "loc_id", "missing required column 'loc_id'"),
     (events(2, ts=None), "ts", "missing required column 'ts'"),
     (events(2, user_id=pa.array(["a", "b"])), "user_id", "column 'user_id' has type string"),
     (events(2, ts=pa.array([1.0, 2.0])), "ts", "column 'ts' has type double"),
@@ -189,7 +191,11 @@ BAD_ROWS = [  # one invalid value at row 3 of 5; the reason and the value shown
     ("user_id", pa.array([1, 2, 3, -4, 5]), "negative user_id", " (value -4)"),
     ("user_id", pa.array([1, 2, 3, 2**63, 5], pa.uint64()), "user_id >= 2^63",
      f" (value {2**63})"),
-    ("ts", pa.array([1, 2, 3, None, 5], pa.timestamp("s", "UTC")), "null ts", ""),
+    ("ts", pa.array([APRIL_21 + i if i != 3 else None for i in range(5)], pa.timestamp("s", "UTC")),
+     "null ts", ""),
+    ("ts", pa.array([APRIL_21, APRIL_21, APRIL_21, 0, APRIL_21], pa.int64()),
+     "ts outside the plausible range [2000-01-01, 2100-01-01) (data.plausible_start/end; integer ts "
+     "must be epoch seconds)", " (value 0)"),
     ("traffic_bytes", pa.array([1, 2, 3, -1, 5]), "negative traffic_bytes", " (value -1)"),
     ("event", pa.array(["use", "use", None, "click", "install"]), "unknown event",
      " (value 'click')"),
@@ -223,7 +229,8 @@ def test_quarantine_keeps_every_valid_row_and_writes_every_invalid_one(tmp_path)
     assert valid.column("traffic_bytes").to_pylist() == [10, None]
     assert valid.column("ts").to_pylist() == [APRIL_21, APRIL_21]
     report = reader.report
-    assert (report.files, report.rows_read, report.rows_valid, report.rows_quarantined) == (3, 8, 2, 6)
+    assert (report.files, report.empty_files_skipped, report.rows_read, report.rows_valid,
+            report.rows_quarantined) == (2, 1, 8, 2, 6)
     assert report.by_reason == {"null user_id": 1, "negative traffic_bytes": 1,
                                 "negative user_id": 1, "unknown event": 1, "null ts": 1,
                                 "user_id >= 2^63": 1}

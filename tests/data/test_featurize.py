@@ -22,7 +22,7 @@ from umask.spec import WEEK_SECONDS as WEEK
 from umask.spec import WINDOW_ORIGIN as ORIGIN
 from umask.errors import UserError
 
-B = ORIGIN + 100 * WEEK  # a Monday 00:00 UTC; with T=4 hourly slots windows are 4 h long
+B = ORIGIN + 2800 * WEEK  # Monday 2023-09-04 00:00 UTC; with T=4 hourly slots windows are 4 h long
 USE, INSTALL = 0, 1
 # C=2 categories, K=2 regions: dense = [cat0, cat1, cat?, reg0, reg1, reg?, activity, volume]
 CAT, REG, ACT, VOL = slice(0, 3), slice(3, 6), 6, 7

@@ -146,3 +146,22 @@ def test_complete_featurizes_as_training_did_without_the_training_data(inference
         np.testing.assert_array_equal(rows.dense[b], np.array(example["dense"], np.float32).reshape(-1, F))
         assert rows.observed[b].tolist() == example["observed"]
         assert rows.time_of_week[b].tolist() == example["time_of_week"]
+
+
+@pytest.mark.parametrize("factor", [10**3, 10**9])
+def test_complete_on_ts_in_a_finer_unit_ends_in_one_clear_line(built_checkpoint, two_users, tmp_path,
+                                                               capsys, factor):
+    """Epoch milliseconds (or ns) where seconds are meant: refused naming the file, row and
+    reason, not a `year 58804 is out of range` traceback."""
+    run, _, _ = built_checkpoint
+    events, _ = two_users
+    table = pq.read_table(events)
+    seconds = table["ts"].cast(pa.timestamp("s")).cast(pa.int64())
+    wrong = tmp_path / "ms" / "events.parquet"
+    wrong.parent.mkdir()
+    pq.write_table(table.set_column(table.schema.get_field_index("ts"), "ts", pc.multiply(seconds, factor)), wrong)
+    assert run_complete("--checkpoint", str(run), "--events", str(wrong), "--task", "long",
+                        "--out", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"u-mask: error: {wrong}: row 0, column 'ts': ts outside the plausible range")

@@ -8,16 +8,29 @@ bounded by `batch_rows`, never by the dataset) with vectorized pyarrow compute.
 
 Problems come in two kinds. Schema problems (a missing required column, a column whose type
 cannot hold what the contract asks, a file that is not Parquet) stop the read with a
-ContractError naming file and column. Row problems (null user_id or ts, negative user_id or
-traffic_bytes, an unsigned id >= 2^63, an unknown event) either stop the read naming file,
+ContractError naming file and column. Row problems (null user_id or ts, a ts outside the
+plausible range, negative user_id or traffic_bytes, an unsigned id >= 2^63, an unknown
+event) either stop the read naming file,
 column and row (policy "strict") or set the row aside in a quarantine Parquet file with its
 reason (policy "quarantine"), while every valid row goes on.
 
+Every table, events and side tables alike, may be one Parquet file or a directory of them
+(Spark's `apps.parquet/` holding part files; hive partitions such as `dt=2026-11-01/`). A file
+with zero rows is skipped whatever its columns (pandas writes an empty frame's columns with
+the Arrow `null` type). INT96 timestamps (Spark, Hive, Impala) are read in microseconds, which
+hold any date, not pyarrow's default nanoseconds, which overflow outside 1677-2262. A `ts`
+outside the plausible range (data.plausible_start/end, [2000-01-01, 2100-01-01) by default;
+fixed dates, so reruns agree) is an invalid row: epoch-0 placeholders, sentinel dates such as
+9999-12-31, and integer timestamps in milliseconds or nanoseconds written where seconds are
+meant all land there.
+
 Choices the contract leaves open:
-- In an events directory every file whose path has no part starting with `_` or `.` (Spark's
+- In a table directory every file whose path has no part starting with `_` or `.` (Spark's
   `_SUCCESS`, `.crc` files) must be Parquet; a 0-byte file is an error, not an empty table,
   because it usually means an interrupted export. Hive partition values are not read as
   columns: every column the contract needs lives in the files.
+- A non-empty file whose required column has the `null` type holds only invalid rows
+  (null user_id or ts): they are quarantined like any other.
 - Sub-second timestamps are floored to the second.
 - locations: lat and lon may both be null (coordinates unknown, as in the Tsinghua import);
   such locations fall in the unknown region unless region_id is given. NaN is not accepted.
@@ -26,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -60,7 +74,8 @@ class ContractError(UserError):
 
 @dataclass
 class ContractDataset:
-    """Where a dataset's tables are; the optional side tables are None when absent."""
+    """Where a dataset's tables are; the optional side tables (a file or a directory of part
+    files) are None when absent."""
     root: Path
     event_files: list[Path]
     apps: Path | None = None
@@ -68,12 +83,16 @@ class ContractDataset:
     profiles: Path | None = None
 
 
+DEFAULT_PLAUSIBLE = (946_684_800, 4_102_444_800)  # [2000-01-01, 2100-01-01) UTC, epoch seconds
+
+
 def open_dataset(source: str | Path) -> ContractDataset:
     """Find the events files and side tables of a dataset folder, events directory or file.
 
-    A dataset folder holds `events/` (searched recursively) or `events.parquet`, and the
-    optional side tables. An events directory or file given directly takes side tables
-    from the folder beside it.
+    A dataset folder holds `events/` or `events.parquet` (a file, or a directory of part
+    files as Spark writes it; directories are searched recursively), and the optional side
+    tables, each a file or such a directory. An events directory or file given directly
+    takes side tables from the folder beside it.
     """
     path = Path(source)
     if path.is_file():
@@ -82,27 +101,43 @@ def open_dataset(source: str | Path) -> ContractDataset:
         raise ContractError(f"{path}: no such file or directory; expected a dataset folder "
                             "holding events/ or events.parquet, or an events Parquet file")
     events_dir, events_file = path / "events", path / "events.parquet"
-    if events_dir.is_dir() and events_file.is_file():
+    if events_dir.exists() and events_file.exists():
         raise ContractError(f"{path}: holds both events/ and events.parquet; keep one")
     if events_dir.is_dir():
         return _with_side_tables(path, _walk_events(events_dir))
-    if events_file.is_file():
-        return _with_side_tables(path, [events_file])
+    if events_file.exists():
+        return _with_side_tables(path, table_files(events_file))
     if any((path / name).exists() for name in SIDE_TABLES):
         raise ContractError(f"{path}: no events/ directory or events.parquet (events are required)")
     return _with_side_tables(path.parent, _walk_events(path))
 
 
 def _walk_events(directory: Path) -> list[Path]:
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and not any(
-        part.startswith(("_", ".")) for part in p.relative_to(directory).parts))
+    files = _data_files(directory)
     if not files:
         raise ContractError(f"{directory}: events directory holds no files")
     return files
 
 
+def _data_files(directory: Path) -> list[Path]:
+    """The files of a table directory, sorted, without Spark's `_SUCCESS`/`.crc` markers or
+    anything else under a path part starting with `_` or `.`."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and not any(
+        part.startswith(("_", ".")) for part in p.relative_to(directory).parts))
+
+
+def table_files(table: Path) -> list[Path]:
+    """The Parquet files of one table: the file itself, or a directory's part files."""
+    if table.is_dir():
+        files = _data_files(table)
+        if not files:
+            raise ContractError(f"{table}: table directory holds no part files")
+        return files
+    return [table]
+
+
 def _with_side_tables(folder: Path, event_files: list[Path]) -> ContractDataset:
-    found = [folder / name if (folder / name).is_file() else None for name in SIDE_TABLES]
+    found = [folder / name if (folder / name).exists() else None for name in SIDE_TABLES]
     return ContractDataset(folder, event_files, *found)
 
 
@@ -110,7 +145,8 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
     if path.stat().st_size == 0:
         raise ContractError(f"{path}: file is empty (0 bytes), not a Parquet file")
     try:
-        return pq.ParquetFile(path)
+        # INT96 in microseconds: nanoseconds (the default) overflow outside 1677-2262
+        return pq.ParquetFile(path, coerce_int96_timestamp_unit="us")
     except (pa.ArrowException, OSError) as err:
         raise ContractError(f"{path}: not a readable Parquet file ({err})") from err
 
@@ -129,6 +165,11 @@ def _is_integer(t: pa.DataType) -> bool:
     return pa.types.is_integer(t)
 
 
+def _is_key(t: pa.DataType) -> bool:
+    """An events key column: integers, or `null` (every row then invalid, and quarantined)."""
+    return pa.types.is_integer(t) or pa.types.is_null(t)
+
+
 def _is_optional_integer(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_null(t)
 
@@ -141,7 +182,7 @@ def _is_event_text(t: pa.DataType) -> bool:
 
 
 def _is_time(t: pa.DataType) -> bool:
-    return pa.types.is_timestamp(t) or pa.types.is_integer(t)
+    return pa.types.is_timestamp(t) or pa.types.is_integer(t) or pa.types.is_null(t)
 
 
 def _is_number(t: pa.DataType) -> bool:
@@ -184,10 +225,10 @@ def _check_column(path: Path, schema: pa.Schema, name: str, accepts: Callable[[p
 
 # (column, accepts, expected, required)
 _EVENT_COLUMNS = [
-    ("user_id", _is_integer, "an integer type", True),
+    ("user_id", _is_key, "an integer type", True),
     ("ts", _is_time, "a timestamp or integer epoch seconds", True),
     ("app_id", _is_optional_integer, "an integer type", True),
-    ("loc_id", _is_optional_integer, "an integer type", True),
+    ("loc_id", _is_optional_integer, "an integer type", False),
     ("traffic_bytes", _is_optional_integer, "an integer type", False),
     ("event", _is_event_text, "string or dictionary<string>", False),
 ]
@@ -200,6 +241,7 @@ class ReadReport:
     by_reason counts each invalid row once, under its first failing check (column order).
     """
     files: int = 0
+    empty_files_skipped: int = 0
     rows_read: int = 0
     rows_valid: int = 0
     rows_quarantined: int = 0
@@ -228,7 +270,9 @@ class EventReader:
     """
 
     def __init__(self, ds: ContractDataset, policy: str = "strict",
-                 quarantine_dir: Path | None = None, batch_rows: int = 1 << 20):
+                 quarantine_dir: Path | None = None, batch_rows: int = 1 << 20,
+                 plausible: tuple[int, int] = DEFAULT_PLAUSIBLE):
+        """plausible: [start, end) epoch seconds of a valid ts (data.plausible_start/end)."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
         if policy == "quarantine" and quarantine_dir is None:
@@ -237,6 +281,7 @@ class EventReader:
         self.policy = policy
         self.quarantine_dir = Path(quarantine_dir) if quarantine_dir is not None else None
         self.batch_rows = batch_rows
+        self.plausible = plausible
         self.report = ReadReport()
 
     def batches(self) -> Iterator[pa.RecordBatch]:
@@ -245,6 +290,9 @@ class EventReader:
 
     def _file_batches(self, path: Path) -> Iterator[pa.RecordBatch]:
         parquet = _open_parquet(path)
+        if parquet.metadata.num_rows == 0:  # valid whatever its columns' types
+            self.report.empty_files_skipped += 1
+            return
         schema = parquet.schema_arrow
         present = [name for name, accepts, expected, required in _EVENT_COLUMNS
                    if _check_column(path, schema, name, accepts, expected, required)]
@@ -256,7 +304,7 @@ class EventReader:
         first_row = 0
         try:
             for batch in _iter_batches(path, parquet, present, self.batch_rows):
-                normalized, checks = _normalize(batch)
+                normalized, checks = _normalize(batch, self.plausible)
                 invalid = _any_failed(checks, batch.num_rows)
                 n_invalid = pc.sum(invalid).as_py() or 0
                 self.report.rows_read += batch.num_rows
@@ -303,13 +351,15 @@ class EventReader:
 
 
 def read_events(ds: ContractDataset, policy: str = "strict", quarantine_dir: Path | None = None,
-                batch_rows: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+                batch_rows: int = 1 << 20,
+                plausible: tuple[int, int] = DEFAULT_PLAUSIBLE) -> Iterator[pa.RecordBatch]:
     """The valid events as NORMALIZED_EVENTS batches (use EventReader to see the report)."""
-    return EventReader(ds, policy, quarantine_dir, batch_rows).batches()
+    return EventReader(ds, policy, quarantine_dir, batch_rows, plausible).batches()
 
 
-def _normalize(batch: pa.RecordBatch) -> tuple[pa.RecordBatch, list[_RowCheck]]:
-    """The batch in NORMALIZED_EVENTS (invalid rows still in it) and the row checks."""
+def _normalize(batch: pa.RecordBatch, plausible: tuple[int, int]) -> tuple[pa.RecordBatch, list[_RowCheck]]:
+    """The batch in NORMALIZED_EVENTS (invalid rows still in it) and the row checks;
+    plausible: [start, end) epoch seconds of a valid ts."""
     rows = batch.num_rows
     checks: list[_RowCheck] = []
 
@@ -321,9 +371,14 @@ def _normalize(batch: pa.RecordBatch) -> tuple[pa.RecordBatch, list[_RowCheck]]:
     ts = batch.column("ts")
     checks.append(_RowCheck("ts", "null ts", pc.is_null(ts)))
     ts = _epoch_seconds(ts) if pa.types.is_timestamp(ts.type) else _to_int64(ts, "ts", checks)
+    start, end = plausible
+    checks.append(_RowCheck("ts", f"ts outside the plausible range [{_date(start)}, {_date(end)}) "
+                                  "(data.plausible_start/end; integer ts must be epoch seconds)",
+                            _true_where(pc.or_(pc.less(ts, start), pc.greater_equal(ts, end)))))
 
     app_id = _to_int64(batch.column("app_id"), "app_id", checks)
-    loc_id = _to_int64(batch.column("loc_id"), "loc_id", checks)
+    loc_id = (_to_int64(batch.column("loc_id"), "loc_id", checks) if "loc_id" in batch.schema.names
+              else pa.nulls(rows, pa.int64()))  # app-only telemetry
 
     if "traffic_bytes" in batch.schema.names:
         traffic = _to_int64(batch.column("traffic_bytes"), "traffic_bytes", checks)
@@ -370,6 +425,14 @@ def _epoch_seconds(ts: pa.Array) -> pa.Array:
     return pc.if_else(behind, pc.subtract(seconds, 1), seconds)
 
 
+def _date(epoch_seconds: int) -> str:
+    """The UTC date of epoch seconds, or the number itself outside Python's years 1-9999."""
+    try:
+        return datetime.fromtimestamp(epoch_seconds, timezone.utc).strftime("%Y-%m-%d")
+    except (OverflowError, ValueError, OSError):
+        return f"{epoch_seconds} s"
+
+
 def _as_text(values: pa.Array) -> pa.Array:
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
@@ -399,21 +462,47 @@ def _first_invalid_row(path: Path, batch: pa.RecordBatch, checks: list[_RowCheck
 
 # --- side tables ------------------------------------------------------------------------
 
+def _side_batches(table: Path, columns_of: Callable[[Path, pa.Schema], list[str]],
+                  batch_rows: int = 1 << 20) -> Iterator[tuple[Path, int, pa.RecordBatch]]:
+    """(file, row of the batch's first row in that file, batch) over a side table's files.
+
+    columns_of(file, schema) checks a file's columns and returns those to read; every
+    non-empty file must give the same ones. Files with zero rows are skipped unchecked.
+    """
+    expected = None
+    for path in table_files(table):
+        parquet = _open_parquet(path)
+        if parquet.metadata.num_rows == 0:
+            continue
+        columns = columns_of(path, parquet.schema_arrow)
+        if expected is None:
+            expected = (path, columns)
+        elif columns != expected[1]:
+            raise ContractError(f"{path}: has columns {columns}, but {expected[0]} has {expected[1]}; "
+                                "the part files of one table must have the same columns")
+        first_row = 0
+        for batch in _iter_batches(path, parquet, columns, batch_rows):
+            yield path, first_row, batch
+            first_row += batch.num_rows
+
+
 def read_apps(ds: ContractDataset, num_categories: int | None = None) -> pa.Table | None:
-    """apps.parquet as (app_id int64, category_id int32), or None when the dataset has none.
+    """apps.parquet (a file or a directory of part files) as (app_id int64, category_id int32),
+    or None when the dataset has none.
 
     app_id must be unique; category_id in [0, num_categories) (upper bound when given).
     """
     if ds.apps is None:
         return None
-    path = ds.apps
-    parquet = _open_parquet(path)
-    _check_column(path, parquet.schema_arrow, "app_id", _is_integer, "an integer type")
-    _check_column(path, parquet.schema_arrow, "category_id", _is_integer, "an integer type")
+
+    def columns_of(path: Path, schema: pa.Schema) -> list[str]:
+        _check_column(path, schema, "app_id", _is_integer, "an integer type")
+        _check_column(path, schema, "category_id", _is_integer, "an integer type")
+        return ["app_id", "category_id"]
+
     upper = INT32_LIMIT if num_categories is None else num_categories
-    batches = []
-    first_row = 0
-    for batch in _iter_batches(path, parquet, ["app_id", "category_id"], 1 << 20):
+    batches, places = [], []
+    for path, first_row, batch in _side_batches(ds.apps, columns_of):
         app_id = _checked_id(path, batch.column("app_id"), "app_id", first_row)
         category = batch.column("category_id")
         _reject_rows(path, "category_id", first_row, pc.is_null(category), "null category_id")
@@ -421,30 +510,30 @@ def read_apps(ds: ContractDataset, num_categories: int | None = None) -> pa.Tabl
         _reject_rows(path, "category_id", first_row, pc.greater_equal(category, upper),
                      f"category_id >= {upper}" + (" (data.num_categories)" if num_categories else ""))
         batches.append(pa.record_batch([app_id, category.cast(pa.int32())], schema=APPS))
-        first_row += batch.num_rows
+        places.append((path, first_row, batch.num_rows))
     table = pa.Table.from_batches(batches, schema=APPS)
-    _reject_duplicates(path, "app_id", table.column("app_id"))
+    _reject_duplicates(places, "app_id", table.column("app_id"))
     return table
 
 
 def read_locations(ds: ContractDataset) -> pa.Table | None:
-    """locations.parquet as loc_id int64, lat/lon float64 (+ region_id int32, poi_counts
-    list<int32> when present), or None when the dataset has none."""
+    """locations.parquet (a file or a directory of part files) as loc_id int64, lat/lon
+    float64 (+ region_id int32, poi_counts list<int32> when present), or None when the
+    dataset has none."""
     if ds.locations is None:
         return None
-    path = ds.locations
-    parquet = _open_parquet(path)
-    schema = parquet.schema_arrow
-    _check_column(path, schema, "loc_id", _is_integer, "an integer type")
-    _check_column(path, schema, "lat", _is_number, "float64 degrees")
-    _check_column(path, schema, "lon", _is_number, "float64 degrees")
-    has_region = _check_column(path, schema, "region_id", _is_integer, "an integer type", False)
-    has_poi = _check_column(path, schema, "poi_counts", _is_int_list, "list<int32>", False)
-    columns = ["loc_id", "lat", "lon"] + ["region_id"] * has_region + ["poi_counts"] * has_poi
+
+    def columns_of(path: Path, schema: pa.Schema) -> list[str]:
+        _check_column(path, schema, "loc_id", _is_integer, "an integer type")
+        _check_column(path, schema, "lat", _is_number, "float64 degrees")
+        _check_column(path, schema, "lon", _is_number, "float64 degrees")
+        has_region = _check_column(path, schema, "region_id", _is_integer, "an integer type", False)
+        has_poi = _check_column(path, schema, "poi_counts", _is_int_list, "list<int32>", False)
+        return ["loc_id", "lat", "lon"] + ["region_id"] * has_region + ["poi_counts"] * has_poi
+
     poi_length = None
-    batches = []
-    first_row = 0
-    for batch in _iter_batches(path, parquet, columns, 1 << 20):
+    batches, places = [], []
+    for path, first_row, batch in _side_batches(ds.locations, columns_of):
         out = {"loc_id": _checked_id(path, batch.column("loc_id"), "loc_id", first_row)}
         lat, lon = batch.column("lat").cast(pa.float64()), batch.column("lon").cast(pa.float64())
         _reject_rows(path, "lat", first_row, pc.xor(pc.is_null(lat), pc.is_null(lon)),
@@ -453,39 +542,40 @@ def read_locations(ds: ContractDataset) -> pa.Table | None:
             _reject_rows(path, name, first_row, pc.invert(pc.less_equal(pc.abs(values), bound)),
                          f"{name} outside [-{bound:g}, {bound:g}] or NaN")
         out["lat"], out["lon"] = lat, lon
-        if has_region:
+        if "region_id" in batch.schema.names:
             region = batch.column("region_id")
             _reject_rows(path, "region_id", first_row, pc.is_null(region), "null region_id")
             _reject_rows(path, "region_id", first_row,
                          pc.or_(pc.less(region, 0), pc.greater_equal(region, INT32_LIMIT)),
                          "region_id outside [0, 2^31)")
             out["region_id"] = region.cast(pa.int32())
-        if has_poi:
+        if "poi_counts" in batch.schema.names:
             out["poi_counts"], poi_length = _checked_poi_counts(
                 path, batch.column("poi_counts"), first_row, poi_length)
         batches.append(pa.RecordBatch.from_pydict(out))
-        first_row += batch.num_rows
-    table = pa.Table.from_batches(batches) if batches else _empty_locations(has_region, has_poi)
-    _reject_duplicates(path, "loc_id", table.column("loc_id"))
+        places.append((path, first_row, batch.num_rows))
+    table = pa.Table.from_batches(batches) if batches else _empty_locations()
+    _reject_duplicates(places, "loc_id", table.column("loc_id"))
     return table
 
 
 def read_profiles(ds: ContractDataset) -> pa.Table | None:
-    """profiles.parquet as (user_id int64, profile_vec fixed_size_list<float32>[D]), or None.
+    """profiles.parquet (a file or a directory of part files) as (user_id int64, profile_vec
+    fixed_size_list<float32>[D]), or None.
 
     Every vector must be present, finite and of the same length D.
     """
     if ds.profiles is None:
         return None
-    path = ds.profiles
-    parquet = _open_parquet(path)
-    _check_column(path, parquet.schema_arrow, "user_id", _is_integer, "an integer type")
-    _check_column(path, parquet.schema_arrow, "profile_vec", _is_float_list,
-                  "fixed_size_list<float32>")
+
+    def columns_of(path: Path, schema: pa.Schema) -> list[str]:
+        _check_column(path, schema, "user_id", _is_integer, "an integer type")
+        _check_column(path, schema, "profile_vec", _is_float_list, "fixed_size_list<float32>")
+        return ["user_id", "profile_vec"]
+
     batches = []
     dim = None
-    first_row = 0
-    for batch in _iter_batches(path, parquet, ["user_id", "profile_vec"], 1 << 16):
+    for path, first_row, batch in _side_batches(ds.profiles, columns_of, 1 << 16):
         user_id = _checked_id(path, batch.column("user_id"), "user_id", first_row)
         _reject_rows(path, "user_id", first_row, pc.less(user_id, 0), "negative user_id")
         vectors = batch.column("profile_vec")
@@ -500,7 +590,6 @@ def read_profiles(ds: ContractDataset) -> pa.Table | None:
         _reject_list_values(path, "profile_vec", first_row, vectors, bad, "null or non-finite value")
         vectors = pa.FixedSizeListArray.from_arrays(values.cast(pa.float32()), dim)
         batches.append(pa.record_batch([user_id, vectors], names=["user_id", "profile_vec"]))
-        first_row += batch.num_rows
     if not batches:
         return pa.table({"user_id": pa.array([], pa.int64()),
                          "profile_vec": pa.array([], pa.list_(pa.float32(), 1))})
@@ -532,10 +621,8 @@ def _checked_poi_counts(path: Path, lists: pa.Array, first_row: int,
     return lists.cast(pa.list_(pa.int32())), length
 
 
-def _empty_locations(has_region: bool, has_poi: bool) -> pa.Table:
-    fields = [("loc_id", pa.int64()), ("lat", pa.float64()), ("lon", pa.float64())]
-    fields += [("region_id", pa.int32())] * has_region + [("poi_counts", pa.list_(pa.int32()))] * has_poi
-    return pa.schema(fields).empty_table()
+def _empty_locations() -> pa.Table:
+    return pa.schema([("loc_id", pa.int64()), ("lat", pa.float64()), ("lon", pa.float64())]).empty_table()
 
 
 def _reject_rows(path: Path, column: str, first_row: int, failed: pa.Array, reason: str) -> None:
@@ -554,11 +641,22 @@ def _reject_list_values(path: Path, column: str, first_row: int, lists: pa.Array
         raise ContractError(f"{path}: row {first_row + row}, column {column!r}: {reason}")
 
 
-def _reject_duplicates(path: Path, column: str, ids: pa.ChunkedArray) -> None:
+def _reject_duplicates(places: list[tuple[Path, int, int]], column: str, ids: pa.ChunkedArray) -> None:
+    """Refuses a repeated key, naming both places; places: (file, first row, rows) per batch,
+    in the order of ids' rows."""
     keys = ids.to_numpy()
     order = np.argsort(keys, kind="stable")
     repeated = np.flatnonzero(keys[order][1:] == keys[order][:-1])
     if repeated.size:
         first, again = sorted(order[repeated[0]: repeated[0] + 2])
-        raise ContractError(f"{path}: row {again}, column {column!r}: duplicate {column} "
-                            f"{keys[again]} (also at row {first})")
+        starts = np.cumsum([0] + [rows for _, _, rows in places])
+
+        def where(row: int) -> tuple[Path, int]:
+            batch = int(np.searchsorted(starts, row, side="right")) - 1
+            path, first_row, _ = places[batch]
+            return path, first_row + row - int(starts[batch])
+
+        (path, row), (first_path, first_row) = where(again), where(first)
+        also = f"row {first_row}" if first_path == path else f"{first_path}, row {first_row}"
+        raise ContractError(f"{path}: row {row}, column {column!r}: duplicate {column} "
+                            f"{keys[again]} (also at {also})")

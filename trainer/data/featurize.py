@@ -77,7 +77,7 @@ EXAMPLE_WRITE_OPTIONS = dict(compression="zstd", use_dictionary=["split"],
 # the data.* keys whose values decide the examples featurize writes
 HASHED_SETTINGS = ("source", "invalid_rows", "slot_seconds", "slots", "num_categories", "num_regions",
                    "category_value", "val_fraction", "test_fraction", "cold_fraction", "split_salt",
-                   "num_shards", "row_group_size")
+                   "num_shards", "row_group_size", "plausible_start", "plausible_end")
 
 
 def bucket_of(user_ids: np.ndarray, num_shards: int) -> np.ndarray:
@@ -495,7 +495,8 @@ def featurize(cfg: RunConfig) -> dict:
     dataset = open_dataset(data.source)
     prepare_output(out)
     reader = EventReader(dataset, data.invalid_rows,
-                         out / "quarantine" if data.invalid_rows == "quarantine" else None)
+                         out / "quarantine" if data.invalid_rows == "quarantine" else None,
+                         plausible=data.plausible_range())
     spec, maps = build_feature_spec(read_apps(dataset, data.num_categories), read_locations(dataset), data)
     manifest = featurize_events(reader.batches(), spec, maps, data, out, reader.report.as_dict)
     save_config(cfg, out / "config.yaml")

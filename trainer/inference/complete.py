@@ -58,7 +58,8 @@ def latest_windows(events: Path, inference: InferenceModel, workdir: Path) -> Ex
 
     dataset = open_dataset(events)
     data = replace(inference.cfg.data, num_shards=1, featurize_workers=1)  # a few users: one bucket
-    featurize_events(EventReader(dataset, "strict").batches(), inference.spec, inference.maps, data, workdir)
+    reader = EventReader(dataset, "strict", plausible=data.plausible_range())
+    featurize_events(reader.batches(), inference.spec, inference.maps, data, workdir)
     splits = tuple(s for s in SPLITS if (workdir / f"split={s}").is_dir())
     if not splits:
         raise UserError(f"{events}: no events, so no user to complete")
