@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 from trainer.config import DataConfig
 from trainer.data.featurize import (EXAMPLE_WRITE_OPTIONS, build_feature_spec, featurize_events,
                                     prepare_output, split_of)
-from trainer.data.schema import EXAMPLES, NORMALIZED_EVENTS
+from trainer.data.schema import EXAMPLES
+from umask.contract import NORMALIZED_EVENTS
 from umask.spec import SPLITS, DenseLayout
 from umask.spec import WEEK_SECONDS as WEEK
 from umask.spec import WINDOW_ORIGIN as ORIGIN

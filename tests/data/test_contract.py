@@ -6,9 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trainer.data.contract import (ContractDataset, ContractError, EventReader, open_dataset, read_apps,
-                                   read_events, read_locations, read_profiles)
-from trainer.data.schema import NORMALIZED_EVENTS
+from umask.contract import (NORMALIZED_EVENTS, ContractDataset, ContractError, EventReader, open_dataset,
+                            read_apps, read_events, read_locations, read_profiles)
 from umask.errors import UserError
 
 # 2016-04-21 00:00:00 UTC

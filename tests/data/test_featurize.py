@@ -16,7 +16,8 @@ from trainer.data.featurize import (build_feature_spec, bucket_of, featurize_eve
                                     split_of)
 from trainer.data.regions import build_region_table, kmeans_regions
 from trainer.data.loader import read_spec
-from trainer.data.schema import EXAMPLES, NORMALIZED_EVENTS
+from trainer.data.schema import EXAMPLES
+from umask.contract import NORMALIZED_EVENTS
 from umask.spec import REGION_SALT, SHARD_SALT, SPLITS
 from umask.spec import WEEK_SECONDS as WEEK
 from umask.spec import WINDOW_ORIGIN as ORIGIN

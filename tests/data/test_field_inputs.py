@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from trainer.config import load_config
-from trainer.data.contract import EventReader, open_dataset, read_apps, read_locations, read_profiles
+from umask.contract import EventReader, open_dataset, read_apps, read_locations, read_profiles
 from trainer.data.featurize import featurize
 from trainer.data.loader import read_spec
 from trainer.data.schema import EXAMPLES

@@ -13,7 +13,7 @@ import pytest
 
 from trainer.cli import main as cli_main
 from trainer.data import synth
-from trainer.data.contract import open_dataset, read_apps, read_events, read_locations, read_profiles
+from umask.contract import open_dataset, read_apps, read_events, read_locations, read_profiles
 from trainer.data.synth_city import LAT_RANGE, LON_RANGE
 from trainer.data.synth_personas import CATEGORY_NAMES, NUM_PERSONAS
 from trainer.data.synth_users import make_population

@@ -6,8 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from trainer.cli import main as cli_main
-from trainer.data.contract import open_dataset, read_apps, read_events, read_locations
-from trainer.data.schema import NORMALIZED_EVENTS
+from umask.contract import NORMALIZED_EVENTS, open_dataset, read_apps, read_events, read_locations
 from trainer.data.tsinghua import import_tsinghua
 from umask.errors import UserError
 

@@ -54,9 +54,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainer.config import DataConfig, RunConfig, save_config
-from trainer.data.contract import EventReader, open_dataset, read_apps, read_locations
+from umask.contract import NORMALIZED_EVENTS, EventReader, open_dataset, read_apps, read_locations
 from trainer.data.regions import build_region_table
-from trainer.data.schema import EXAMPLES, NORMALIZED_EVENTS, SPEC_DIR
+from trainer.data.schema import EXAMPLES, SPEC_DIR
 from umask.errors import UserError
 from umask.spec import SHARD_SALT, SPLITS, DenseLayout, FeatureMaps, FeatureSpec, save_spec, stable_hash
 

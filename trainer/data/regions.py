@@ -1,6 +1,6 @@
 """Locations -> K regions: the lookup featurize uses for the region-share channels.
 
-It takes locations as `trainer.data.contract.read_locations` returns them (unique loc_ids,
+It takes locations as `umask.contract.read_locations` returns them (unique loc_ids,
 coordinates in range or both null); only the range of region_id depends on the config and
 is checked here.
 

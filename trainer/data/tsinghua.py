@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from trainer.data.contract import open_dataset, read_apps, read_locations
+from umask.contract import open_dataset, read_apps, read_locations
 from umask.errors import UserError
 
 TRACE = "App_usage_trace.txt"

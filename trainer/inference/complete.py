@@ -52,7 +52,7 @@ WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 def latest_windows(events: Path, inference: InferenceModel, workdir: Path) -> ExampleRows:
     """Featurizes `events` into `workdir` and returns each user's latest window, by user id."""
-    from trainer.data.contract import EventReader, open_dataset
+    from umask.contract import EventReader, open_dataset
     from trainer.data.featurize import featurize_events
     from trainer.data.loader import discover, read_row_group
 

@@ -48,8 +48,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from trainer.data.schema import EVENT_CODES, NORMALIZED_EVENTS
 from umask.errors import UserError
+
+# the one layout every valid events row becomes; event codes, in NORMALIZED_EVENTS.event
+EVENT_CODES = {"use": 0, "install": 1, "uninstall": 2}
+
+NORMALIZED_EVENTS = pa.schema(
+    [
+        pa.field("user_id", pa.int64(), nullable=False),
+        pa.field("ts", pa.int64(), nullable=False),  # epoch seconds, UTC
+        pa.field("app_id", pa.int64()),
+        pa.field("loc_id", pa.int64()),
+        pa.field("traffic_bytes", pa.int64()),  # null when the column is absent
+        pa.field("event", pa.int8(), nullable=False),  # EVENT_CODES
+    ]
+)
 
 SIDE_TABLES = ("apps.parquet", "locations.parquet", "profiles.parquet")
 POLICIES = ("strict", "quarantine")
