@@ -28,10 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainer.config import DataConfig
-from trainer.data.featurize import (EXAMPLE_WRITE_OPTIONS, build_feature_spec, featurize_events,
-                                    prepare_output, split_of)
+from trainer.data.featurize import EXAMPLE_WRITE_OPTIONS, build_feature_spec, featurize_events, prepare_output
 from trainer.data.schema import EXAMPLES
 from umask.contract import NORMALIZED_EVENTS
+from umask.slots import split_of
 from umask.spec import SPLITS, DenseLayout
 from umask.spec import WEEK_SECONDS as WEEK
 from umask.spec import WINDOW_ORIGIN as ORIGIN

@@ -12,12 +12,13 @@ import pytest
 from trainer.cli import main as cli_main
 from trainer.config import DataConfig, load_config
 from trainer.data import featurize
-from trainer.data.featurize import (build_feature_spec, bucket_of, featurize_events, prepare_output,
-                                    split_of)
+from trainer.data.featurize import build_feature_spec, featurize_events, prepare_output
 from trainer.data.regions import build_region_table, kmeans_regions
 from trainer.data.loader import read_spec
 from trainer.data.schema import EXAMPLES
+from umask import slots as slots_module
 from umask.contract import NORMALIZED_EVENTS
+from umask.slots import bucket_of, split_of
 from umask.spec import REGION_SALT, SHARD_SALT, SPLITS
 from umask.spec import WEEK_SECONDS as WEEK
 from umask.spec import WINDOW_ORIGIN as ORIGIN
@@ -297,12 +298,12 @@ def test_packed_and_fallback_sorts_agree():
     slots = rng.integers(0, 50, 400)
     small_ids = rng.integers(0, 30, 400)
     for ids in (small_ids, small_ids * 2**58):  # the second does not pack into one int64
-        got_slots, got_ids = featurize._distinct_pairs(slots, ids)
+        got_slots, got_ids = slots_module._distinct_pairs(slots, ids)
         expected = sorted(set(zip(slots.tolist(), ids.tolist())))
         assert list(zip(got_slots.tolist(), got_ids.tolist())) == expected
     split, rank = rng.integers(0, 4, 400), rng.integers(0, 20, 400)
     for ts in (rng.integers(0, 100, 400), rng.integers(0, 2**60, 400)):  # packed, then lexsort
-        order, r, t = featurize._split_user_time_order(split, rank, ts, np.arange(400))
+        order, r, t = slots_module._split_user_time_order(split, rank, ts, np.arange(400))
         expected = np.lexsort((ts, rank, split))
         np.testing.assert_array_equal(np.stack([split[order], r, t]),
                                       np.stack([split[expected], rank[expected], ts[expected]]))

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import trainer.data.loader as loader_module
-from trainer.data.batch import Batch, gather_bags
+from trainer.data.batch import Batch
 from trainer.data.loader import ShardedLoader, deal_row_groups
 from trainer.data.schema import EXAMPLES
+from umask.slots import gather_bags
 from umask.spec import SPLITS, FeatureMaps, FeatureSpec, save_spec
 from umask.errors import UserError
 

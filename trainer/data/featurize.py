@@ -11,26 +11,9 @@ Everything that decides what an example means comes from the feature spec (umask
 built once per run by `build_feature_spec` from data.* and the side tables (the app-to-
 category map, the regions: precomputed or fitted here) and written to `<features>/spec/`.
 
-Per bucket (numpy/pyarrow only, no Python loop per event or per user):
-- exact duplicate rows (all six columns, nulls included) are dropped;
-- window w of a user covers [origin + w*T*slot_seconds, ...) with origin the Monday
-  1970-01-05T00:00Z, so windows are week-aligned when T*slot_seconds is a week; a
-  (user, window) with at least one event is one example;
-- dense channels per umask.spec.DenseLayout. Category usage is log1p of the slot's app records
-  (count) or of their traffic bytes (data.category_value; null bytes count 0); apps missing
-  from apps.parquet fall in the unknown category; location-only records (null app_id) count
-  for regions, activity and volume, not for categories. Region shares are over the slot's
-  records with a loc_id; install and uninstall events are records like `use` (observed,
-  activity, categories, app bag), because an install is evidence of the user's interest
-  in the app at that time and the event kind is not a channel of its own;
-- regions come from the spec's map (trainer.data.regions builds it); loc_ids absent from
-  locations.parquet (or every loc_id when there is no such table) go to region
-  stable_hash(loc_id, REGION_SALT) % K (umask.spec.FeatureMaps.region), so the same
-  place always lands in the same region and unlisted places still spread over K regions
-  instead of piling up in "unknown" (which is kept for listed places without a region);
-- id bags are the distinct raw app_ids and loc_ids of each slot, sorted;
-- each user lands in train/val/test/cold by a stable hash of (user_id, data.split_salt),
-  the same in every window and every run.
+What an example holds and how it is computed is umask/slots.py (`Slots`), the one
+implementation the bundle loader shares; this module runs it over a whole dataset. Regions
+come from the spec's map, which trainer.data.regions builds here from locations.parquet.
 
 Output, one split per folder so the loader can choose splits by path:
 `<features>/split=<split>/shard=<00000>/part-00000.parquet` (row groups of
@@ -45,7 +28,6 @@ import json
 import multiprocessing
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -54,21 +36,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainer.config import DataConfig, RunConfig, save_config
-from umask.contract import NORMALIZED_EVENTS, EventReader, open_dataset, read_apps, read_locations
+from umask.contract import EventReader, open_dataset, read_apps, read_locations
 from trainer.data.regions import build_region_table
 from trainer.data.schema import EXAMPLES, SPEC_DIR
 from umask.errors import UserError
-from umask.spec import SHARD_SALT, SPLITS, DenseLayout, FeatureMaps, FeatureSpec, save_spec, stable_hash
-
-PARTITION_BUFFER_ROWS = 1 << 22  # rows buffered across buckets before a flush (~170 MB)
+from umask.slots import ExampleRows, Slots, partition_events
+from umask.spec import SPLITS, FeatureMaps, FeatureSpec, save_spec
 STAGING = "_staging"
 MANIFEST = "manifest.json"
 # what a previous featurize run leaves in its output folder, removed before a new run
 OUTPUTS = (STAGING, SPEC_DIR, "quarantine", MANIFEST, MANIFEST + ".tmp", "config.yaml", "summary.json")
 
-# staging files are read once, soon after they are written: compressing, dictionary-encoding
-# and summarizing them would cost more CPU than the disk traffic it saves
-STAGING_WRITE_OPTIONS = dict(compression="none", use_dictionary=False, write_statistics=False)
 # dictionaries and statistics of the long list columns cost a third of the write time
 # and buy nothing: their values are not looked up or filtered on
 EXAMPLE_WRITE_OPTIONS = dict(compression="zstd", use_dictionary=["split"],
@@ -78,20 +56,6 @@ EXAMPLE_WRITE_OPTIONS = dict(compression="zstd", use_dictionary=["split"],
 HASHED_SETTINGS = ("source", "invalid_rows", "slot_seconds", "slots", "num_categories", "num_regions",
                    "category_value", "val_fraction", "test_fraction", "cold_fraction", "split_salt",
                    "num_shards", "row_group_size", "plausible_start", "plausible_end")
-
-
-def bucket_of(user_ids: np.ndarray, num_shards: int) -> np.ndarray:
-    """Shard (bucket) [n] int64 in [0, num_shards) of user ids [n]: stable_hash(user, SHARD_SALT)."""
-    return (stable_hash(user_ids, SHARD_SALT) % np.uint64(num_shards)).astype(np.int64)
-
-
-def split_of(user_ids: np.ndarray, spec: FeatureSpec) -> np.ndarray:
-    """Index into SPLITS [n] int8 of each user: a uniform draw u in [0, 1) (the top 53 bits of
-    stable_hash(user, split_salt)) against the spec's fractions."""
-    u = (stable_hash(user_ids, spec.split_salt) >> np.uint64(11)) * 2.0**-53
-    edges = np.cumsum([spec.val_fraction, spec.test_fraction, spec.cold_fraction])
-    # u < val -> val (1), < val+test -> test (2), < val+test+cold -> cold (3), else train (0)
-    return ((np.searchsorted(edges, u, side="right") + 1) % 4).astype(np.int8)
 
 
 def build_feature_spec(apps: pa.Table | None, locations: pa.Table | None,
@@ -116,265 +80,42 @@ def build_feature_spec(apps: pa.Table | None, locations: pa.Table | None,
     return spec, FeatureMaps(app_ids, categories, regions.loc_ids, regions.regions)
 
 
-# --- phase 1: partition by user --------------------------------------------------------
-
-def partition_events(batches: Iterable[pa.RecordBatch], staging: Path, num_shards: int,
-                     buffer_rows: int = PARTITION_BUFFER_ROWS) -> tuple[dict[int, Path], int]:
-    """Appends each batch's rows to its users' bucket files; returns ({bucket: file}, rows)."""
-    staging.mkdir(parents=True, exist_ok=True)
-    writers: dict[int, pq.ParquetWriter] = {}
-    pending: dict[int, list[pa.RecordBatch]] = {}
-    pending_rows = total = 0
-
-    def flush():
-        for bucket, parts in pending.items():
-            if bucket not in writers:
-                writers[bucket] = pq.ParquetWriter(staging / f"bucket-{bucket:05d}.parquet",
-                                                   NORMALIZED_EVENTS, **STAGING_WRITE_OPTIONS)
-            writers[bucket].write_table(pa.Table.from_batches(parts, NORMALIZED_EVENTS))
-        pending.clear()
-
-    try:
-        for batch in batches:
-            batch = pa.Table.from_batches([batch]).select(NORMALIZED_EVENTS.names).cast(NORMALIZED_EVENTS)
-            bucket = bucket_of(batch.column("user_id").to_numpy(), num_shards)
-            # a stable sort of small integers is numpy's radix sort: O(rows)
-            order = np.argsort(bucket.astype(np.uint16 if num_shards <= 1 << 16 else np.uint32),
-                               kind="stable")
-            counts = np.bincount(bucket, minlength=num_shards)
-            ends = np.cumsum(counts)
-            # a batch of one bucket's users (always so with one shard) needs no regrouping
-            grouped = batch if counts.max() == batch.num_rows else batch.take(order).combine_chunks()
-            for b in np.flatnonzero(counts):
-                part = grouped.slice(ends[b] - counts[b], counts[b])
-                pending.setdefault(int(b), []).extend(part.to_batches())
-            pending_rows += batch.num_rows
-            total += batch.num_rows
-            if pending_rows >= buffer_rows:
-                flush()
-                pending_rows = 0
-        flush()
-    finally:
-        for writer in writers.values():
-            writer.close()
-    return {b: staging / f"bucket-{b:05d}.parquet" for b in sorted(writers)}, total
-
 
 # --- phase 2: one bucket -> examples ---------------------------------------------------
-
-@dataclass
-class _Events:
-    """A bucket's deduplicated events in (split, user, ts) order, as numpy columns [N]."""
-    rank: np.ndarray  # user's index into `users`
-    ts: np.ndarray
-    app: np.ndarray  # 0 where null
-    app_valid: np.ndarray
-    loc: np.ndarray  # 0 where null
-    loc_valid: np.ndarray
-    traffic: np.ndarray  # float64, 0 where null
-    users: np.ndarray  # [U] the bucket's distinct user_ids, ascending
-    user_split: np.ndarray  # [U] index into SPLITS
-    duplicates: int
-
 
 def featurize_bucket(bucket_file: str | Path, shard: int, spec: FeatureSpec, maps: FeatureMaps,
                      row_group_size: int, out: str | Path) -> dict:
     """One bucket's events -> split=*/shard=<shard>/part-00000.parquet; returns its report."""
-    table = pq.read_table(bucket_file)
-    events = _sorted_unique_events(table, spec)
-    layout = spec.layout
-    T, span, origin = spec.slots, spec.window_seconds, spec.window_origin
-
-    window = np.floor_divide(events.ts - origin, span)
-    slot = (events.ts - origin - window * span) // spec.slot_seconds
-    starts = np.ones(len(events.ts), bool)
-    starts[1:] = (events.rank[1:] != events.rank[:-1]) | (window[1:] != window[:-1])
-    example = np.cumsum(starts) - 1  # [N] example index of each event
-    first = np.flatnonzero(starts)  # [E] first event of each example
-    flat_slot = example * T + slot  # [N] index into the bucket's E*T slots, non-decreasing
-
-    app_slot, app_ids = _distinct_pairs(flat_slot[events.app_valid], events.app[events.app_valid])
-    loc_slot, loc_ids = _distinct_pairs(flat_slot[events.loc_valid], events.loc[events.loc_valid])
-    channels = _SlotRecords(
-        flat_slot=flat_slot, traffic=events.traffic,
-        app_slot=flat_slot[events.app_valid],
-        category=maps.category(events.app[events.app_valid], spec),
-        category_value=(events.traffic[events.app_valid] if spec.category_value == "bytes" else None),
-        loc_slot=flat_slot[events.loc_valid], region=maps.region(events.loc[events.loc_valid], spec))
-
-    example_split = events.user_split[events.rank[first]]  # [E], ascending
-    report = {"shard": shard, "events": len(table), "duplicates_dropped": events.duplicates,
+    slots = Slots(pq.read_table(bucket_file), spec, maps)
+    T, F = spec.slots, spec.layout.num_channels
+    report = {"shard": shard, "events": slots.events_read, "duplicates_dropped": slots.duplicates,
               "users": {}, "examples": {}, "row_groups": {}}
-    for split_index in np.flatnonzero(np.bincount(example_split, minlength=len(SPLITS))).tolist():
+    for split_index in np.flatnonzero(np.bincount(slots.split, minlength=len(SPLITS))).tolist():
         name = SPLITS[split_index]
-        lo, hi = np.searchsorted(example_split, [split_index, split_index + 1])
+        lo, hi = np.searchsorted(slots.split, [split_index, split_index + 1])
         path = Path(out) / f"split={name}" / f"shard={shard:05d}" / "part-00000.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         sizes = []
         with pq.ParquetWriter(path, EXAMPLES, **EXAMPLE_WRITE_OPTIONS) as writer:
             for e0 in range(lo, hi, row_group_size):
                 e1 = min(e0 + row_group_size, hi)
-                dense, observed = channels.dense(e0, e1, T, layout)
-                writer.write_table(pa.Table.from_arrays([
-                    pa.array(events.users[events.rank[first[e0:e1]]]),
-                    pa.array([name] * (e1 - e0), pa.string()),
-                    pa.array(origin + window[first[e0:e1]] * span),
-                    _fixed_lists(_time_of_week(window[first[e0:e1]], spec), T),
-                    _fixed_lists(observed, T),
-                    _fixed_lists(dense, T * layout.num_channels),
-                    *_bags(app_slot, app_ids, e0, e1, T),
-                    *_bags(loc_slot, loc_ids, e0, e1, T),
-                ], schema=EXAMPLES))
+                writer.write_table(examples_table(slots.rows(e0, e1), name, T, F))
                 sizes.append(int(e1 - e0))
         report["examples"][name] = int(hi - lo)
-        report["users"][name] = int(np.count_nonzero(np.diff(events.rank[first[lo:hi]])) + 1)
+        report["users"][name] = int(np.count_nonzero(np.diff(slots.user_id[lo:hi])) + 1)
         report["row_groups"][name] = sizes
     return report
 
 
-def _sorted_unique_events(table: pa.Table, spec: FeatureSpec) -> _Events:
-    user, _ = _column_values(table.column("user_id"))
-    ts, _ = _column_values(table.column("ts"))
-    by_user = np.argsort(user)
-    sorted_users = user[by_user]
-    new_user = np.empty(len(user), bool)
-    new_user[:1] = True
-    np.not_equal(sorted_users[1:], sorted_users[:-1], out=new_user[1:])
-    rank_by_user = np.cumsum(new_user) - 1  # [N] dense user index of the rows in by_user order
-    users = sorted_users[new_user]
-    user_split = split_of(users, spec)
-    order, rank, ts = _split_user_time_order(user_split[rank_by_user], rank_by_user,
-                                             ts[by_user], by_user)
-
-    (app, app_valid), (loc, loc_valid), (traffic, traffic_valid), (event, _) = (
-        _column_values(table.column(name)) for name in ("app_id", "loc_id", "traffic_bytes", "event"))
-    keep = _first_of_identical_rows(rank, ts, order, (app, app_valid, loc, loc_valid, traffic,
-                                                      traffic_valid, event))
-    kept = order[keep]
-    return _Events(rank=rank[keep], ts=ts[keep], app=app[kept], app_valid=app_valid[kept],
-                   loc=loc[kept], loc_valid=loc_valid[kept], traffic=traffic[kept].astype(np.float64),
-                   users=users, user_split=user_split, duplicates=int(len(keep) - len(kept)))
-
-
-def _column_values(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """values [N] (0 where null) and validity [N] bool of a numeric column; cheaper than fill_null."""
-    array = column.combine_chunks()
-    dtype = np.dtype(array.type.to_pandas_dtype())
-    values = np.frombuffer(array.buffers()[1], dtype, len(array), array.offset * dtype.itemsize)
-    if array.null_count == 0:
-        return values, np.ones(len(array), bool)
-    valid = array.is_valid().to_numpy(zero_copy_only=False)
-    return np.where(valid, values, 0), valid
-
-
-def _split_user_time_order(split: np.ndarray, rank: np.ndarray, ts: np.ndarray,
-                           rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sorts rows by (split, user rank, ts): (row order, rank, ts), each [N] in that order.
-
-    The inputs are [N] arrays in any common order; `rows` holds their table row indices.
-    """
-    row_bits = (len(ts) - 1).bit_length()
-    ts_min, ts_max = (int(ts.min()), int(ts.max())) if len(ts) else (0, 0)
-    rank_bits, ts_bits = int(rank.max(initial=0)).bit_length(), (ts_max - ts_min).bit_length()
-    if rank_bits + ts_bits + row_bits > 62:
-        order = np.lexsort((ts, rank, split))
-        return rows[order], rank[order], ts[order]
-    # all four fields pack into one uint64, so a plain sort (several times faster than an
-    # argsort or lexsort) orders the rows, and the sorted keys give back rank and ts
-    u64 = np.uint64
-    key = ((split.astype(u64) << u64(62)) | (rank.astype(u64) << u64(ts_bits + row_bits))
-           | ((ts - ts_min).astype(u64) << u64(row_bits)) | rows.astype(u64))
-    key.sort()
-    order = (key & u64((1 << row_bits) - 1)).astype(np.int64)
-    rank = ((key >> u64(ts_bits + row_bits)) & u64((1 << rank_bits) - 1)).astype(np.int64)
-    ts = ((key >> u64(row_bits)) & u64((1 << ts_bits) - 1)).astype(np.int64) + ts_min
-    return order, rank, ts
-
-
-def _first_of_identical_rows(rank: np.ndarray, ts: np.ndarray, order: np.ndarray,
-                             columns: tuple[np.ndarray, ...]) -> np.ndarray:
-    """keep mask [N] over rows sorted by (user, ts): False for exact repeats of an earlier row.
-
-    rank and ts are already in sorted order; the other columns are in table order and are
-    read through `order`. Identical rows share (user, ts), so only runs of equal (user, ts)
-    are compared on the other columns; such runs are rare, so the full sort touches few rows.
-    """
-    keep = np.ones(len(ts), bool)
-    same = (rank[1:] == rank[:-1]) & (ts[1:] == ts[:-1])  # [N-1]: row i+1 continues row i's run
-    if not same.any():
-        return keep
-    in_run = np.zeros(len(ts), bool)
-    in_run[1:] |= same
-    in_run[:-1] |= same
-    rows = np.flatnonzero(in_run)
-    run = np.cumsum(np.concatenate([[True], ~same]))[rows]
-    fields = [column[order[rows]] for column in columns]
-    by_content = np.lexsort((*fields, run))
-    repeat = run[by_content][1:] == run[by_content][:-1]
-    for field in fields:
-        repeat &= field[by_content][1:] == field[by_content][:-1]
-    keep[rows[by_content][1:][repeat]] = False
-    return keep
-
-
-def _distinct_pairs(slot: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct (slot, id) pairs sorted by slot, then id: [P] each."""
-    if len(ids) == 0:
-        return slot, ids
-    lo = int(ids.min())
-    id_span = int(ids.max()) - lo + 1
-    if (int(slot.max()) + 1) * id_span < 1 << 62:
-        # both fit in one int64: a plain sort (far faster than lexsort) orders the pairs
-        key = np.sort(slot * id_span + (ids - lo))
-        key = key[np.concatenate([[True], key[1:] != key[:-1]])]
-        return key // id_span, key % id_span + lo
-    order = np.lexsort((ids, slot))
-    slot, ids = slot[order], ids[order]
-    new = np.concatenate([[True], (slot[1:] != slot[:-1]) | (ids[1:] != ids[:-1])])
-    return slot[new], ids[new]
-
-
-@dataclass
-class _SlotRecords:
-    """Per-record slot indices and values; `dense` aggregates a range of examples."""
-    flat_slot: np.ndarray  # [N] all records
-    traffic: np.ndarray  # [N]
-    app_slot: np.ndarray  # [Na] records with an app_id
-    category: np.ndarray  # [Na] in [0, C]
-    category_value: np.ndarray | None  # [Na] bytes, or None to count records
-    loc_slot: np.ndarray  # [Nl] records with a loc_id
-    region: np.ndarray  # [Nl] in [0, K]
-
-    def dense(self, e0: int, e1: int, T: int, layout: DenseLayout) -> tuple[np.ndarray, np.ndarray]:
-        """dense [n, T, F] float32 and observed [n, T] bool for examples [e0, e1)."""
-        n, lo, hi = e1 - e0, e0 * T, e1 * T
-        C1, K1 = layout.num_categories + 1, layout.num_regions + 1
-        r0, r1 = np.searchsorted(self.flat_slot, [lo, hi])
-        slots = self.flat_slot[r0:r1] - lo
-        records = np.bincount(slots, minlength=n * T)  # [n*T]
-        bytes_ = np.bincount(slots, weights=self.traffic[r0:r1], minlength=n * T)
-        a0, a1 = np.searchsorted(self.app_slot, [lo, hi])
-        weights = None if self.category_value is None else self.category_value[a0:a1]
-        usage = np.bincount((self.app_slot[a0:a1] - lo) * C1 + self.category[a0:a1],
-                            weights=weights, minlength=n * T * C1)  # [n*T*C1]
-        l0, l1 = np.searchsorted(self.loc_slot, [lo, hi])
-        located = np.bincount(self.loc_slot[l0:l1] - lo, minlength=n * T)
-        in_region = np.bincount((self.loc_slot[l0:l1] - lo) * K1 + self.region[l0:l1],
-                                minlength=n * T * K1).reshape(n * T, K1)
-
-        dense = np.empty((n * T, layout.num_channels), np.float32)
-        dense[:, layout.category] = np.log1p(usage.reshape(n * T, C1))
-        dense[:, layout.region] = in_region / np.maximum(located, 1)[:, None]
-        dense[:, layout.activity] = np.log1p(records)
-        dense[:, layout.volume] = np.log1p(bytes_)
-        return dense.reshape(n, T, -1), (records > 0).reshape(n, T)
-
-
-def _time_of_week(window: np.ndarray, spec: FeatureSpec) -> np.ndarray:
-    """[E, T] int16: slot of the week (0 = Monday 00:00 UTC) of every slot of each window."""
-    starts = (spec.window_origin + window[:, None] * spec.window_seconds
-              + np.arange(spec.slots) * spec.slot_seconds)  # [E, T] epoch seconds
-    return spec.time_of_week(starts)
+def examples_table(rows: ExampleRows, split: str, T: int, F: int) -> pa.Table:
+    """Examples of one split as EXAMPLES rows: per-slot values as fixed-length lists."""
+    n = len(rows)
+    return pa.Table.from_arrays([
+        pa.array(rows.user_id), pa.array([split] * n, pa.string()), pa.array(rows.window_start),
+        _fixed_lists(rows.time_of_week, T), _fixed_lists(rows.observed, T), _fixed_lists(rows.dense, T * F),
+        _bag_lists(rows.app_values, rows.app_offsets), _fixed_lists(rows.app_lengths, T),
+        _bag_lists(rows.loc_values, rows.loc_offsets), _fixed_lists(rows.loc_lengths, T),
+    ], schema=EXAMPLES)
 
 
 def _fixed_lists(values: np.ndarray, per_row: int) -> pa.ListArray:
@@ -383,15 +124,9 @@ def _fixed_lists(values: np.ndarray, per_row: int) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1)))
 
 
-def _bags(pair_slot: np.ndarray, pair_ids: np.ndarray, e0: int, e1: int,
-          T: int) -> tuple[pa.ListArray, pa.ListArray]:
-    """ids (flattened per example) and per-slot lengths [n, T] for examples [e0, e1)."""
-    p0, p1 = np.searchsorted(pair_slot, [e0 * T, e1 * T])
-    lengths = np.bincount(pair_slot[p0:p1] - e0 * T, minlength=(e1 - e0) * T).astype(np.int32)
-    per_example = lengths.reshape(e1 - e0, T).sum(axis=1)
-    offsets = np.concatenate([[0], np.cumsum(per_example)]).astype(np.int32)
-    ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(pair_ids[p0:p1], pa.int64()))
-    return ids, _fixed_lists(lengths.reshape(e1 - e0, T), T)
+def _bag_lists(values: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
+    """Each example's ids (all its slots' bags) as one list; offsets [n+1] into values."""
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int64()))
 
 
 # --- both phases -------------------------------------------------------------------------

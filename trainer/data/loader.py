@@ -39,8 +39,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from trainer.config import DataConfig
-from trainer.data.batch import Batch, ExampleRows
+from trainer.data.batch import Batch
 from trainer.data.schema import EXAMPLES, SPEC_DIR
+from umask.slots import ExampleRows
 from umask.spec import SPLITS, FeatureSpec, load_spec
 from umask.errors import UserError
 
@@ -347,7 +348,7 @@ class ShardedLoader:
             self._cursor += take
             position += take
         self._batch += 1
-        return ExampleRows.concat(parts).to_batch()
+        return Batch.of_rows(ExampleRows.concat(parts))
 
     # ---- resuming -------------------------------------------------------------------------
 

@@ -31,7 +31,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from trainer.data.batch import Batch, ExampleRows
+from trainer.data.batch import Batch
+from umask.slots import ExampleRows
 from umask.spec import SPLITS, DenseLayout, FeatureSpec
 from umask.errors import UserError
 from trainer.inference.loading import InferenceModel, load_inference_model
@@ -99,7 +100,7 @@ def complete_windows(inference: InferenceModel, rows: ExampleRows, task: str, cu
     slots = rows.observed.shape[1]
     if cut is not None and not 1 <= cut < slots:
         raise UserError(f"--cut {cut}: must be a slot in [1, {slots - 1}]")
-    batch: Batch = rows.to_batch()
+    batch = Batch.of_rows(rows)
     model = inference.model
     start, target = task_cut(task, batch.observed, model.cfg.mask, cut)
     generator = torch.Generator().manual_seed(seed)
