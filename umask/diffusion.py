@@ -20,13 +20,17 @@ MAX_BETA = 0.999
 
 
 def alphas_cumprod(cfg: DiffusionConfig) -> Tensor:
-    """abar_t for t = 0..train_steps-1 (float64, decreasing from about 1 toward 0)."""
+    """abar_t for t = 0..train_steps-1 (float64 on the CPU, decreasing from about 1 toward 0).
+
+    On the CPU whatever the default device, so a model built on "meta" still has its schedule."""
     steps = cfg.train_steps
     if cfg.schedule == "linear":
-        betas = torch.linspace(cfg.linear_beta_start, cfg.linear_beta_end, steps, dtype=torch.float64)
+        betas = torch.linspace(cfg.linear_beta_start, cfg.linear_beta_end, steps, dtype=torch.float64,
+                               device="cpu")
     else:
         s = cfg.cosine_offset
-        f = torch.cos((torch.arange(steps + 1, dtype=torch.float64) / steps + s) / (1 + s) * math.pi / 2) ** 2
+        t = torch.arange(steps + 1, dtype=torch.float64, device="cpu")
+        f = torch.cos((t / steps + s) / (1 + s) * math.pi / 2) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=MAX_BETA)
     return torch.cumprod(1 - betas, dim=0)
 
@@ -41,6 +45,7 @@ class Diffusion:
     def __init__(self, cfg: DiffusionConfig):
         self.cfg = cfg
         self.abar = alphas_cumprod(cfg)  # float64, on the CPU
+        self._abar = self.abar.tolist()  # the same values as Python floats, for DDIM
         self._abar_on_device: dict[torch.device, Tensor] = {}
 
     def abar_on(self, device: torch.device) -> Tensor:
@@ -61,27 +66,30 @@ class Diffusion:
         abar = self.abar_on(x0.device)[t].view(-1, *([1] * (x0.dim() - 1)))  # [B,1,1]
         return (abar.sqrt() * x0.float() + (1 - abar).sqrt() * noise.float()).to(x0.dtype)
 
+    def ddim_timesteps(self, steps: int) -> list[int]:
+        """The `steps` schedule steps DDIM visits, evenly spaced from train_steps - 1 down to 0."""
+        if not 1 <= steps <= self.cfg.train_steps:
+            raise ValueError(f"steps must be in [1, {self.cfg.train_steps}], got {steps}")
+        return torch.linspace(self.cfg.train_steps - 1, 0, steps, device="cpu").round().long().tolist()
+
     @torch.no_grad()
-    def ddim_sample(self, predict_x0: Callable[[Tensor, Tensor], Tensor], evidence_values: Tensor,
-                    evidence: Tensor, steps: int, generator: torch.Generator) -> Tensor:
-        """Completes evidence_values [B,T,F] where evidence [B,T] is False; float32 [B,T,F].
+    def ddim_from_noise(self, predict_x0: Callable[[Tensor, Tensor], Tensor], evidence_values: Tensor,
+                        evidence: Tensor, noise: Tensor, timesteps: list[int]) -> Tensor:
+        """Deterministic DDIM (eta = 0) from x_T = noise [B,T,F] over `timesteps` (ddim_timesteps).
 
         predict_x0(x_t, t) -> x0_hat, both [B,T,F], t [B]; the update runs in float32
         whatever dtype the predictor computes in. Evidence slots of the result are
-        evidence_values exactly (as float32).
+        evidence_values exactly (as float32). The schedule enters as Python floats, so
+        torch.export traces this loop into a graph with constants (no data-dependent reads).
         """
-        if not 1 <= steps <= self.cfg.train_steps:
-            raise ValueError(f"steps must be in [1, {self.cfg.train_steps}], got {steps}")
         keep = evidence[..., None]  # [B,T,1]
         known = evidence_values.float()
-        x = torch.randn(known.shape, generator=generator, device=generator.device).to(known.device)
-        x = torch.where(keep, known, x)
-        timesteps = torch.linspace(self.cfg.train_steps - 1, 0, steps).round().long().tolist()
+        x = torch.where(keep, known, noise.float())
         for i, step in enumerate(timesteps):
             t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
             x0_hat = predict_x0(x.to(evidence_values.dtype), t).float()
-            abar = float(self.abar[step])
-            abar_prev = float(self.abar[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
+            abar = self._abar[step]
+            abar_prev = self._abar[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
             eps_hat = (x - abar ** 0.5 * x0_hat) / (1 - abar) ** 0.5
             x = abar_prev ** 0.5 * x0_hat + (1 - abar_prev) ** 0.5 * eps_hat
             x = torch.where(keep, known, x)

@@ -85,7 +85,21 @@ class UMask(nn.Module):
     def complete(self, dense: Tensor, evidence: Tensor, time_of_week: Tensor, slot_sparse: Tensor,
                  profile: Tensor | None = None, *, steps: int | None = None,
                  generator: torch.Generator) -> Tensor:
-        """Fills every non-evidence slot by DDIM; evidence slots come back bit-exactly; [B,T,F]."""
+        """Fills every non-evidence slot by DDIM; evidence slots come back bit-exactly; [B,T,F].
+
+        Draws the starting noise [B,T,F] from generator (on its device), then runs
+        `complete_from_noise` with `steps` DDIM steps (default: model.diffusion.sample_steps).
+        """
+        self._check_shapes(dense, evidence, time_of_week, slot_sparse)
+        noise = torch.randn(dense.shape, generator=generator, device=generator.device).to(dense.device)
+        timesteps = self.diffusion.ddim_timesteps(steps or self.cfg.diffusion.sample_steps)
+        return self.complete_from_noise(dense, evidence, time_of_week, slot_sparse, noise, timesteps, profile)
+
+    @torch.no_grad()
+    def complete_from_noise(self, dense: Tensor, evidence: Tensor, time_of_week: Tensor, slot_sparse: Tensor,
+                            noise: Tensor, timesteps: list[int], profile: Tensor | None = None) -> Tensor:
+        """The completion as a deterministic function of the starting noise [B,T,F] float32 and
+        the DDIM steps (Diffusion.ddim_timesteps): what the export bundle's program computes."""
         self._check_shapes(dense, evidence, time_of_week, slot_sparse)
         scaled, slot_sparse, profile = self._model_inputs(dense, slot_sparse, profile)
         z_u = self.uscope(scaled, slot_sparse, time_of_week, evidence, profile)  # [B,U]
@@ -94,8 +108,7 @@ class UMask(nn.Module):
         def predict_x0(x_t: Tensor, t: Tensor) -> Tensor:
             return self.dit(x_t, t, z_u, evidence_values, evidence, time_of_week, slot_sparse)
 
-        completed = self.diffusion.ddim_sample(predict_x0, evidence_values, evidence,
-                                               steps or self.cfg.diffusion.sample_steps, generator)
+        completed = self.diffusion.ddim_from_noise(predict_x0, evidence_values, evidence, noise, timesteps)
         # Composite the caller's values, not scaled-and-back ones, so evidence is bit-exact.
         return torch.where(evidence[..., None], dense, completed * self.channel_scale)
 

@@ -44,10 +44,17 @@ def test_ddim_with_a_perfect_predictor_returns_the_truth_and_keeps_evidence():
         assert torch.equal(x_t[evidence], truth[evidence]), "evidence is re-imposed before every step"
         return truth
 
-    out = diffusion.ddim_sample(oracle, evidence_values, evidence, 5, torch.Generator().manual_seed(0))
+    noise = torch.randn(truth.shape, generator=torch.Generator().manual_seed(0))
+    out = diffusion.ddim_from_noise(oracle, evidence_values, evidence, noise, diffusion.ddim_timesteps(5))
     assert seen_steps == [199, 149, 100, 50, 0]
     torch.testing.assert_close(out, truth)
     assert torch.equal(out[evidence], truth[evidence])
+
+
+@pytest.mark.parametrize("steps", [0, 201])
+def test_ddim_refuses_a_step_count_outside_the_schedule(steps):
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 200\]"):
+        Diffusion(DiffusionConfig()).ddim_timesteps(steps)
 
 
 def make_dit(depth=2, attention="evidence_keys"):
