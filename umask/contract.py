@@ -161,7 +161,7 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
         # INT96 in microseconds: nanoseconds (the default) overflow outside 1677-2262
         return pq.ParquetFile(path, coerce_int96_timestamp_unit="us")
     except (pa.ArrowException, OSError) as err:
-        raise ContractError(f"{path}: not a readable Parquet file ({err})") from err
+        raise ContractError(f"{path}: not a readable Parquet file ({_one_line(err)})") from err
 
 
 def _iter_batches(path: Path, parquet: pq.ParquetFile, columns: list[str],
@@ -169,7 +169,12 @@ def _iter_batches(path: Path, parquet: pq.ParquetFile, columns: list[str],
     try:
         yield from parquet.iter_batches(batch_size=batch_rows, columns=columns)
     except (pa.ArrowException, OSError) as err:
-        raise ContractError(f"{path}: cannot read Parquet data ({err})") from err
+        raise ContractError(f"{path}: cannot read Parquet data ({_one_line(err)})") from err
+
+
+def _one_line(err: Exception) -> str:
+    """A library's message on one line: Arrow's span several ("...\nDeserializing page header failed.")."""
+    return " ".join(str(err).split())
 
 
 # --- column types ---------------------------------------------------------------------
