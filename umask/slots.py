@@ -38,7 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from umask.contract import NORMALIZED_EVENTS
+from umask.contract import DEFAULT_PLAUSIBLE, NORMALIZED_EVENTS, EventReader, open_dataset
+from umask.errors import UserError
 from umask.spec import SHARD_SALT, DenseLayout, FeatureMaps, FeatureSpec, stable_hash
 
 PARTITION_BUFFER_ROWS = 1 << 22  # rows buffered across buckets before a flush (~170 MB)
@@ -400,3 +401,19 @@ def _time_of_week(window: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     starts = (spec.window_origin + window[:, None] * spec.window_seconds
               + np.arange(spec.slots) * spec.slot_seconds)  # [E, T] epoch seconds
     return spec.time_of_week(starts)
+
+
+def latest_windows(events: str | Path, spec: FeatureSpec, maps: FeatureMaps,
+                   plausible: tuple[int, int] = DEFAULT_PLAUSIBLE) -> ExampleRows:
+    """Each user's latest window of a contract events dataset, folder or file, by user id.
+
+    Read in one piece with the strict contract reader (an invalid row is a UserError naming
+    file, column and row); meant for files that fit in memory. plausible: [start, end) epoch
+    seconds of a valid ts, as the training data was read with.
+    """
+    batches = list(EventReader(open_dataset(events), "strict", plausible=plausible).batches())
+    if not batches:
+        raise UserError(f"{events}: no events, so no user")
+    slots = Slots(pa.Table.from_batches(batches, NORMALIZED_EVENTS), spec, maps, latest_only=True)
+    rows = slots.rows(0, len(slots))
+    return rows.take(np.argsort(rows.user_id, kind="stable"))

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from trainer.cli import main as cli_main
-from trainer.inference.complete import COMPLETED, complete_windows, latest_windows, task_cut
+from trainer.inference.complete import complete_windows
+from umask.completion import COMPLETED, task_cut
+from umask.slots import latest_windows
 from umask.spec import WEEK_SECONDS as WEEK
 from trainer.data.schema import EXAMPLES
 from trainer.inference.loading import load_inference_model
@@ -66,7 +68,7 @@ def inference(built_checkpoint):
 
 def test_latest_window_per_user_and_evidence_kept_exactly(inference, two_users, tmp_path):
     events, users = two_users
-    rows = latest_windows(events, inference, tmp_path / "work")
+    rows = latest_windows(events, inference.spec, inference.maps)
     assert rows.user_id.tolist() == users
     # each user's latest window is the week holding the user's last event
     table = pq.read_table(events)
@@ -114,7 +116,7 @@ def test_complete_command_errors_name_the_problem(built_checkpoint, two_users, t
     assert "no such file" in capsys.readouterr().err
     assert run_complete("--checkpoint", str(run), "--events", str(events), "--task", "cold",
                         "--out", str(tmp_path), "--cut", "400") == 2
-    assert "--cut 400" in capsys.readouterr().err
+    assert "cut 400: must be a slot in [1, 167]" in capsys.readouterr().err
 
 
 def test_complete_featurizes_as_training_did_without_the_training_data(inference, two_users, tiny_dataset,
@@ -136,7 +138,7 @@ def test_complete_featurizes_as_training_did_without_the_training_data(inference
     elsewhere = dataclasses.replace(inference, cfg=copy.deepcopy(inference.cfg))
     elsewhere.cfg.data.source = str(tmp_path / "not-here")
 
-    rows = latest_windows(folder, elsewhere, tmp_path / "work")
+    rows = latest_windows(folder, elsewhere.spec, elsewhere.maps)
     trained = pa.concat_tables(pq.read_table(path, schema=EXAMPLES) for path in
                                (tiny_dataset / "features").glob("split=*/shard=*/*.parquet")).to_pylist()
     by_key = {(r["user_id"], r["window_start"]): r for r in trained}
