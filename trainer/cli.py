@@ -10,27 +10,69 @@ reads in one place.
 
 Config-driven commands take `--config FILE` (repeatable) and trailing `key=value` overrides.
 A UserError prints as one message, not a traceback, and the exit status is 2.
+
+What a person sees: each command's own lines on stdout; long work shows a progress bar on a
+terminal and, off a terminal, a plain line at most every few seconds (trainer/console.py);
+the libraries' logs go to files unless `--verbose` (or U_MASK_VERBOSE=1) asks for them
+(trainer/training/worker_logs.py). Commands that make something end with where it is and the
+next commands to run on it.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
+import time
 from pathlib import Path
 
 from umask.errors import UserError
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps each paragraph of a description on its own, and appends each option's default
+    when it has one."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        return "\n\n".join(textwrap.fill(" ".join(p.split()), width, initial_indent=indent,
+                                         subsequent_indent=indent) for p in text.split("\n\n"))
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--config FILE (repeatable, merged in order) and key=value overrides."""
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="YAML config; repeat to merge several (later wins)")
+                        help="YAML preset, e.g. configs/tiny.yaml; repeat to merge several (later "
+                             "wins); without it, the built-in defaults of trainer/config.py")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="override a config key, e.g. train.steps=20")
+                        help="override a config key, e.g. train.steps=20 (`u-mask config` lists every key)")
 
 
 def config_from_args(args):
     from trainer.config import load_config
+
+    if not args.config:  # the defaults' paths (data/synth, runs/umask) are rarely what was meant
+        print("u-mask: note: no --config given, so the built-in defaults of trainer/config.py apply "
+              "(data.source=data/synth); presets: configs/tiny.yaml, configs/base.yaml, configs/xl.yaml",
+              file=sys.stderr)
     return load_config(args.config, args.overrides)
+
+
+def _shown(path: str | Path) -> str:
+    """`path` relative to the working directory when it lies under it (shorter to read and paste)."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _given(args: argparse.Namespace, *names: str) -> dict:
@@ -143,18 +185,72 @@ def _config(args) -> int:
 
 
 def _add_train(commands) -> None:
-    parser = commands.add_parser("train", help="train U-MASK on Ray (embedded Ray unless RAY_ADDRESS is set)")
+    parser = commands.add_parser(
+        "train", help="train U-MASK on Ray (embedded Ray unless RAY_ADDRESS is set)",
+        formatter_class=HelpFormatter,
+        description="Train U-MASK on Ray: an embedded Ray on this machine, or the cluster named by "
+                    "RAY_ADDRESS / ray.address. Shows a progress line every train.log_every steps (a "
+                    "bar on a terminal) and ends with the checkpoint and the next commands. Rerunning "
+                    "with the same ray.name resumes from its latest checkpoint.\n\n"
+                    "The run folder <ray.storage_path>/<ray.name> gets config.yaml, plan.json, "
+                    "metrics.csv, TensorBoard event files, loss.png, checkpoint_*/ and logs/rank-<r>.log "
+                    "(the workers' and libraries' output).")
     add_config_arguments(parser)
+    parser.add_argument("--verbose", action="store_true", default=None,
+                        help="show the workers' and libraries' logs here instead of in "
+                             "logs/rank-<r>.log (also: U_MASK_VERBOSE=1)")
     parser.set_defaults(handler=_train)
 
 
 def _train(args) -> int:
+    from trainer.console import TrainingDisplay
     from trainer.training.launch import train
+    from trainer.training.runs import latest_checkpoint, plot_losses, read_metrics
 
-    result = train(config_from_args(args))
-    # Ray Train raises instead of returning a failed result
-    print(f"done: {result.metrics} checkpoint={result.checkpoint.path if result.checkpoint else None}")
+    cfg = config_from_args(args)
+    run_dir = Path(cfg.ray.storage_path) / cfg.ray.name
+    resumed = latest_checkpoint(run_dir) if cfg.train.resume and "://" not in cfg.ray.storage_path else None
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    print(f"training {cfg.ray.name}: {cfg.train.steps} steps of {cfg.ray.num_workers} x "
+          f"{cfg.train.batch_size} examples on {'the Ray cluster at ' + address if address else 'an embedded Ray'}"
+          + (f", resuming at step {resumed[1]}" if resumed else "") + f"; run folder {_shown(run_dir)}",
+          flush=True)
+    display = TrainingDisplay(cfg.train.steps, resumed[1] if resumed else 0)
+    started = time.perf_counter()
+    try:
+        result = train(cfg, verbose=args.verbose, on_row=display.row)  # Ray Train raises on failure
+    finally:
+        display.close()
+    rows = read_metrics(run_dir / "metrics.csv")
+    plot = plot_losses(run_dir / "metrics.csv", run_dir / "loss.png")
+    checkpoint = latest_checkpoint(run_dir)
+    last = rows[-1] if rows else {}
+    print(f"done in {time.perf_counter() - started:.0f} s: step {last.get('step', '?')}/{cfg.train.steps}, "
+          f"loss {float(last['loss']):.4f}" if last.get("loss") else "done: no step was logged")
+    if checkpoint is None:
+        print(f"no checkpoint in {_shown(run_dir)}")
+        return 0
+    for line in next_commands(args, cfg, run_dir, checkpoint[0], plot):
+        print(line)
     return 0
+
+
+def next_commands(args, cfg, run_dir: Path, checkpoint: Path, plot: Path | None) -> list[str]:
+    """The closing lines of `u-mask train`: where things are and the exact next commands."""
+    run = shlex.quote(_shown(run_dir))
+    events = shlex.quote(_shown(cfg.data.source))
+    again = ["u-mask", "train", *(part for c in args.config for part in ("--config", c)),
+             *(o for o in args.overrides if not o.startswith("train.steps=")), f"train.steps={2 * cfg.train.steps}"]
+    lines = [f"checkpoint: {_shown(checkpoint)}",
+             f"metrics: {_shown(run_dir / 'metrics.csv')}" + (f", loss curve {_shown(plot)}" if plot else "")
+             + ", TensorBoard: tensorboard --logdir " + shlex.quote(_shown(run_dir.parent)),
+             "next:",
+             f"  u-mask eval --checkpoint {run} --split test --out {shlex.quote(_shown(run_dir / 'eval-test'))}",
+             f"  u-mask complete --checkpoint {run} --events {events} --task short "
+             f"--out {shlex.quote(_shown(run_dir / 'completed'))}",
+             f"  {shlex.join(again)}"
+             "   # resumes this run and trains on"]
+    return lines
 
 
 def _add_model_info(commands) -> None:
@@ -168,7 +264,8 @@ def _model_info(args) -> int:
 
     cfg = config_from_args(args)
     counts = model_parameter_counts(cfg)
-    print(f"model size {cfg.model.size!r}: hidden={cfg.model.hidden} depth={cfg.model.depth} heads={cfg.model.heads}")
+    print(f"model size {cfg.model.size!r} (configs/model/{cfg.model.size}.yaml): hidden={cfg.model.hidden} "
+          f"depth={cfg.model.depth} heads={cfg.model.heads}")
     for name, count in counts.items():
         print(f"  {name:<16} {count:>15,}")
     return 0
@@ -242,14 +339,58 @@ def _complete(args) -> int:
     return 0
 
 
+# --- u-mask runs  (trainer/training/runs.py) ---------------------------------------------------
+
+def _add_runs(commands) -> None:
+    parser = commands.add_parser(
+        "runs", help="list the training runs in a storage path, newest first",
+        formatter_class=HelpFormatter,
+        description="List the runs in a storage path (ray.storage_path), newest first: the last "
+                    "logged step and loss, the steps configured and the latest checkpoint.")
+    parser.add_argument("--storage", default="runs", help="the storage path holding the run folders")
+    parser.set_defaults(handler=_runs)
+
+
+def _runs(args) -> int:
+    from trainer.training.runs import list_runs
+
+    runs = list_runs(Path(args.storage))
+    if not runs:
+        print(f"no runs in {args.storage}")
+        return 0
+    print(f"{'run':<24} {'step':>11} {'loss':>8}  {'modified':<16}  latest checkpoint")
+    for run in runs:
+        step = f"{run.step if run.step is not None else '-'}/{run.steps if run.steps is not None else '?'}"
+        loss = f"{run.loss:.4f}" if run.loss is not None else "-"
+        checkpoint = (f"{_shown(run.checkpoint)} (step {run.checkpoint_step})" if run.checkpoint
+                      else "none yet")
+        print(f"{run.name:<24} {step:>11} {loss:>8}  "
+              f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(run.modified)):<16}  {checkpoint}")
+    return 0
+
+
 # --- the program ------------------------------------------------------------------------------
 
 DATA_COMMANDS = (_add_synth, _add_import_tsinghua, _add_featurize, _add_summary)
-COMMANDS = (_add_config, _add_train, _add_model_info, _add_eval, _add_complete)
+COMMANDS = (_add_config, _add_train, _add_model_info, _add_eval, _add_complete, _add_runs)
+
+
+def version() -> str:
+    """This installation's version, from the package metadata (no heavy import)."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("umask-trainer")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="u-mask", description="Train and serve U-MASK models.")
+    parser = argparse.ArgumentParser(
+        prog="u-mask", formatter_class=HelpFormatter,
+        description="Train and serve U-MASK models. Quick start: make demo; every command: "
+                    "u-mask COMMAND --help.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data = commands.add_parser("data", help="import, synthesize and featurize data").add_subparsers(
         dest="data_command", required=True, metavar="DATA_COMMAND")

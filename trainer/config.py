@@ -155,6 +155,15 @@ class RayConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Where rank 0 logs the training's figures besides metrics.csv (trainer/training/tracking.py)."""
+
+    tensorboard: bool = True  # event files in the run folder: `tensorboard --logdir runs`
+    mlflow_uri: Optional[str] = None  # an MLflow tracking URI (http://..., file:///...); None: no MLflow
+    mlflow_experiment: str = "u-mask"  # the MLflow experiment the run is logged under
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -162,6 +171,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 

@@ -15,8 +15,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 def embedded_ray():
     import ray
 
-    ray.init(num_cpus=3, _node_ip_address="127.0.0.1", include_dashboard=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    from trainer.training.launch import start_embedded_ray
+
+    start_embedded_ray(num_cpus=3, env_vars={"DS_ACCELERATOR": "cpu"})  # the same Ray as `u-mask train`'s
     yield
     ray.shutdown()
 

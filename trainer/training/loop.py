@@ -78,9 +78,26 @@ class Trainer:
         out = self.engine(dense=batch.dense, observed=batch.observed, time_of_week=batch.time_of_week,
                           slot_sparse=slot_sparse, generator=generator)
         self.engine.backward(out["loss"])  # the tables step here, inside backward (fused)
+        metrics = {k: out[k].detach() for k in ("loss", "reconstruction", "consistency")}
+        if self.engine.is_gradient_accumulation_boundary():
+            metrics["grad_norm"] = self.grad_norm()
         self.engine.step()  # the dense model steps at accumulation boundaries only
+        if "grad_norm" in metrics and metrics["grad_norm"] is None:
+            metrics["grad_norm"] = _as_tensor(self.engine.get_global_grad_norm(), self.device)
         self.micro_step += 1
-        return {k: out[k].detach() for k in ("loss", "reconstruction", "consistency")}
+        return metrics
+
+    def grad_norm(self) -> torch.Tensor | None:
+        """The dense model's gradient 2-norm before clipping, a 0-dim device tensor (no wait).
+
+        Read between backward and step at an accumulation boundary, where the parameters hold the
+        full gradient averaged over ranks. None where DeepSpeed keeps the gradients in its own
+        partitions (ZeRO, bf16/fp16): then forward_backward takes the norm DeepSpeed computed.
+        """
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
 
     def train_step(self) -> StepMetrics:
         """One optimizer step of the dense model: gradient_accumulation_steps micro-batches.
@@ -98,7 +115,9 @@ class Trainer:
             waited += time.perf_counter() - asked
             parts.append(self.forward_backward(batch))
         self.step += 1
-        values = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
+        values = {k: torch.stack([p[k] for p in parts]).mean()
+                  for k in ("loss", "reconstruction", "consistency")}
+        values["grad_norm"] = parts[-1]["grad_norm"]  # the step's one boundary: its last micro-batch
         return StepMetrics(values, seconds=time.perf_counter() - started, waited=waited)
 
     def save(self, metrics: dict[str, float]) -> None:
@@ -144,22 +163,40 @@ class Trainer:
         self.restore()
         examples_per_step = (self.cfg.train.batch_size * self.world_size
                              * self.engine.gradient_accumulation_steps())
+        trackers = self.trackers() if self.rank == 0 else None
         progress = ProgressLog(self.run_dir, self.cfg.train.steps, self.cfg.train.log_every,
-                               self.rank == 0, start_step=self.step)
+                               self.rank == 0, start_step=self.step, trackers=trackers)
         window = MetricWindow()
         metrics: dict[str, float] = {}
-        while self.step < self.cfg.train.steps:
-            window.add(self.train_step())
-            logged = progress.due(self.step)
-            checkpoint = self.step % self.cfg.train.checkpoint_every == 0 or self.step == self.cfg.train.steps
-            if logged or checkpoint:  # the same steps on every rank: the all-reduce inside is collective
-                metrics = window.mean_over_ranks()
-            progress.step(self.step, examples_per_step, metrics if logged else None)
-            if logged:
-                window = MetricWindow()
-            if checkpoint:
-                self.save(metrics)
+        finished = False
+        try:
+            while self.step < self.cfg.train.steps:
+                window.add(self.train_step())
+                logged = progress.due(self.step)
+                checkpoint = self.step % self.cfg.train.checkpoint_every == 0 or self.step == self.cfg.train.steps
+                if logged or checkpoint:  # the same steps on every rank: the all-reduce inside is collective
+                    metrics = window.mean_over_ranks(totals={
+                        f"out_of_contract_{k}": v for k, v in self.ids.out_of_contract().items()})
+                    metrics["lr"] = float(self.engine.get_lr()[0])
+                progress.step(self.step, examples_per_step, metrics if logged else None)
+                if logged:
+                    window = MetricWindow()
+                if checkpoint:
+                    self.save(metrics)
+            finished = True
+        finally:
+            if trackers is not None:
+                trackers.close(finished)
         return metrics
+
+    def trackers(self):
+        """Rank 0's TensorBoard writer and MLflow run (cfg.tracking; trainer/training/tracking.py)."""
+        from omegaconf import OmegaConf
+
+        from trainer.training.tracking import Trackers
+
+        return Trackers(self.run_dir, self.cfg.tracking, self.cfg.ray.name,
+                        OmegaConf.to_container(OmegaConf.structured(self.cfg)))
 
 
 @dataclasses.dataclass
@@ -192,14 +229,17 @@ class MetricWindow:
         self.seconds += step.seconds
         self.waited += step.waited
 
-    def mean_over_ranks(self) -> dict[str, float]:
+    def mean_over_ranks(self, totals: dict[str, float] | None = None) -> dict[str, float]:
         """Each metric's mean over the window, and data_wait (the window's share of host time
-        spent waiting for the loader), each averaged over ranks."""
+        spent waiting for the loader), each averaged over ranks; and each of `totals` (this
+        rank's counts) summed over ranks. One all-reduce for all of them."""
         if self.sums is None:
             raise ValueError("no step in the window")
+        totals = totals or {}
         data_wait = torch.tensor([self.waited / max(self.seconds, 1e-9)], device=self.sums.device)
-        means = _mean_over_ranks(torch.cat([self.sums / self.steps, data_wait]))
-        return dict(zip([*self.names, "data_wait"], means))
+        counts = torch.tensor(list(totals.values()), dtype=torch.float32, device=self.sums.device)
+        means = _mean_over_ranks(torch.cat([self.sums / self.steps, data_wait, counts * dist.get_world_size()]))
+        return dict(zip([*self.names, "data_wait", *totals], means))
 
 
 def _write_plan(placements: dict, path: Path) -> None:
@@ -226,12 +266,21 @@ def _mean_over_ranks(values: torch.Tensor) -> list[float]:
     return (values / dist.get_world_size()).tolist()
 
 
+def _as_tensor(value, device: torch.device) -> torch.Tensor:
+    """DeepSpeed's global gradient norm (a float, a tensor or None) as a 0-dim tensor; NaN when None."""
+    if value is None:
+        return torch.tensor(float("nan"), device=device)
+    return torch.as_tensor(value, dtype=torch.float32, device=device).detach().reshape(())
+
+
 def _other_ranks_rows(x: torch.Tensor) -> torch.Tensor:
     """[n, d] on each rank -> [(world - 1) * n, d]: the other ranks' rows, as InfoNCE negatives.
 
     The all-gather is differentiable, so each rank's rows also get gradient as others' negatives.
     """
-    import torch.distributed.nn.functional as dist_nn
+    from torch.distributed._functional_collectives import all_gather_single
 
-    rows = dist_nn.all_gather(x)
+    # torch.distributed.nn.functional.all_gather is deprecated; torch points here instead (differentiable)
+    rows = all_gather_single(x.contiguous(), gather_dim=0, group=dist.group.WORLD)  # [world*n, d]
+    rows = rows.view(dist.get_world_size(), *x.shape)
     return torch.cat([r for i, r in enumerate(rows) if i != dist.get_rank()], dim=0)
