@@ -369,10 +369,75 @@ def _runs(args) -> int:
     return 0
 
 
+# --- u-mask export | embed-users  (trainer/inference/export.py; the bundle loader umask/bundle.py) -------
+
+def _add_export(commands) -> None:
+    parser = commands.add_parser("export", help="write a versioned bundle of a checkpoint for downstream teams",
+                                 description="Write the export bundle of a checkpoint (docs/export.md): "
+                                             "manifest.json, the feature spec, dense safetensors, Parquet "
+                                             "tables and seen ids, and a torch.export program; no pickle.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    parser.add_argument("--out", required=True, help="bundle folder: new, empty, or an earlier bundle to replace")
+    parser.add_argument("--eval-report", help="a `u-mask eval` report.json of this checkpoint; its headline "
+                                              "metrics go into the manifest")
+    parser.add_argument("--features", help="the training features (default: the checkpoint config's "
+                                           "data.features), read for the ids seen in training and --users")
+    parser.add_argument("--users", action="store_true", help="also write users.parquet: the training users' vectors")
+    parser.add_argument("--max-shard-mb", type=int, default=2048, help="largest dense safetensors file, MiB")
+    parser.set_defaults(handler=_export)
+
+
+def _export(args) -> int:
+    if args.max_shard_mb <= 0:
+        raise UserError(f"--max-shard-mb must be positive, got {args.max_shard_mb}")
+    from trainer.inference.export import export_bundle
+
+    manifest = export_bundle(args.checkpoint, args.out, eval_report=args.eval_report, features=args.features,
+                             users=args.users, max_shard_bytes=args.max_shard_mb << 20)
+    size = sum(entry["bytes"] for entry in manifest["files"].values())
+    print(f"wrote bundle {args.out}: run {manifest['run']} step {manifest['step']}, version "
+          f"{manifest['bundle_version'][:12]}, {len(manifest['files'])} files, {size / 2**20:.1f} MiB")
+    print(f"next: pip install ./umask; u-mask embed-users --bundle {args.out} --events EVENTS --out users.parquet")
+    return 0
+
+
+def _add_embed_users(commands) -> None:
+    parser = commands.add_parser("embed-users", help="write z_u of every user of an events file with a bundle",
+                                 description="Write (or refresh) a Parquet file of user vectors: one row per "
+                                             "user of the events, from the user's latest window, with the "
+                                             "bundle version, the window and when it was computed. An "
+                                             "existing --out is refreshed: only users whose window changed "
+                                             "(or that an older bundle computed) are computed again.")
+    parser.add_argument("--bundle", required=True, help="an export bundle folder (u-mask export)")
+    parser.add_argument("--events", required=True,
+                        help="contract events: a dataset folder, an events directory or a Parquet file")
+    parser.add_argument("--out", required=True, help="the Parquet file to write or refresh")
+    parser.add_argument("--processes", type=int, default=1, help="worker processes")
+    parser.add_argument("--batch-size", type=int, default=512, help="users per model call")
+    parser.set_defaults(handler=_embed_users)
+
+
+def _embed_users(args) -> int:
+    for name in ("processes", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    from tqdm import tqdm
+
+    from umask.user_embeddings import embed_users_file
+
+    with tqdm(unit=" users", desc="embedding", disable=not sys.stderr.isatty()) as bar:
+        done = embed_users_file(args.bundle, args.events, args.out, args.processes, args.batch_size,
+                                progress=bar.update)
+    print(f"wrote {args.out}: {done['users']} users, {done['recomputed']} computed and {done['kept']} kept "
+          f"as they were, {done['buckets']} buckets, {done['seconds']:.1f} s")
+    return 0
+
+
 # --- the program ------------------------------------------------------------------------------
 
 DATA_COMMANDS = (_add_synth, _add_import_tsinghua, _add_featurize, _add_summary)
-COMMANDS = (_add_config, _add_train, _add_model_info, _add_eval, _add_complete, _add_runs)
+COMMANDS = (_add_config, _add_train, _add_model_info, _add_eval, _add_complete, _add_runs, _add_export, _add_embed_users)
 
 
 def version() -> str:

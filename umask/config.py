@@ -5,7 +5,9 @@ composes them into the run config, and configs/model/*.yaml name the sizes (tiny
 Every constant of the method lives here with its default; /work/shared/umask-method.md
 sections 3-5 say where each one enters.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
+
+from umask.errors import UserError
 
 TASKS = ("short", "long", "cold")  # task tau; its index is the task id used in tensors
 ATTENTION_MODES = ("evidence_keys", "evidence_causal", "bias")
@@ -196,3 +198,27 @@ class ModelConfig:
         if self.attention not in ATTENTION_MODES:
             out.append(("attention", f"must be one of {', '.join(ATTENTION_MODES)}"))
         return out
+
+
+def model_config_from_dict(data: dict, where: str) -> ModelConfig:
+    """A ModelConfig from its dataclasses.asdict form (as an export bundle's manifest holds it).
+
+    Missing keys take their defaults; an unknown key or a non-mapping section is a UserError
+    naming `where` and the dotted key, so a manifest from another version fails in one line.
+    """
+    return _from_dict(ModelConfig, data, where, "model")
+
+
+def _from_dict(cls, data, where: str, prefix: str):
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: {prefix} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise UserError(f"{where}: unknown key {prefix}.{unknown[0]} (written by another version?)")
+    values = {}
+    for name, value in data.items():
+        default = known[name].default_factory() if callable(known[name].default_factory) else known[name].default
+        values[name] = (_from_dict(type(default), value, where, f"{prefix}.{name}")
+                        if is_dataclass(default) else value)
+    return cls(**values)

@@ -63,8 +63,11 @@ def split_of(user_ids: np.ndarray, spec: FeatureSpec) -> np.ndarray:
 
 
 def partition_events(batches: Iterable[pa.RecordBatch], staging: Path, num_shards: int,
-                     buffer_rows: int = PARTITION_BUFFER_ROWS) -> tuple[dict[int, Path], int]:
-    """Appends each batch's rows to its users' bucket files; returns ({bucket: file}, rows)."""
+                     buffer_rows: int = PARTITION_BUFFER_ROWS,
+                     schema: pa.Schema = NORMALIZED_EVENTS) -> tuple[dict[int, Path], int]:
+    """Appends each batch's rows to its users' bucket files (bucket_of its user_id column);
+    returns ({bucket: file}, rows). schema: the rows' columns (events by default; any table
+    keyed by user_id, such as earlier user embeddings, partitions the same way)."""
     staging.mkdir(parents=True, exist_ok=True)
     writers: dict[int, pq.ParquetWriter] = {}
     pending: dict[int, list[pa.RecordBatch]] = {}
@@ -74,13 +77,13 @@ def partition_events(batches: Iterable[pa.RecordBatch], staging: Path, num_shard
         for bucket, parts in pending.items():
             if bucket not in writers:
                 writers[bucket] = pq.ParquetWriter(staging / f"bucket-{bucket:05d}.parquet",
-                                                   NORMALIZED_EVENTS, **STAGING_WRITE_OPTIONS)
-            writers[bucket].write_table(pa.Table.from_batches(parts, NORMALIZED_EVENTS))
+                                                   schema, **STAGING_WRITE_OPTIONS)
+            writers[bucket].write_table(pa.Table.from_batches(parts, schema))
         pending.clear()
 
     try:
         for batch in batches:
-            batch = pa.Table.from_batches([batch]).select(NORMALIZED_EVENTS.names).cast(NORMALIZED_EVENTS)
+            batch = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
             bucket = bucket_of(batch.column("user_id").to_numpy(), num_shards)
             # a stable sort of small integers is numpy's radix sort: O(rows)
             order = np.argsort(bucket.astype(np.uint16 if num_shards <= 1 << 16 else np.uint32),

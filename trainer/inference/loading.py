@@ -81,6 +81,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return max(candidates, key=lambda p: (_state(p)["step"], p.name))
 
 
+def open_checkpoint(path: str | Path) -> tuple[Path, dict, RunConfig, FeatureSpec]:
+    """The checkpoint at `path` (see resolve_checkpoint) once verify_checkpoint passed, with its
+    state.json, config and feature spec; no tensor file is opened."""
+    folder = resolve_checkpoint(path)
+    state = verify_checkpoint(folder, _state(folder).get("run"))
+    return folder, state, load_config([str(folder / "config.yaml")]), load_spec(folder / SPEC_DIR)
+
+
 def load_inference_model(path: str | Path) -> InferenceModel:
     """Verifies and loads the checkpoint at `path` (see resolve_checkpoint) on the CPU."""
     from embeddings.checkpoint import load_full_tables
@@ -88,11 +96,7 @@ def load_inference_model(path: str | Path) -> InferenceModel:
     from embeddings.tables import pooled_dim
     from umask.model import UMask
 
-    folder = resolve_checkpoint(path)
-    run_name = _state(folder).get("run")
-    state = verify_checkpoint(folder, run_name)  # before any tensor file is opened
-    cfg = load_config([str(folder / "config.yaml")])
-    spec = load_spec(folder / SPEC_DIR)
+    folder, state, cfg, spec = open_checkpoint(path)
     model = UMask(cfg.model, spec, sparse_dim=pooled_dim(cfg.embeddings))
     dense_file = folder / "dense.safetensors"
     try:
