@@ -403,35 +403,10 @@ def _export(args) -> int:
 
 
 def _add_embed_users(commands) -> None:
-    parser = commands.add_parser("embed-users", help="write z_u of every user of an events file with a bundle",
-                                 description="Write (or refresh) a Parquet file of user vectors: one row per "
-                                             "user of the events, from the user's latest window, with the "
-                                             "bundle version, the window and when it was computed. An "
-                                             "existing --out is refreshed: only users whose window changed "
-                                             "(or that an older bundle computed) are computed again.")
-    parser.add_argument("--bundle", required=True, help="an export bundle folder (u-mask export)")
-    parser.add_argument("--events", required=True,
-                        help="contract events: a dataset folder, an events directory or a Parquet file")
-    parser.add_argument("--out", required=True, help="the Parquet file to write or refresh")
-    parser.add_argument("--processes", type=int, default=1, help="worker processes")
-    parser.add_argument("--batch-size", type=int, default=512, help="users per model call")
-    parser.set_defaults(handler=_embed_users)
+    # the loader's own command (umask/__main__.py), so teams with only umask/ installed run the same
+    from umask.__main__ import add_embed_users
 
-
-def _embed_users(args) -> int:
-    for name in ("processes", "batch_size"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    from tqdm import tqdm
-
-    from umask.user_embeddings import embed_users_file
-
-    with tqdm(unit=" users", desc="embedding", disable=not sys.stderr.isatty()) as bar:
-        done = embed_users_file(args.bundle, args.events, args.out, args.processes, args.batch_size,
-                                progress=bar.update)
-    print(f"wrote {args.out}: {done['users']} users, {done['recomputed']} computed and {done['kept']} kept "
-          f"as they were, {done['buckets']} buckets, {done['seconds']:.1f} s")
-    return 0
+    add_embed_users(commands)
 
 
 # --- the program ------------------------------------------------------------------------------

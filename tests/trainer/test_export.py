@@ -337,3 +337,12 @@ def test_the_loader_alone_in_a_fresh_virtualenv_matches_the_training_model(loade
 
     rows_app = torch.from_numpy(table_rows(np.array([11, 12]), 4096))
     assert torch.equal(torch.tensor(got["app"]), inference.tables.embedding_bags["app"].weight[rows_app])
+    # the loader's command, for files of millions of users
+    command = [str(loader_venv / "bin" / "python"), "-m", "umask", "embed-users", "--bundle", str(bundle),
+               "--events", str(events), "--out", str(tmp_path / "users.parquet"), "--processes", "2"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "12 users, 12 computed and 0 kept" in done.stdout
+    vectors = np.stack(pq.read_table(tmp_path / "users.parquet").sort_by("user_id")["vector"].to_numpy(
+        zero_copy_only=False))
+    torch.testing.assert_close(torch.from_numpy(vectors), z, **TOLERANCE)
