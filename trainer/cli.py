@@ -56,6 +56,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. train.steps=20 (`u-mask config` lists every key)")
 
 
+def add_verbose_argument(parser: argparse.ArgumentParser,
+                         text: str = "show the libraries' own log lines too (also: U_MASK_VERBOSE=1)") -> None:
+    parser.add_argument("--verbose", action="store_true", default=None, help=text)
+
+
 def config_from_args(args):
     from trainer.config import load_config
 
@@ -101,10 +106,12 @@ def _add_synth(commands) -> None:
 
 
 def _synth(args) -> int:
+    from trainer.console import Progress
     from trainer.data.synth import synthesize
 
-    summary = synthesize(args.out, users=args.users,
-                         **_given(args, "days", "seed", "apps", "locations", "start", "workers"))
+    with Progress("synth", "users") as progress:
+        summary = synthesize(args.out, users=args.users, on_progress=progress.update,
+                             **_given(args, "days", "seed", "apps", "locations", "start", "workers"))
     print(summary.line(Path(args.out)))
     return 0
 
@@ -123,9 +130,12 @@ def _add_import_tsinghua(commands) -> None:
 
 
 def _import_tsinghua(args) -> int:
+    from trainer.console import Progress
     from trainer.data.tsinghua import import_tsinghua
 
-    summary = import_tsinghua(args.src, args.out, **_given(args, "utc_offset_hours", "rows_per_file"))
+    with Progress("import", "bytes") as progress:
+        summary = import_tsinghua(args.src, args.out, on_progress=progress.update,
+                                  **_given(args, "utc_offset_hours", "rows_per_file"))
     for line in summary.lines():
         print(line)
     print(f"wrote {args.out}")
@@ -139,10 +149,12 @@ def _add_featurize(commands) -> None:
 
 
 def _featurize(args) -> int:
+    from trainer.console import Progress
     from trainer.data.featurize import featurize
 
     cfg = config_from_args(args)
-    manifest = featurize(cfg)
+    with Progress("featurize", "buckets") as progress:
+        manifest = featurize(cfg, on_progress=progress.update)
     examples, users, events = manifest["examples"], manifest["users"], manifest["events"]
     print(f"featurized {events['featurized']} events ({events['duplicates_dropped']} duplicates "
           f"dropped, {manifest['quarantine']['rows_quarantined']} rows quarantined) into "
@@ -196,9 +208,8 @@ def _add_train(commands) -> None:
                     "metrics.csv, TensorBoard event files, loss.png, checkpoint_*/ and logs/rank-<r>.log "
                     "(the workers' and libraries' output).")
     add_config_arguments(parser)
-    parser.add_argument("--verbose", action="store_true", default=None,
-                        help="show the workers' and libraries' logs here instead of in "
-                             "logs/rank-<r>.log (also: U_MASK_VERBOSE=1)")
+    add_verbose_argument(parser, "show the workers' and libraries' logs here instead of in "
+                                 "logs/rank-<r>.log (also: U_MASK_VERBOSE=1)")
     parser.set_defaults(handler=_train)
 
 
@@ -226,23 +237,23 @@ def _train(args) -> int:
     checkpoint = latest_checkpoint(run_dir)
     last = rows[-1] if rows else {}
     print(f"done in {time.perf_counter() - started:.0f} s: step {last.get('step', '?')}/{cfg.train.steps}, "
-          f"loss {float(last['loss']):.4f}" if last.get("loss") else "done: no step was logged")
+          f"loss {float(last['loss']):.4f}" if last.get("loss") else "done: no step was logged", end="")
     if checkpoint is None:
-        print(f"no checkpoint in {_shown(run_dir)}")
+        print(f"; no checkpoint in {_shown(run_dir)} yet")
         return 0
-    for line in next_commands(args, cfg, run_dir, checkpoint[0], plot):
+    print(f"; checkpoint {_shown(checkpoint[0])}")
+    for line in next_commands(args, cfg, run_dir, plot):
         print(line)
     return 0
 
 
-def next_commands(args, cfg, run_dir: Path, checkpoint: Path, plot: Path | None) -> list[str]:
+def next_commands(args, cfg, run_dir: Path, plot: Path | None) -> list[str]:
     """The closing lines of `u-mask train`: where things are and the exact next commands."""
     run = shlex.quote(_shown(run_dir))
     events = shlex.quote(_shown(cfg.data.source))
     again = ["u-mask", "train", *(part for c in args.config for part in ("--config", c)),
              *(o for o in args.overrides if not o.startswith("train.steps=")), f"train.steps={2 * cfg.train.steps}"]
-    lines = [f"checkpoint: {_shown(checkpoint)}",
-             f"metrics: {_shown(run_dir / 'metrics.csv')}" + (f", loss curve {_shown(plot)}" if plot else "")
+    lines = [f"metrics: {_shown(run_dir / 'metrics.csv')}" + (f", loss curve {_shown(plot)}" if plot else "")
              + ", TensorBoard: tensorboard --logdir " + shlex.quote(_shown(run_dir.parent)),
              "next:",
              f"  u-mask eval --checkpoint {run} --split test --out {shlex.quote(_shown(run_dir / 'eval-test'))}",
@@ -250,7 +261,13 @@ def next_commands(args, cfg, run_dir: Path, checkpoint: Path, plot: Path | None)
              f"--out {shlex.quote(_shown(run_dir / 'completed'))}",
              f"  {shlex.join(again)}"
              "   # resumes this run and trains on"]
+    if "export" in _command_names():
+        lines.insert(-1, f"  u-mask export --checkpoint {run} --out {shlex.quote(_shown(run_dir / 'bundle'))}")
     return lines
+
+
+def _command_names() -> set[str]:
+    return {name for add in COMMANDS for name in [add.__name__.removeprefix("_add_").replace("_", "-")]}
 
 
 def _add_model_info(commands) -> None:
@@ -274,12 +291,21 @@ def _model_info(args) -> int:
 # --- u-mask eval | complete  (a trained model: trainer/inference/evaluate.py, trainer/inference/complete.py) ------
 
 def _add_eval(commands) -> None:
-    parser = commands.add_parser("eval", help="evaluate a checkpoint against the baselines (JSON + PNG)")
+    parser = commands.add_parser(
+        "eval", help="evaluate a checkpoint against the baselines (JSON + PNG)", formatter_class=HelpFormatter,
+        description="Score a checkpoint on held-out users (--split test) or cold-start users (--split "
+                    "cold) against U-MASK with uniform masks, global popularity, the user's own "
+                    "hour-of-week frequency and the last observed value, per task (short, long, cold) "
+                    "and sparsity bucket, all from the same evidence (docs/evaluation.md).\n\n"
+                    "Prints category MRR per task and method and a verdict per task; writes "
+                    "report.json (every metric, bucket, interval and finding), report.md and one PNG "
+                    "per task into --out, and the scores to TensorBoard in the run folder.")
     parser.add_argument("--checkpoint", required=True,
                         help="a checkpoint folder, or a run folder (its latest checkpoint)")
     parser.add_argument("--data", help="featurize output to evaluate (default: the checkpoint "
                                        "config's data.features)")
-    parser.add_argument("--split", default="test", choices=("test", "cold", "val"))
+    parser.add_argument("--split", default="test", choices=("test", "cold", "val"),
+                        help="which users: held out (test, val) or held out as cold-start (cold)")
     parser.add_argument("--out", required=True, help="folder for report.json, report.md and PNGs")
     parser.add_argument("--samples", type=int, default=1, help="sampler seeds to average over")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: model.diffusion.sample_steps)")
@@ -287,10 +313,11 @@ def _add_eval(commands) -> None:
                         help="a run trained with model.mask.family=uniform: it completes the "
                              "umask_uniform_mask row (default: the same weights as --checkpoint)")
     parser.add_argument("--batches", type=int, help="evaluate at most this many batches")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per batch")
     parser.add_argument("--seed", type=int, default=0, help="seeds the masks and the sampler")
     parser.add_argument("--popularity-batches", type=int, default=50,
                         help="training batches the global popularity baseline averages")
+    add_verbose_argument(parser)
     parser.set_defaults(handler=_eval)
 
 
@@ -299,19 +326,21 @@ def _eval(args) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    from trainer.inference.evaluate import EvalSettings, evaluate_checkpoint, markdown_table
+    from trainer.console import Progress
+    from trainer.inference.evaluate import EvalSettings, evaluate_checkpoint, headline
 
     settings = EvalSettings(split=args.split, samples=args.samples, steps=args.steps,
                             batches=args.batches, batch_size=args.batch_size, seed=args.seed,
                             popularity_batches=args.popularity_batches)
-    report = evaluate_checkpoint(
-        args.checkpoint, args.out, settings, args.data, args.uniform_checkpoint,
-        lambda done, total: print(f"evaluated batch {done}/{total}", file=sys.stderr, flush=True))
+    with Progress("eval", "batches") as progress:
+        report = evaluate_checkpoint(args.checkpoint, args.out, settings, args.data, args.uniform_checkpoint,
+                                     progress.update)
     out = Path(args.out)
-    print(markdown_table(report))
-    print("\n".join(report["findings"]))
-    print(f"wrote {out / 'report.json'}, report.md and {len(report['tasks'])} plots "
-          f"({report['examples']} examples of {report['users']} users, checkpoint step {report['step']})")
+    print("\n".join(headline(report)))
+    print(f"wrote {_shown(out / 'report.json')} ({report['examples']} examples of {report['users']} users, "
+          f"checkpoint step {report['step']}), report.md (every metric, bucket and interval) and plots "
+          + ", ".join(_shown(out / f"{task}.png") for task in report["tasks"])
+          + f"; TensorBoard: {_shown(report['tensorboard'])}")
     return 0
 
 
@@ -326,6 +355,7 @@ def _add_complete(commands) -> None:
     parser.add_argument("--cut", type=int, help="first target slot for every user (default: per task)")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: model.diffusion.sample_steps)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the evidence mask and the sampler")
+    add_verbose_argument(parser)
     parser.set_defaults(handler=_complete)
 
 
@@ -443,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from trainer.training.worker_logs import quiet_library_warnings, verbose_from_env
+
+    if not (getattr(args, "verbose", None) or verbose_from_env()):
+        quiet_library_warnings()
     try:
         return args.handler(args) or 0
     except UserError as err:

@@ -25,7 +25,7 @@ def is_terminal(stream: TextIO) -> bool:
 class Progress:
     """Progress of `label`, in `unit`s: `update(done, total)` as work completes; use as a context."""
 
-    def __init__(self, label: str, unit: str, stream: TextIO | None = None, every_s: float = 10.0):
+    def __init__(self, label: str, unit: str, stream: TextIO | None = None, every_s: float = 30.0):
         self.label, self.unit = label, unit
         self.stream = stream or sys.stderr
         self.every_s = every_s

@@ -312,9 +312,21 @@ def test_eval_command_writes_report_and_plots(built_checkpoint, tmp_path, capsys
     assert set(report["tasks"]["short"]) == {MODEL, UNIFORM, *BASELINES}
     for task in TASKS:
         assert (out / f"{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    printed = capsys.readouterr().out
-    assert "| short |" in printed and "adaptive masks" in printed
+    printed = capsys.readouterr().out.splitlines()
+    # a few lines: category MRR per task and method, the verdicts, then where the rest went
+    assert printed[0].startswith("| category_mrr (test) | umask |") and len(printed) <= 10
+    assert [line.split(" | ")[0] for line in printed[2:5]] == ["| short", "| long", "| cold"]
+    assert any(line.startswith("adaptive minus uniform masks: short ") for line in printed)
+    assert printed[-1].startswith(f"wrote {out / 'report.json'} (8 examples")
     assert (out / "report.md").read_text().startswith("| task |")
+    # the run folder holds no config.yaml here (the checkpoint was built, not trained): the
+    # scores went to TensorBoard in --out
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert report["tensorboard"] == str(out)
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval_test/cold/hour_of_week/category_mrr")] == [7]
 
 
 def test_eval_command_rejects_bad_arguments(built_checkpoint, tmp_path, capsys):

@@ -22,6 +22,7 @@ data.row_group_size examples), `<features>/spec/` and `<features>/manifest.json`
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -133,7 +134,8 @@ def _bag_lists(values: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
 
 def featurize_events(batches: Iterable[pa.RecordBatch], spec: FeatureSpec, maps: FeatureMaps,
                      cfg: DataConfig, out: str | Path,
-                     input_report: Callable[[], dict] | None = None) -> dict:
+                     input_report: Callable[[], dict] | None = None,
+                     on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Events (NORMALIZED_EVENTS batches) -> examples, the spec folder and the manifest in `out`.
 
     The spec (build_feature_spec for new data, a checkpoint's for data to complete) decides
@@ -143,7 +145,8 @@ def featurize_events(batches: Iterable[pa.RecordBatch], spec: FeatureSpec, maps:
     `out` should be new or emptied by `prepare_output` (the CLI does so before the reader
     writes its quarantine files there).
     `input_report`, called once the batches are consumed, gives the reader's counts and
-    quarantine files for the manifest. Returns the manifest.
+    quarantine files for the manifest. on_progress(buckets done, buckets) after each bucket of
+    phase 2. Returns the manifest.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,13 +155,19 @@ def featurize_events(batches: Iterable[pa.RecordBatch], spec: FeatureSpec, maps:
     jobs = [(str(path), bucket, spec, maps, cfg.row_group_size, str(out))
             for bucket, path in bucket_files.items()]
     workers = min(cfg.featurize_workers, len(jobs))
-    if workers <= 1:
-        reports = [featurize_bucket(*job) for job in jobs]
-    else:
-        # spawn, not fork: forking a process that runs Arrow's thread pools can deadlock
-        with concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            reports = list(pool.map(featurize_bucket, *zip(*jobs)))
+    reports = []
+    with contextlib.ExitStack() as stack:
+        if workers <= 1:
+            done = (featurize_bucket(*job) for job in jobs)
+        else:
+            # spawn, not fork: forking a process that runs Arrow's thread pools can deadlock
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn")))
+            done = pool.map(featurize_bucket, *zip(*jobs))
+        for report in done:
+            reports.append(report)
+            if on_progress is not None:
+                on_progress(len(reports), len(jobs))
     spec = save_spec(out / SPEC_DIR, spec, maps)
     manifest = _manifest(reports, rows, spec, cfg, input_report() if input_report else None)
     tmp = out / (MANIFEST + ".tmp")
@@ -222,9 +231,10 @@ def _manifest(reports: list[dict], rows: int, spec: FeatureSpec, cfg: DataConfig
 
 # --- a whole run: what `u-mask data featurize` does ------------------------------------
 
-def featurize(cfg: RunConfig) -> dict:
+def featurize(cfg: RunConfig, on_progress: Callable[[int, int], None] | None = None) -> dict:
     """What `u-mask data featurize` does: data.source -> examples, manifest and the resolved
-    config in data.features, invalid rows handled by data.invalid_rows. Returns the manifest."""
+    config in data.features, invalid rows handled by data.invalid_rows. on_progress(buckets
+    done, buckets) as the buckets are featurized. Returns the manifest."""
     data, out = cfg.data, Path(cfg.data.features)
     check_limits(data)
     dataset = open_dataset(data.source)
@@ -233,6 +243,6 @@ def featurize(cfg: RunConfig) -> dict:
                          out / "quarantine" if data.invalid_rows == "quarantine" else None,
                          plausible=data.plausible_range())
     spec, maps = build_feature_spec(read_apps(dataset, data.num_categories), read_locations(dataset), data)
-    manifest = featurize_events(reader.batches(), spec, maps, data, out, reader.report.as_dict)
+    manifest = featurize_events(reader.batches(), spec, maps, data, out, reader.report.as_dict, on_progress)
     save_config(cfg, out / "config.yaml")
     return manifest

@@ -50,10 +50,12 @@ class SynthSummary:
 
 def synthesize(out: str | Path, users: int, days: int = 28, seed: int = 0, apps: int = 2000,
                locations: int = 500, start: str | datetime = DEFAULT_START,
-               workers: int = 1, chunk_users: int = CHUNK_USERS) -> SynthSummary:
+               workers: int = 1, chunk_users: int = CHUNK_USERS,
+               on_progress: Callable[[int, int], None] | None = None) -> SynthSummary:
     """Writes the dataset to `out`; the same arguments give the same Parquet content.
 
     chunk_users is part of the dataset's definition (it fixes the RNG streams); workers is not.
+    on_progress(users written, users) after each chunk of chunk_users users.
     """
     began = time.perf_counter()
     _check_sizes(users=users, days=days, apps=apps, locations=locations, seed=seed,
@@ -70,9 +72,11 @@ def synthesize(out: str | Path, users: int, days: int = 28, seed: int = 0, apps:
     profiles_path = out / "profiles.parquet"
     events = 0
     with _chunk_map(workers) as run, _atomic_writer(profiles_path, _profiles_schema()) as profiles:
-        for count, profile_rows in run(_write_chunk, tasks):
+        for done, (count, profile_rows) in enumerate(run(_write_chunk, tasks), 1):
             events += count
             profiles.write_table(profile_rows)
+            if on_progress is not None:
+                on_progress(min(done * chunk_users, users), users)
     return SynthSummary(users, events, len(chunks) + len(TABLES), time.perf_counter() - began)
 
 

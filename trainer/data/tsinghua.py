@@ -29,7 +29,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -81,8 +81,11 @@ class ImportSummary:
 
 
 def import_tsinghua(src: Path, out: Path, utc_offset_hours: int = CHINA_UTC_OFFSET_HOURS,
-                    rows_per_file: int = 5_000_000) -> ImportSummary:
-    """Convert the text files in `src` into a contract dataset at `out`."""
+                    rows_per_file: int = 5_000_000,
+                    on_progress: Callable[[int, int], None] | None = None) -> ImportSummary:
+    """Convert the text files in `src` into a contract dataset at `out`.
+
+    on_progress(bytes of the trace read, its size in bytes) after each block of lines."""
     src, out = Path(src), Path(out)
     if rows_per_file <= 0:
         raise UserError(f"--rows-per-file must be positive, not {rows_per_file}")
@@ -99,7 +102,7 @@ def import_tsinghua(src: Path, out: Path, utc_offset_hours: int = CHINA_UTC_OFFS
     staging.mkdir(parents=True)
     try:
         events, files = _write_events(trace, staging / "events", utc_offset_hours * 3600,
-                                      rows_per_file)
+                                      rows_per_file, on_progress)
         apps = _write_apps(_find(src, APP_CATEGORIES), staging / "apps.parquet")
         locations = _write_locations(_find(src, BASE_POI), staging / "locations.parquet")
         # the output must pass the contract it is written for
@@ -189,12 +192,16 @@ def _reject(path: Path, numbers: pa.Array, values: pa.Array, bad: pa.Array, fiel
         raise UserError(f"{path}, line {numbers[at]}: {field} {values[at].as_py()!r} is not {meaning}")
 
 
-def _write_events(trace: Path, folder: Path, utc_offset_seconds: int,
-                  rows_per_file: int) -> tuple[int, int]:
+def _write_events(trace: Path, folder: Path, utc_offset_seconds: int, rows_per_file: int,
+                  on_progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
     folder.mkdir()
     writer, in_file, files, total = None, 0, 0, 0
+    size, read = trace.stat().st_size, 0
     try:
         for first, lines in _lines(trace):
+            if on_progress is not None:  # the block's bytes: its lines and their line ends
+                read += (pc.sum(pc.binary_length(lines)).as_py() or 0) + len(lines)
+                on_progress(min(read, size), size)
             numbers, (user, time, station, app, traffic) = _fields(
                 trace, first, lines, len(TRACE_FIELDS), " ".join(TRACE_FIELDS))
             for name, values in (("user_id", user), ("base_station_id", station),

@@ -27,7 +27,9 @@ intervals (report.json): per task and per bucket, umask minus each other method 
 MRR over the same scored slots, with a 95% bootstrap interval that resamples users.
 
 Output in --out: report.json (every number), report.md (the table of the headline metrics)
-and one PNG per task (grouped bars: buckets x methods, one panel per metric).
+and one PNG per task (grouped bars: buckets x methods, one panel per metric). The scores over
+the whole split also go to TensorBoard, at the checkpoint's step, in the run folder the
+checkpoint belongs to (else in --out): eval_<split>/<task>/<method>/<metric>.
 """
 from __future__ import annotations
 
@@ -415,6 +417,49 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def headline(report: dict) -> list[str]:
+    """The few lines `u-mask eval` prints: the headline metric over the whole split per task and
+    method as a Markdown table, then one verdict per task (report.md and report.json have the
+    rest: every metric, bucket, interval and finding)."""
+    methods = METHODS
+    lines = [f"| {HEADLINE} ({report['settings']['split']}) | "
+             + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for task, scores in report["tasks"].items():
+        values = {m: scores[m]["all"][HEADLINE] for m in methods}
+        best = max((v for v in values.values() if not math.isnan(v)), default=math.nan)
+        lines.append(f"| {task} | " + " | ".join(
+            (f"**{v:.3f}**" if v == best else f"{v:.3f}") for v in values.values()) + " |")
+    verdicts = []
+    for task, scores in report["tasks"].items():
+        model = scores[MODEL]["all"][HEADLINE]
+        lost = [b for b in BASELINES if not better(HEADLINE, model, scores[b]["all"][HEADLINE])]
+        verdicts.append((task, f"does NOT beat {', '.join(lost)}" if lost else ""))
+    if not any(verdict for _, verdict in verdicts):
+        lines.append(f"{MODEL} beats every baseline on every task")
+    else:
+        lines += [f"{task}: {MODEL} {verdict or 'beats every baseline'}" for task, verdict in verdicts]
+    lines.append("adaptive minus uniform masks: " + ", ".join(
+        f"{task} {scores[MODEL]['all'][HEADLINE] - scores[UNIFORM]['all'][HEADLINE]:+.4f}"
+        for task, scores in report["tasks"].items()))
+    return lines
+
+
+def write_tensorboard(report: dict, folder: Path) -> Path:
+    """The scores over the whole split as TensorBoard scalars at the checkpoint's step:
+    eval_<split>/<task>/<method>/<metric> for the plotted metrics. Returns the folder."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    split = report["settings"]["split"]
+    with SummaryWriter(log_dir=str(folder)) as writer:
+        for task, methods in report["tasks"].items():
+            for method, buckets in methods.items():
+                for metric in PLOTTED:
+                    value = buckets["all"][metric]
+                    if not math.isnan(value):
+                        writer.add_scalar(f"eval_{split}/{task}/{method}/{metric}", value, report["step"])
+    return folder
+
+
 def plot_task(task: str, methods: dict, path: Path) -> None:
     """Grouped bars per bucket (x) and method (colour), one panel per plotted metric."""
     import matplotlib
@@ -472,7 +517,8 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, settings: EvalS
     """What `u-mask eval` does: evaluates the checkpoint (a checkpoint or run folder) on
     `settings.split` of `data` (default: the checkpoint config's data.features), with the
     uniform-mask run's model for the ablation row when given, and writes report.json, report.md
-    and the plots into `out`. Returns the report."""
+    and the plots into `out`, and the scores to TensorBoard (report["tensorboard"]: the run
+    folder of the checkpoint, else `out`). Returns the report."""
     inference = load_inference_model(checkpoint)
     if settings.steps is not None and settings.steps > inference.cfg.model.diffusion.train_steps:
         raise UserError(f"--steps {settings.steps}: at most model.diffusion.train_steps="
@@ -480,5 +526,8 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, settings: EvalS
     uniform = None if uniform_checkpoint is None else load_inference_model(uniform_checkpoint)
     features = Path(data or inference.cfg.data.features)
     report = evaluate(inference, features, settings, on_batch, uniform)
+    run_dir = inference.checkpoint.parent
+    report["tensorboard"] = str(run_dir if (run_dir / "config.yaml").is_file() else Path(out))
     write_report(report, Path(out))
+    write_tensorboard(report, Path(report["tensorboard"]))
     return report

@@ -45,12 +45,29 @@ done about it (fixed where it is ours, kept out of the terminal where it is not)
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 
 VERBOSE_ENV = "U_MASK_VERBOSE"  # 1: show the libraries' logs (the same as --verbose)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_library_warnings() -> None:
+    """Drops, in this process, the library warnings listed above that are not ours and say
+    nothing to the user (eval and complete run TorchRec in the command's own process)."""
+    logging.getLogger("torch.fx._symbolic_trace").addFilter(
+        _DropMessage("is_fx_tracing will return true for both"))
 
 
 def verbose_from_env() -> bool:
