@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO := data/demo
 QUALITY := data/quality
-U_MASK := $(PY) -m trainer
+U_MASK := $(VENV)/bin/u-mask
 
 .PHONY: setup demo quality test bench clean-demo clean-quality
 
@@ -12,12 +12,15 @@ setup: $(VENV)/.umask-installed
 $(VENV)/.umask-installed: pyproject.toml cluster/install.sh
 	bash cluster/install.sh $(VENV)
 
-# synthetic data -> features -> a 2-worker training on an embedded Ray; starts afresh each time
+# synthetic data -> features -> a 2-worker training on an embedded Ray -> an eval of its
+# checkpoint on the held-out users; starts afresh each time. tests/test_demo.py runs the same
+# steps and checks what they print (docs/after-the-demo.md says what comes next)
 demo: setup clean-demo
 	$(U_MASK) data synth --out $(DEMO)/raw --users 2000 --days 28 --seed 0
 	$(U_MASK) data featurize --config configs/tiny.yaml
 	$(U_MASK) data summary --config configs/tiny.yaml
 	$(U_MASK) train --config configs/tiny.yaml ray.name=demo
+	$(U_MASK) eval --checkpoint runs/demo --split test --out runs/demo/eval-test
 
 # The evaluation table of README and docs/evaluation.md: U-MASK trained with adaptive masks,
 # its ablation trained with uniform masks, both scored against the baselines on held-out and
@@ -38,7 +41,7 @@ bench: setup
 	$(PY) -m bench
 
 clean-demo:
-	rm -rf $(DEMO) runs/demo
+	@rm -rf $(DEMO) runs/demo
 
 clean-quality:
 	rm -rf $(QUALITY) runs/quality-adaptive runs/quality-uniform

@@ -52,7 +52,8 @@ def build_region_table(locations: pa.Table | None, num_regions: int) -> RegionTa
         source = "region_id"
     else:
         regions, centroids = _clustered_regions(locations, num_regions)
-        source = "kmeans"
+        # no coordinates at all (the Tsinghua data): nothing was fitted, say so
+        source = "kmeans" if len(centroids) else "none"
     return RegionTable(loc_ids[order], regions[order], num_regions, source, centroids)
 
 

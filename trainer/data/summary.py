@@ -81,8 +81,8 @@ def format_summary(summary: dict) -> str:
     """The summary as a few readable lines."""
     share = summary["observed_slot_share"]
     lines = [f"features: {summary['features']} ({summary['slots']} slots of {summary['slot_seconds']} s)"]
-    lines += [f"  {s:5s}: {summary['users'][s]:>9} users {summary['examples'][s]:>10} examples"
-              for s in SPLITS]
+    lines.append("users (examples) per split: " + ", ".join(
+        f"{s} {summary['users'][s]} ({summary['examples'][s]})" for s in SPLITS))
     events = summary["events"]
     lines.append(f"events: {events['featurized']} featurized, {events['duplicates_dropped']} duplicates "
                  f"dropped, {summary['quarantined_rows']} rows quarantined")
@@ -94,6 +94,12 @@ def format_summary(summary: dict) -> str:
     top = ", ".join(f"{c['category']} {c['share']:.1%}" for c in summary["top_categories"])
     lines.append(f"top categories by {summary['category_value']}: {top}")
     regions = summary["regions"]
-    lines.append(f"regions ({regions['source']}): {regions['regions_used']} used over "
-                 f"{regions['located_slots']} located slots, unknown {regions['unknown_share']:.1%}")
+    if regions["source"] == "none":
+        lines.append("regions: none, because locations.parquet gives neither region_id nor coordinates: "
+                     "the region channels carry no geography (listed places count as unknown, "
+                     f"{regions['unknown_share']:.1%} of {regions['located_slots']} located slots; others "
+                     "are hashed), while loc_id embeddings still tell places apart")
+    else:
+        lines.append(f"regions ({regions['source']}): {regions['regions_used']} used over "
+                     f"{regions['located_slots']} located slots, unknown {regions['unknown_share']:.1%}")
     return "\n".join(lines)
