@@ -1,97 +1,54 @@
-"""`ray start --head` on loopback + `ray job submit` of a short training job, as the README shows.
+"""`ray job submit` of `u-mask train` to a real two-node Ray cluster on loopback, as the README shows.
 
-The head runs as `ray start --block` in its own process group, which the fixture ends (TERM,
-then KILL) also when the test fails; never `ray stop`, which would end every Ray on the machine.
+The head runs from this virtualenv (the README: start the nodes with it active). The second
+node runs from a virtualenv that has only the dependencies (conftest.deps_only_python): the
+rank placed there imports our code from the job's uploaded working_dir and from nowhere else,
+so a file missing from the upload fails the job (on the head, the editable install would
+quietly fill the gap). Each node offers 1 CPU and the job asks for 2 workers of 1 CPU, so one
+worker must run on each node; the test reads where they ran from Ray's State API.
 """
-import os
 import re
-import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_job_trains_on_two_nodes_and_checkpoints_on_shared_storage(loopback_cluster, deps_only_python,
+                                                                   tiny_dataset, tmp_path):
+    cluster = loopback_cluster
+    cluster.start_head("--num-cpus", "1")
+    cluster.add_node("--num-cpus", "1", python=deps_only_python)
 
+    # The README's old command, with the preset's relative paths: refused in seconds, by name,
+    # instead of "manifest.json: missing" or a run left in Ray's temporary session folder.
+    refused = cluster.submit("u-mask", "train", "--config", "configs/tiny.yaml", "ray.name=relative")
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0, output[-3000:]
+    assert re.search(r"u-mask: error: data\.features=data/demo/features and ray\.storage_path=runs are "
+                     r"relative, and this run joins the Ray cluster at RAY_ADDRESS=", output), output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
 
-@pytest.fixture
-def head_node():
-    """A Ray head on 127.0.0.1 with token auth; yields (dashboard address, client env)."""
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a limit
-    dashboard = _free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32), "DS_ACCELERATOR": "cpu"}
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-         "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-         "--num-cpus", "3", "--temp-dir", temp_dir, "--disable-usage-stats"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        address = f"http://127.0.0.1:{dashboard}"
-        _wait_for(address, head)
-        yield address, env
-    finally:
-        _end_group(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    nodes = cluster.alive_nodes()
+    assert len(nodes) == 2, f"expected the head and one worker node, got {nodes}\n{cluster.logs()}"
 
-
-def _wait_for(address: str, head: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.returncode}")
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return  # it answered (401 without the token): the job server is up
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"the Ray dashboard at {address} did not come up in {timeout} s")
-
-
-def _end_group(process: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def test_job_submit_trains_on_a_head_node(head_node, tiny_dataset, tmp_path):
-    address, env = head_node
-    submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
-         "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--",
-         "u-mask", "train", "--config", "configs/tiny.yaml",
-         f"data.source={tiny_dataset / 'raw'}", f"data.features={tiny_dataset / 'features'}",
-         f"ray.storage_path={tmp_path / 'runs'}", "ray.name=submitted", "train.steps=4",
-         "train.checkpoint_every=4", "train.log_every=2"],
-        env=env, capture_output=True, text=True, timeout=600)
-    output = submit.stdout + submit.stderr
-    assert submit.returncode == 0, output[-4000:]
+    storage = tmp_path / "shared" / "runs"  # "shared storage": both nodes are on this machine
+    submitted = cluster.submit(
+        "u-mask", "train", "--config", "configs/tiny.yaml", f"data.features={tiny_dataset / 'features'}",
+        f"ray.storage_path={storage}", "ray.name=two-nodes", "train.steps=4", "train.checkpoint_every=4",
+        "train.log_every=2")
+    output = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, output[-4000:] + cluster.logs()
     assert re.search(r"Job '\S+' succeeded", output), output[-4000:]
-    assert "step 4/4" in output
-    assert list((tmp_path / "runs" / "submitted").glob("checkpoint_*/manifest-rank1.json"))
+    assert "step 4/4" in output, output[-4000:]
+    run = storage / "two-nodes"
+    assert [m.name for m in sorted(run.glob("checkpoint_*/manifest-rank*.json"))] == \
+        ["manifest-rank0.json", "manifest-rank1.json"], f"no checkpoint of both ranks in {run}: {sorted(run.iterdir())}"
+
+    workers = cluster.state("actors", class_name="RayTrainWorker")
+    by_node = {}
+    for actor in workers:
+        by_node.setdefault(actor["node_id"], []).append(actor["state"])
+    print(f"RayTrainWorker actors by node: {by_node}")  # shown with pytest -s
+    assert set(by_node) == {node["node_id"] for node in nodes}, \
+        f"the 2 training workers did not run one on each node: {by_node}, nodes {[n['node_id'] for n in nodes]}"

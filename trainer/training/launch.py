@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from trainer.config import RunConfig, save_config
+from trainer.training.cluster import check_cluster, cluster_address, join_cluster
 from umask.errors import UserError
 
 
@@ -43,6 +44,7 @@ def train(cfg: RunConfig, verbose: bool | None = None,
     from trainer.data.loader import check_spec_matches, read_spec
 
     check_sharding_types(cfg.embeddings, "cuda" if cfg.ray.use_gpu else "cpu")
+    check_cluster(cfg)  # on a cluster: its address answers, takes our token, and the paths are shared
     # Workers do not share the driver's working directory: give them absolute paths.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, source=str(Path(cfg.data.source).resolve()),
@@ -124,9 +126,9 @@ def _start_ray(cfg: RunConfig, verbose: bool) -> None:
 
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=verbose, logging_level=_driver_log_level(verbose))
+    joined = cluster_address(cfg.ray.address)
+    if joined:
+        join_cluster(*joined, log_to_driver=verbose, logging_level=_driver_log_level(verbose))
         return
     # Embedded: the workers get exactly the CPUs they ask for, plus one for Ray Train's controller.
     start_embedded_ray(int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1, verbose)
