@@ -8,7 +8,7 @@
 
 It needs torch, safetensors, numpy and pyarrow only (`pip install ./umask`), reads safetensors,
 Parquet and JSON, and opens the torch.export program only after checking that it holds no
-pickle. Events are contract events (../shared/data-contract.md), read by the same contract
+pickle. Events are contract events (docs/data-contract.md), read by the same contract
 reader and turned into windows by the same code as training data (umask/contract.py,
 umask/slots.py), under the bundle's feature spec.
 """

@@ -1,6 +1,6 @@
 """The contract reader: opens a dataset in the data contract and yields it normalized.
 
-The contract (../shared/data-contract.md) admits many physical layouts: ids of any integer
+The contract (docs/data-contract.md) admits many physical layouts: ids of any integer
 width, timestamps in any unit or time zone, events as strings or dictionaries, a single
 Parquet file or a hive-partitioned directory. This module checks a dataset against it and
 turns every valid events row into NORMALIZED_EVENTS, streaming record batches (memory is

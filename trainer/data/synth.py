@@ -1,6 +1,6 @@
 """`u-mask data synth`: writes a realistic synthetic dataset in the data contract.
 
-Output (../shared/data-contract.md): `events/part-NNNNN.parquet` (one file per chunk of users),
+Output (docs/data-contract.md): `events/part-NNNNN.parquet` (one file per chunk of users),
 `apps.parquet`, `locations.parquet` (lat/lon without region_id, so the pipeline's clustering
 runs) and `profiles.parquet`. Users are generated in chunks of CHUNK_USERS; chunk i draws from
 its own RNG stream seeded by (seed, i), so chunks are independent (they run in parallel with
