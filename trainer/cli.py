@@ -41,8 +41,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text
-                and action.option_strings):
+        shown = not (action.default is None or action.default is False or action.default == []
+                     or action.default == argparse.SUPPRESS)  # 0 is shown: `in (False, ...)` would hide it
+        if shown and "%(default)" not in text and action.option_strings:
             text += " (default: %(default)s)"
         return text
 
@@ -95,13 +96,14 @@ def _add_synth(commands) -> None:
     parser.add_argument("--out", required=True,
                         help="output directory: new, empty or an earlier synth output")
     parser.add_argument("--users", type=int, required=True, help="number of users")
-    parser.add_argument("--days", type=int, help="length of the window in days")
-    parser.add_argument("--seed", type=int, help="same seed, same Parquet content")
-    parser.add_argument("--apps", type=int, help="apps in the catalog")
-    parser.add_argument("--locations", type=int, help="places (cells) in the city")
-    parser.add_argument("--start",
+    # the defaults are synthesize()'s (tests/test_cli.py checks that they agree)
+    parser.add_argument("--days", type=int, default=28, help="length of the window in days")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same Parquet content")
+    parser.add_argument("--apps", type=int, default=2000, help="apps in the catalog")
+    parser.add_argument("--locations", type=int, default=500, help="places (cells) in the city")
+    parser.add_argument("--start", default="2026-11-02",
                         help="first hour of the window, UTC (YYYY-MM-DD or YYYY-MM-DDTHH:00)")
-    parser.add_argument("--workers", type=int, help="processes generating chunks")
+    parser.add_argument("--workers", type=int, default=1, help="processes generating chunks")
     parser.set_defaults(handler=_synth)
 
 
@@ -118,14 +120,20 @@ def _synth(args) -> int:
 
 def _add_import_tsinghua(commands) -> None:
     parser = commands.add_parser(
-        "import-tsinghua", help="convert the Tsinghua App Usage text files into a contract dataset")
+        "import-tsinghua", help="convert the Tsinghua App Usage text files into a contract dataset",
+        description="Convert the public Tsinghua App Usage dataset (text files) into a contract "
+                    "dataset (docs/data-contract.md shows both, with samples): events/ with times "
+                    "converted to UTC, apps.parquet with the categories numbered from 0 (it prints "
+                    "the data.num_categories to set), locations.parquet with the POI counts and no "
+                    "coordinates, so featurize makes no regions.")
     parser.add_argument("--src", required=True, type=Path,
                         help="folder holding App_usage_trace.txt (and App2Category.txt, base_poi.txt)")
     parser.add_argument("--out", required=True, type=Path,
                         help="new dataset folder (must not exist or be empty)")
-    parser.add_argument("--utc-offset-hours", type=int,
-                        help="time zone of the trace's local times (default 8, China)")
-    parser.add_argument("--rows-per-file", type=int, help="events per output Parquet file")
+    # the defaults are import_tsinghua()'s (tests/test_cli.py checks that they agree)
+    parser.add_argument("--utc-offset-hours", type=int, default=8,
+                        help="time zone of the trace's local times (8: China)")
+    parser.add_argument("--rows-per-file", type=int, default=5_000_000, help="events per output Parquet file")
     parser.set_defaults(handler=_import_tsinghua)
 
 
@@ -143,7 +151,11 @@ def _import_tsinghua(args) -> int:
 
 
 def _add_featurize(commands) -> None:
-    parser = commands.add_parser("featurize", help="turn contract events into training examples")
+    parser = commands.add_parser(
+        "featurize", help="turn contract events into training examples",
+        description="Turn the contract dataset data.source into per-user examples in data.features: "
+                    "the examples by split and shard, manifest.json, the feature spec (spec/) and the "
+                    "resolved config. Invalid rows follow data.invalid_rows (quarantine or strict).")
     add_config_arguments(parser)
     parser.set_defaults(handler=_featurize)
 
@@ -164,7 +176,11 @@ def _featurize(args) -> int:
 
 
 def _add_summary(commands) -> None:
-    parser = commands.add_parser("summary", help="summarize featurized data (also as summary.json)")
+    parser = commands.add_parser(
+        "summary", help="summarize featurized data (also as summary.json)",
+        description="Print users and examples per split, the share of observed slots (quantiles and "
+                    "sparsity buckets), the most used categories and the regions of data.features, "
+                    "and write them to <features>/summary.json.")
     add_config_arguments(parser)
     parser.set_defaults(handler=_summary)
 
@@ -184,7 +200,11 @@ def _summary(args) -> int:
 # --- u-mask config | train | model-info  (trainer/config.py, trainer/training/launch.py) --------------
 
 def _add_config(commands) -> None:
-    parser = commands.add_parser("config", help="print the resolved config (validates it)")
+    parser = commands.add_parser(
+        "config", help="print the resolved config (validates it)",
+        description="Print the config that --config files and key=value overrides resolve to, with "
+                    "every key and its value; a wrong key, type or value is an error naming the key "
+                    "and where it was set.")
     add_config_arguments(parser)
     parser.set_defaults(handler=_config)
 
@@ -271,7 +291,10 @@ def _command_names() -> set[str]:
 
 
 def _add_model_info(commands) -> None:
-    parser = commands.add_parser("model-info", help="print parameter counts of the configured model size")
+    parser = commands.add_parser(
+        "model-info", help="print parameter counts of the configured model size",
+        description="Print the parameter counts of the model a config describes (configs/tiny.yaml, "
+                    "configs/base.yaml, configs/xl.yaml), without allocating it.")
     add_config_arguments(parser)
     parser.set_defaults(handler=_model_info)
 
@@ -345,7 +368,12 @@ def _eval(args) -> int:
 
 
 def _add_complete(commands) -> None:
-    parser = commands.add_parser("complete", help="complete users' latest week for a task with a checkpoint")
+    parser = commands.add_parser(
+        "complete", help="complete users' latest week for a task with a checkpoint",
+        description="Complete each user's latest window of a contract events file with a checkpoint "
+                    "(docs/evaluation.md, 'What u-mask complete does'): prints the target slots per "
+                    "user and writes completed.parquet, one row per user and slot, its dense channels "
+                    "named in the file's metadata.")
     parser.add_argument("--checkpoint", required=True,
                         help="a checkpoint folder, or a run folder (its latest checkpoint)")
     parser.add_argument("--events", required=True,
@@ -354,6 +382,9 @@ def _add_complete(commands) -> None:
     parser.add_argument("--out", required=True, help="folder for completed.parquet")
     parser.add_argument("--cut", type=int, help="first target slot for every user (default: per task)")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: model.diffusion.sample_steps)")
+    parser.add_argument("--evidence", choices=("sampled", "all"), default="sampled",
+                        help="what the model sees of the history before the cut: the share its "
+                             "adaptive mask samples, as in training, or every observed slot")
     parser.add_argument("--seed", type=int, default=0, help="seeds the evidence mask and the sampler")
     add_verbose_argument(parser)
     parser.set_defaults(handler=_complete)
@@ -363,9 +394,10 @@ def _complete(args) -> int:
     from trainer.inference.complete import complete_checkpoint
 
     done = complete_checkpoint(args.checkpoint, args.events, args.task, args.out, args.cut,
-                               args.steps, args.seed)
+                               args.steps, args.seed, args.evidence)
     print(done.readable)
-    print(f"wrote {done.path} ({done.users} users, checkpoint step {done.step})")
+    print(f"wrote {_shown(done.path)} ({done.users} users, checkpoint step {done.step}): one row per user "
+          "and slot; the dense channels' names are in its metadata (docs/after-the-demo.md)")
     return 0
 
 
@@ -455,8 +487,16 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every command's parser (subparsers take their parent's class): HelpFormatter by default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="u-mask", formatter_class=HelpFormatter,
         description="Train and serve U-MASK models. Quick start: make demo; every command: "
                     "u-mask COMMAND --help.")

@@ -3,16 +3,24 @@
 One definition shared by `u-mask complete` (a checkpoint, trainer/inference/complete.py) and
 the export bundle's loader (umask/bundle.py), so both hide and show the same slots.
 
-Per user, the window is completed for one task with a fixed cut:
+Per user, the latest window (the week holding the user's last record) is completed for one
+task with a fixed cut:
   short, long  the target is the task's longest window (target_max slots) right after the
-               user's last observed slot, moved back to end at the window's end if it would
-               not fit (then the hidden slots can be compared with what happened);
+               user's last record: a forecast, when it fits in the window. When the last record
+               is too close to the window's end, the target is the window's last target_max
+               slots instead: a backtest, whose observed target slots are hidden from the model
+               and can be compared with what happened (most users of an export that runs to its
+               last day are backtests);
   cold         everything after the first model.mask.cold_history slots;
-a given cut sets it for every user instead. Evidence is the model's adaptive mask over the
-observed slots before the cut (the sampler of training, umask.masking.mask_for_window, with
-this cut and target), drawn from the caller's generator.
+a given cut sets it for every user instead. Evidence: with evidence="sampled" (the default)
+the model's adaptive mask over the observed slots before the cut, the sampler of training
+(umask.masking.mask_for_window, with this cut and target) drawn from the caller's generator,
+so the model sees the share of the history it was trained to complete from; with "all",
+every observed slot before the cut.
 """
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -55,26 +63,38 @@ def task_cut(task: str, observed: Tensor, cfg: MaskConfig, cut: int | None) -> t
 
 
 def task_evidence(dense: Tensor, observed: Tensor, time_of_week: Tensor, task: str, cut: int | None,
-                  spec: FeatureSpec, cfg: MaskConfig, generator: torch.Generator) -> dict[str, Tensor]:
+                  spec: FeatureSpec, cfg: MaskConfig, generator: torch.Generator,
+                  evidence: str = "sampled") -> dict[str, Tensor]:
     """The cut [B], target [B,T] and evidence [B,T] of `task` for dense [B,T,F] float32,
-    observed [B,T] bool and time_of_week [B,T] int; a UserError for a task or cut that does
-    not exist. Draws the evidence from generator."""
+    observed [B,T] bool and time_of_week [B,T] int; a UserError for a task, cut or evidence
+    rule that does not exist. evidence "sampled" draws it from generator, "all" takes every
+    observed slot before the cut (module docstring)."""
+    if evidence not in ("sampled", "all"):
+        raise UserError(f"evidence {evidence!r}: must be 'sampled' or 'all'")
     slots = observed.shape[1]
     if task not in TASKS:
         raise UserError(f"task {task!r}: must be one of {', '.join(TASKS)}")
     if cut is not None and not 1 <= cut < slots:
         raise UserError(f"cut {cut}: must be a slot in [1, {slots - 1}]")
     start, target = task_cut(task, observed, cfg, cut)
-    tasks = torch.full((len(observed),), TASKS.index(task), dtype=torch.long)
-    evidence = mask_for_window(dense, observed, time_of_week, tasks, start, target, spec, cfg, generator).evidence
-    return {"cut": start, "target": target, "evidence": evidence}
+    if evidence == "all":
+        shown = observed & (torch.arange(slots) < start[:, None])
+    else:
+        tasks = torch.full((len(observed),), TASKS.index(task), dtype=torch.long)
+        shown = mask_for_window(dense, observed, time_of_week, tasks, start, target, spec, cfg, generator).evidence
+    return {"cut": start, "target": target, "evidence": shown}
 
 
-def completed_table(rows: ExampleRows, dense: Tensor, evidence: Tensor, target: Tensor) -> pa.Table:
-    """One COMPLETED row per (user, slot) of rows' windows, with the completed dense [B,T,F]."""
+def completed_table(rows: ExampleRows, dense: Tensor, evidence: Tensor, target: Tensor,
+                    spec: FeatureSpec | None = None) -> pa.Table:
+    """One COMPLETED row per (user, slot) of rows' windows, with the completed dense [B,T,F].
+
+    With the spec, the schema's metadata labels `dense`: b"umask.dense_channels" holds the F
+    channel names as a JSON list (DenseLayout.channel_names), b"umask.spec_digest" the spec's
+    digest, and the dense field's own metadata the same names."""
     n, slots = rows.observed.shape
     values = dense.numpy().astype(np.float32)  # [B,T,F]
-    return pa.table({
+    table = pa.table({
         "user_id": np.repeat(rows.user_id, slots),
         "window_start": np.repeat(rows.window_start, slots),
         "slot": np.tile(np.arange(slots, dtype=np.int32), n),
@@ -85,3 +105,19 @@ def completed_table(rows: ExampleRows, dense: Tensor, evidence: Tensor, target: 
         "dense": pa.FixedSizeListArray.from_arrays(values.reshape(-1), values.shape[2]).cast(
             pa.list_(pa.float32())),
     }, schema=COMPLETED)
+    if spec is None:
+        return table
+    return table.replace_schema_metadata(dense_labels(spec)).cast(labelled_schema(spec))
+
+
+def dense_labels(spec: FeatureSpec) -> dict[bytes, bytes]:
+    """completed.parquet's schema metadata: the dense channels' names and the spec's digest."""
+    return {b"umask.dense_channels": json.dumps(spec.layout.channel_names()).encode(),
+            b"umask.spec_digest": spec.digest.encode()}
+
+
+def labelled_schema(spec: FeatureSpec) -> pa.Schema:
+    """COMPLETED with the dense channels named, on the schema and on the dense field."""
+    names = json.dumps(spec.layout.channel_names()).encode()
+    fields = [f.with_metadata({b"channels": names}) if f.name == "dense" else f for f in COMPLETED]
+    return pa.schema(fields, metadata=dense_labels(spec))

@@ -135,6 +135,12 @@ class DenseLayout:
         self.volume = num_categories + num_regions + 3
         self.num_channels = num_categories + num_regions + 4
 
+    def channel_names(self) -> list[str]:
+        """The F channel names in order: category_0 .. category_{C-1}, category_unknown,
+        region_0 .. region_{K-1}, region_unknown, activity, volume."""
+        return ([f"category_{c}" for c in range(self.num_categories)] + ["category_unknown"]
+                + [f"region_{k}" for k in range(self.num_regions)] + ["region_unknown", "activity", "volume"])
+
     def as_dict(self) -> dict:
         return {"channels": self.num_channels,
                 "category": [self.category.start, self.category.stop],

@@ -2,6 +2,8 @@
 with a checkpoint built in the trainer's format (tests/trainer/conftest.py built_checkpoint)."""
 import copy
 import dataclasses
+import json
+import re
 import shutil
 
 import numpy as np
@@ -96,10 +98,20 @@ def test_complete_command_prints_and_writes_the_completed_week(built_checkpoint,
                         "--out", str(out), "--steps", "2") == 0
     printed = capsys.readouterr().out
     for user in users:
-        assert f"user {user} " in printed
+        # each user's header says what is completed (a forecast after the last record, or a
+        # backtest of the window's last slots) and what the model saw
+        assert re.search(rf"user {user}, week of \S+ \S+Z, task short: a (forecast|backtest) of slots "
+                         r"\d+-\d+", printed)
+    assert len(re.findall(r"  evidence: \d+ of the \d+ observed slots before slot \d+, sampled as in training",
+                          printed)) == 2
     assert printed.count("predicted categories") == 2
     table = pq.read_table(out / "completed.parquet")
     assert table.schema == COMPLETED
+    # the dense channels are named, from the checkpoint's feature spec
+    names = json.loads(table.schema.metadata[b"umask.dense_channels"])
+    assert names == json.loads(table.schema.field("dense").metadata[b"channels"])
+    assert len(names) == 56 and names[:2] == ["category_0", "category_1"]
+    assert names[-4:] == ["region_31", "region_unknown", "activity", "volume"]
     assert table.num_rows == 2 * 168
     per_user_targets = [int(pc.sum(pc.cast(table.filter(pc.equal(table["user_id"], u))["target"], "int64")).as_py())
                         for u in users]
@@ -167,3 +179,21 @@ def test_complete_on_ts_in_a_finer_unit_ends_in_one_clear_line(built_checkpoint,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith(f"u-mask: error: {wrong}: row 0, column 'ts': ts outside the plausible range")
+
+
+def test_forecast_or_backtest_and_all_evidence(inference, two_users):
+    """A user whose last record leaves room gets a forecast of the slots after it; one whose
+    record is at the window's end a backtest; --evidence all shows every slot before the cut."""
+    events, _ = two_users
+    rows = latest_windows(events, inference.spec, inference.maps)
+    sampled = complete_windows(inference, rows, "short", None, 1, seed=0)
+    every = complete_windows(inference, rows, "short", None, 1, seed=0, evidence="all")
+    observed = torch.from_numpy(rows.observed)
+    before = torch.arange(168) < every["cut"][:, None]
+    assert torch.equal(every["evidence"], observed & before)
+    assert (sampled["evidence"].sum(1) <= every["evidence"].sum(1)).all()
+    for b in range(len(rows)):
+        last = int(torch.nonzero(observed[b]).max())
+        forecast = last + 1 + 6 <= 168
+        assert int(sampled["cut"][b]) == (last + 1 if forecast else 162)
+        assert bool((observed[b] & sampled["target"][b]).any()) == (not forecast)

@@ -44,3 +44,12 @@ def test_nested_mask_settings_are_checked_with_their_key():
 def test_config_offers_exactly_the_kernels_attention_modes():
     # umask/config.py stays torch-free for the Ray driver, so it lists the modes itself.
     assert ATTENTION_MODES == MODES
+
+
+@pytest.mark.parametrize("size", ["tiny", "base", "xl"])
+def test_the_top_level_preset_named_after_a_size_trains_that_size(size):
+    """configs/<size>.yaml is what a user passes to pick a model size (configs/common.yaml is
+    what they all start from, not a size)."""
+    cfg = load_config([str(PRESETS.parent / f"{size}.yaml")])
+    assert cfg.model.size == size
+    assert cfg.model == load_config([str(PRESETS / f"{size}.yaml")]).model

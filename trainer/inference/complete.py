@@ -9,10 +9,13 @@ read. Apps the spec does not list fall in the unknown category, unlisted places 
 hashed region.
 
 The cut, target and evidence of each task are umask/completion.py's, which the export
-bundle's loader shares; --cut SLOT sets the cut for every user.
+bundle's loader shares: a forecast of the slots after the user's last record when they fit in
+the window, else a backtest of the window's last slots; evidence sampled as in training, or
+all the history before the cut (--evidence all); --cut SLOT sets the cut for every user.
 
-Prints a compact table of the target slots per user and writes completed.parquet: one row per
-(user, slot) of the window with the completed dense channels (umask.spec.DenseLayout).
+Prints, per user, which it is and what the model saw, then the target slots; writes
+completed.parquet: one row per (user, slot) of the window with the completed dense channels,
+named in the file's metadata (umask.completion.dense_labels).
 """
 from __future__ import annotations
 
@@ -36,30 +39,40 @@ WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
 def complete_windows(inference: InferenceModel, rows: ExampleRows, task: str, cut: int | None,
-                     steps: int | None, seed: int) -> dict[str, Tensor]:
+                     steps: int | None, seed: int, evidence: str = "sampled") -> dict[str, Tensor]:
     """Completed dense [B,T,F] with the evidence and target masks [B,T] and cuts [B] used."""
     batch = Batch.of_rows(rows)
     model = inference.model
     generator = torch.Generator().manual_seed(seed)
     masks = task_evidence(batch.dense, batch.observed, batch.time_of_week, task, cut, inference.spec,
-                          model.cfg.mask, generator)
+                          model.cfg.mask, generator, evidence)
     completed = model.complete(batch.dense, masks["evidence"], batch.time_of_week, inference.slot_sparse(batch),
                                steps=steps, generator=generator)
     return {"dense": completed, **masks}
 
 
-def readable(rows: ExampleRows, result: dict[str, Tensor], spec: FeatureSpec, task: str) -> str:
-    """Per user: a header line, then each target slot's top categories, region, activity, volume."""
+def readable(rows: ExampleRows, result: dict[str, Tensor], spec: FeatureSpec, task: str,
+             evidence_rule: str = "sampled") -> str:
+    """Per user: what is completed and from what (forecast or backtest, the target slots, the
+    evidence the model saw), then each target slot's top categories, region, activity, volume."""
     layout = spec.layout
     lines = []
     for b in range(len(rows)):
         observed, evidence = rows.observed[b], result["evidence"][b].numpy()
+        target = result["target"][b].numpy()
+        cut = int(result["cut"][b])
         start = datetime.fromtimestamp(int(rows.window_start[b]), timezone.utc)
-        lines.append(f"user {rows.user_id[b]}  week of {start:%Y-%m-%d %H:%M}Z  task {task}  cut slot "
-                     f"{int(result['cut'][b])}  evidence {int(evidence.sum())} of {int(observed.sum())} "
-                     "observed slots")
+        slots = np.flatnonzero(target)
+        hidden = int((observed & target).sum())
+        last = int(np.flatnonzero(observed).max()) if observed.any() else -1
+        what = (f"a backtest of slots {slots.min()}-{slots.max()} ({hidden} observed slots there are hidden "
+                "from the model; 'true cat' shows them)" if hidden else
+                f"a forecast of slots {slots.min()}-{slots.max()}, after the last record (slot {last})")
+        lines.append(f"user {rows.user_id[b]}, week of {start:%Y-%m-%d %H:%M}Z, task {task}: {what}")
+        lines.append(f"  evidence: {int(evidence.sum())} of the {int(observed[:cut].sum())} observed slots "
+                     f"before slot {cut}, " + ("all of them" if evidence_rule == "all" else "sampled as in training"))
         lines.append("  slot  time       seen  predicted categories (log1p count)  true cat  "
-                     "region  activity  volume")
+                     "region  activity  volume  (log1p events, bytes)")
         for t in np.flatnonzero(result["target"][b].numpy()):
             values = result["dense"][b, t]
             categories = values[layout.category]
@@ -95,17 +108,20 @@ class Completion:
 
 
 def complete_checkpoint(checkpoint: str | Path, events: str | Path, task: str, out: str | Path,
-                        cut: int | None = None, steps: int | None = None, seed: int = 0) -> Completion:
+                        cut: int | None = None, steps: int | None = None, seed: int = 0,
+                        evidence: str = "sampled") -> Completion:
     """What `u-mask complete` does: the checkpoint (a checkpoint or run folder) completes each
-    user's latest window of `events` for `task`, written to `<out>/completed.parquet`."""
+    user's latest window of `events` for `task`, written to `<out>/completed.parquet`
+    (umask.completion: forecast or backtest; evidence "sampled" or "all")."""
     inference = load_inference_model(checkpoint)
     diffusion = inference.cfg.model.diffusion
     if steps is not None and not 1 <= steps <= diffusion.train_steps:
         raise UserError(f"--steps {steps}: must be in [1, model.diffusion.train_steps="
                         f"{diffusion.train_steps}]")
     rows = latest_windows(events, inference.spec, inference.maps, inference.cfg.data.plausible_range())
-    result = complete_windows(inference, rows, task, cut, steps, seed)
+    result = complete_windows(inference, rows, task, cut, steps, seed, evidence)
     path = Path(out) / "completed.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(completed_table(rows, result["dense"], result["evidence"], result["target"]), path)
-    return Completion(readable(rows, result, inference.spec, task), path, len(rows), inference.step)
+    pq.write_table(completed_table(rows, result["dense"], result["evidence"], result["target"], inference.spec),
+                   path)
+    return Completion(readable(rows, result, inference.spec, task, evidence), path, len(rows), inference.step)
