@@ -154,6 +154,11 @@ class LoopbackCluster:
     def alive_nodes(self) -> list[dict]:
         return [n for n in self.state("nodes") if n["state"] == "ALIVE"]
 
+    def wait_for_nodes(self, count: int, timeout: float = 120) -> list[dict]:
+        """The alive nodes, once there are `count` of them."""
+        wait_until(lambda: len(self.alive_nodes()) >= count, timeout, f"{count} alive Ray nodes")
+        return self.alive_nodes()
+
     def submit(self, *entrypoint: str, timeout: float = 600, **extra_env: str) -> subprocess.CompletedProcess:
         """`ray job submit` of entrypoint from the repository root, as the README shows; returns the
         finished `ray job submit` (it waits for the job and prints its output)."""

@@ -29,7 +29,7 @@ def test_job_trains_on_two_nodes_and_checkpoints_on_shared_storage(loopback_clus
                      r"relative, and this run joins the Ray cluster at RAY_ADDRESS=", output), output[-3000:]
     assert "Traceback" not in output, output[-3000:]
 
-    nodes = cluster.alive_nodes()
+    nodes = cluster.wait_for_nodes(2)
     assert len(nodes) == 2, f"expected the head and one worker node, got {nodes}\n{cluster.logs()}"
 
     storage = tmp_path / "shared" / "runs"  # "shared storage": both nodes are on this machine
