@@ -24,7 +24,7 @@ demo: setup clean-demo
 
 # The evaluation table of README and docs/evaluation.md: U-MASK trained with adaptive masks,
 # its ablation trained with uniform masks, both scored against the baselines on held-out and
-# cold-start users (about 10 min on 2 CPU cores); starts afresh each time
+# cold-start users (7.3 min on 2 CPU cores, docs/evaluation.md); starts afresh each time
 quality: setup clean-quality
 	$(U_MASK) data synth --out $(QUALITY)/raw --users 2000 --days 28 --seed 0
 	$(U_MASK) data featurize --config configs/quality.yaml
