@@ -1,7 +1,7 @@
 """Imports follow the layers: umask/ (torch only) <- embeddings/ <- trainer/, and the CLI on top.
 
-- umask/ and embeddings/ never import trainer/ (umask/ installs on its own; embeddings/ is
-  the sparse side that trainer/ builds on);
+- umask/ and embeddings/ never import trainer/ (umask/ installs on its own and imports none
+  of the training system; embeddings/ is the sparse side that trainer/ builds on);
 - the data package (trainer/data/) is a library: it imports neither trainer.cli nor argparse;
 - the CLI imports its commands' modules inside the handlers, so building the parser and the
   light `u-mask config` import neither torch nor Ray.
@@ -66,6 +66,14 @@ def test_lower_layers_do_not_import_trainer():
     assert {**offending("umask", ("trainer",)), **offending("embeddings", ("trainer",))} == {}
 
 
+def test_umask_needs_nothing_of_the_training_system():
+    """umask/ installs on its own as the export bundle's loader (umask/pyproject.toml: torch,
+    safetensors, numpy, pyarrow; triton and tqdm optional), so it may not import the training
+    system or what it does not list."""
+    assert offending("umask", ("trainer", "embeddings", "ray", "deepspeed", "torchrec", "fbgemm_gpu",
+                               "omegaconf", "matplotlib")) == {}
+
+
 def test_the_data_package_does_not_import_the_cli():
     assert offending("trainer/data", ("trainer.cli", "argparse")) == {}
 
@@ -87,6 +95,10 @@ def run_cli(argv: list[str]) -> subprocess.CompletedProcess:
     ["--help"],
     ["data", "synth", "--help"],
     ["eval", "--help"],
+    ["export", "--help"],
+    ["embed-users", "--help"],
+    ["--version"],
+    ["runs", "--storage", "no-such-folder"],
 ])
 def test_the_cli_imports_neither_torch_nor_ray_until_a_command_needs_them(argv):
     done = run_cli(argv)
