@@ -52,7 +52,8 @@ from umask.slots import ExampleRows
 from umask.spec import FeatureSpec, load_spec, table_rows
 
 DEFAULT_SHARD_BYTES = 2 << 30  # dense safetensors files of at most 2 GiB, as hubs split them
-DATA_CONTRACT = "../shared/data-contract.md (2026-11: Spark directories, INT96, optional loc_id)"
+# the contract the reader implements: its document and the revision the bundle was made under
+DATA_CONTRACT = "docs/data-contract.md, revision 2026-11 (Spark directories, INT96, optional loc_id, plausible ts)"
 
 
 class CompletionProgram(torch.nn.Module):
