@@ -23,8 +23,9 @@ def deepspeed_config(cfg: DeepSpeedConfig, micro_batch_size: int, use_gpu: bool)
         "gradient_clipping": cfg.gradient_clipping,
         "optimizer": {
             "type": "AdamW",
-            # torch_adam: DeepSpeed's fused CPU Adam needs a C++ build; torch's does not.
-            "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": not use_gpu},
+            # torch_adam on every device: DeepSpeed's own Adams (CPU Adam, FusedAdam on GPU) are
+            # C++ built at run time on the worker (trainer/training/native_ops.py); torch's is not.
+            "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": True},
         },
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": precision == "bf16"},

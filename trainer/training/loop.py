@@ -25,6 +25,7 @@ from trainer.data.batch import Batch
 from trainer.data.loader import ShardedLoader, check_spec_matches
 from trainer.data.schema import SPEC_DIR
 from trainer.training.deepspeed_config import deepspeed_config
+from trainer.training.native_ops import without_runtime_builds
 from trainer.training.progress import ProgressLog
 from trainer.training.sparse_grad import unscaled_for_tables
 
@@ -56,6 +57,7 @@ class Trainer:
             _write_plan(self.tables.placements, run_dir / "plan.json")
         model = UMask(cfg.model, self.spec, sparse_dim=pooled_dim(cfg.embeddings),
                       gather_negatives=_other_ranks_rows if self.world_size > 1 else no_extra_negatives)
+        without_runtime_builds()  # no C++ compiled here, so no build lock to wait on
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(),
             config=deepspeed_config(cfg.deepspeed, cfg.train.batch_size, cfg.ray.use_gpu))
