@@ -104,10 +104,18 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 50
     resume: bool = True  # continue from the run's latest checkpoint when one exists
+    # A step whose loss or gradients are not finite on any rank is caught before the tables or
+    # the dense model step (trainer/training/guard.py). skip: no weight changes on any rank, the
+    # step is counted in skipped_steps and its batch logged; stop: the run ends, naming the batch.
+    nonfinite: str = "skip"
+    nonfinite_patience: int = 10  # this many skipped steps in a row stop the run even under skip
 
     def problems(self) -> list[tuple[str, str]]:
-        return [(k, "must be positive") for k in ("steps", "batch_size", "log_every",
-                                                   "checkpoint_every") if getattr(self, k) <= 0]
+        out = [(k, "must be positive") for k in ("steps", "batch_size", "log_every", "checkpoint_every",
+                                                  "nonfinite_patience") if getattr(self, k) <= 0]
+        if self.nonfinite not in ("skip", "stop"):
+            out.append(("nonfinite", "must be 'skip' or 'stop'"))
+        return out
 
 
 @dataclass
@@ -129,6 +137,11 @@ class DeepSpeedConfig:
             out.append(("gradient_accumulation_steps", "must be positive"))
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             out.append(("precision", "must be auto, fp32, bf16 or fp16"))
+        if self.precision == "fp16" and self.zero_stage == 0:
+            # DeepSpeed 0.19 scales the loss only for its ZeRO optimizers; its fp16 optimizer
+            # without ZeRO still divides the gradients by the loss scale, and never sees an overflow
+            out.append(("precision", "fp16 needs deepspeed.zero_stage 1, 2 or 3 (without ZeRO, DeepSpeed "
+                                     "0.19 divides unscaled gradients by the loss scale)"))
         return out
 
 
@@ -172,6 +185,16 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Problems that span sections (each section checks its own keys)."""
+        out = []
+        if self.deepspeed.precision == "fp16" and not self.ray.use_gpu:
+            # DeepSpeed refuses fp16 on CPUs without AVX512-FP16/AMX-FP16 ("Type fp16 is not
+            # supported on your device"), and where it accepts it, it is no faster than fp32
+            out.append(("deepspeed.precision", "fp16 needs GPU workers (ray.use_gpu=true); "
+                                               "on CPU workers use fp32 or bf16"))
+        return out
 
 
 

@@ -1,9 +1,11 @@
 """Checkpoint verification: only files this run wrote, unmodified, are ever loaded."""
 import json
+import shutil
 
 import pytest
 
-from trainer.training.checkpoint import verify_checkpoint, write_manifest, write_state
+from trainer.training.checkpoint import (is_complete, latest_checkpoint, verify_checkpoint, write_manifest,
+                                         write_state)
 from umask.errors import UserError
 
 
@@ -102,3 +104,37 @@ def test_a_rank_beyond_the_world_size_is_refused(two_rank_checkpoint, tmp_path):
     (two_rank_checkpoint / "manifest-rank2.json").write_bytes((stray / "manifest-rank2.json").read_bytes())
     with pytest.raises(UserError, match="manifest-rank2.json is from rank 2, but state.json says world_size=2"):
         verify_checkpoint(two_rank_checkpoint, "r")
+
+
+def test_a_rank_hashes_only_the_files_of_the_ranks_it_is_given(two_rank_checkpoint):
+    (two_rank_checkpoint / "engine" / "zero_pp_rank_1_optim_states.pt").write_bytes(b"\x00" * 64)
+    assert verify_checkpoint(two_rank_checkpoint, "r", ranks=[0])["step"] == 12  # rank 1's file unread
+    with pytest.raises(UserError, match="checksum does not match manifest-rank1"):
+        verify_checkpoint(two_rank_checkpoint, "r", ranks=[1])
+    # the structure is checked whichever ranks hash: a missing manifest is refused by every rank
+    (two_rank_checkpoint / "manifest-rank1.json").unlink()
+    with pytest.raises(UserError, match="manifest-rank1.json .* missing"):
+        verify_checkpoint(two_rank_checkpoint, "r", ranks=[0])
+
+
+def _partial_copy(complete, folder, step: int, drop):
+    """A copy of `complete` as a crash while writing it would leave it: newer step, `drop` missing."""
+    shutil.copytree(complete, folder)
+    state = json.loads((folder / "state.json").read_text())
+    (folder / "state.json").write_text(json.dumps({**state, "step": step}))
+    for name in drop:
+        (folder / name).unlink()
+
+
+def test_the_latest_checkpoint_is_the_newest_complete_one(two_rank_checkpoint, tmp_path):
+    from trainer.inference.loading import resolve_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(two_rank_checkpoint, run / "checkpoint_a")  # step 12, whole
+    _partial_copy(two_rank_checkpoint, run / "checkpoint_b", 24, ["manifest-rank1.json"])  # a rank died
+    _partial_copy(two_rank_checkpoint, run / "checkpoint_c", 36, ["loader-rank1.json"])  # died copying
+    assert is_complete(run / "checkpoint_a")
+    assert not is_complete(run / "checkpoint_b") and not is_complete(run / "checkpoint_c")
+    assert latest_checkpoint(run) == run / "checkpoint_a"
+    assert resolve_checkpoint(run) == run / "checkpoint_a"  # eval, complete and export take it too
+    assert latest_checkpoint(tmp_path / "nothing") is None

@@ -23,3 +23,23 @@ def test_our_keys_reach_deepspeed(stage):
     assert out["train_micro_batch_size_per_gpu"] == 16 and out["gradient_accumulation_steps"] == 4
     assert out["gradient_clipping"] == 0.5 and out["fp16"]["enabled"] and not out["bf16"]["enabled"]
     assert out["optimizer"]["params"]["lr"] == 3e-4 and out["optimizer"]["params"]["weight_decay"] == 0.1
+
+
+def test_fp16_is_refused_where_deepspeed_cannot_train_it():
+    from trainer.config import ConfigError, load_config
+
+    # CPU workers: DeepSpeed's CPU engine refuses fp16 on CPUs without AVX512-FP16/AMX
+    with pytest.raises(ConfigError, match=r"deepspeed\.precision: fp16 needs GPU workers .*command line"):
+        load_config([], ["deepspeed.precision=fp16", "deepspeed.zero_stage=2"])
+    # without ZeRO DeepSpeed 0.19 never scales the fp16 loss but still divides by the scale
+    with pytest.raises(ConfigError, match=r"deepspeed\.precision: fp16 needs deepspeed\.zero_stage 1, 2 or 3"):
+        load_config([], ["deepspeed.precision=fp16", "ray.use_gpu=true"])
+    assert load_config([], ["deepspeed.precision=fp16", "deepspeed.zero_stage=2", "ray.use_gpu=true"])
+
+
+def test_low_precision_buffers_follow_the_weights():
+    """DeepSpeed 0.19 keeps float32 buffers under bf16/fp16 unless told; the model casts its
+    inputs to its buffers' dtype, so they must be cast with the weights."""
+    bf16 = deepspeed_config(DeepSpeedConfig(precision="bf16"), 8, use_gpu=False)
+    assert bf16["data_types"]["buffer_dtype"] == "bf16" and bf16["bf16"]["check_grad_overflow"]
+    assert "data_types" not in deepspeed_config(DeepSpeedConfig(precision="fp32"), 8, use_gpu=False)

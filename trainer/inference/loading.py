@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from trainer.config import RunConfig, load_config
-from trainer.training.checkpoint import verify_checkpoint
+from trainer.training.checkpoint import latest_checkpoint, verify_checkpoint
 from trainer.data.batch import Batch
 from trainer.data.schema import SPEC_DIR
 from umask.spec import DenseLayout, FeatureMaps, FeatureSpec, load_maps, load_spec
@@ -67,13 +67,18 @@ class InferenceModel:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """`path` itself when it is a checkpoint folder; for a run folder, its checkpoint with the
-    highest step (state.json), which is the latest one."""
+    """`path` itself when it is a checkpoint folder; for a run folder, its latest complete
+    checkpoint (trainer.training.checkpoint.latest_checkpoint: a folder a crash left partial is
+    passed over), or, when none is complete, the one with the highest step, for the
+    verification to say what is wrong with it."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint not found: {path}")
     if (path / "state.json").is_file():
         return path
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
     candidates = [p for p in path.glob("checkpoint_*") if (p / "state.json").is_file()]
     if not candidates:
         raise UserError(f"{path}: neither a checkpoint (no state.json) nor a run folder with "

@@ -14,6 +14,15 @@ Our code never unpickles, but DeepSpeed's engine files are pickles (its torch.lo
 weights_only=False): a checkpoint is read only after every file in every manifest matches its
 checksum and the manifests name this run, so only files this run wrote are ever unpickled; and
 only when it is whole: one manifest per rank of state.json's world_size.
+
+Write, verify, publish: each rank writes its files and their manifest into a folder of its own;
+Ray Train copies every rank's folder into the run's storage and publishes the checkpoint (the
+one `ray.train.get_checkpoint()` and a rerun of the driver resume from) only once every rank
+has reported. A rank killed while writing or copying leaves a folder with some manifests or
+files missing and never published; `latest_checkpoint` (the driver's checks, eval, export) skips
+such folders, and every load verifies before it reads. When the ranks load, each one hashes the
+files of its own manifest only, and they agree before anyone reads (one all-reduce), so the
+hashing is spread over the ranks instead of every rank reading every rank's files.
 """
 from __future__ import annotations
 
@@ -74,7 +83,7 @@ def load_checkpoint(folder: Path, *, rank: int, world_size: int, run_name: str, 
     from embeddings.checkpoint import load_sharded
 
     folder = Path(folder)
-    state = verify_checkpoint(folder, run_name)
+    state = _verify_together(folder, run_name, rank)
     if state["world_size"] != world_size:
         raise UserError(
             f"{folder}: written by {state['world_size']} workers, this run has {world_size}; "
@@ -87,12 +96,38 @@ def load_checkpoint(folder: Path, *, rank: int, world_size: int, run_name: str, 
     return state["step"], loader_state
 
 
-def verify_checkpoint(folder: Path, run_name: str) -> dict:
+def _verify_together(folder: Path, run_name: str, rank: int) -> dict:
+    """verify_checkpoint of the whole structure and of this rank's files, on every rank at once
+    (collective); returns state.json. Every rank raises if any rank found a problem, so no rank
+    reads a file another rank has not vouched for."""
+    import torch
+    import torch.distributed as dist
+
+    error: UserError | None = None
+    state: dict = {}
+    try:
+        state = verify_checkpoint(folder, run_name, ranks=[rank])
+    except UserError as err:
+        error = err
+    failed = torch.zeros(dist.get_world_size(), dtype=torch.float32)
+    failed[rank] = float(error is not None)
+    dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    bad = [r for r, flag in enumerate(failed.tolist()) if flag]
+    if bad:
+        raise UserError(f"{folder}: rank {', '.join(map(str, bad))} found the checkpoint damaged "
+                        "(its own error says how); refusing to load it")
+    return state
+
+
+def verify_checkpoint(folder: Path, run_name: str, ranks: list[int] | None = None) -> dict:
     """Checks that the checkpoint is whole, this run's and unmodified; returns state.json.
 
     Whole: a manifest-rank{r}.json for every rank r of state.json's world_size and no other,
     each naming its own rank, and rank 0's listing RANK0_FILES. This run's: every manifest
-    names run_name. Unmodified: every listed file is present and matches its sha256.
+    names run_name. Unmodified: every file listed in the manifests of `ranks` (all ranks when
+    None) is present and matches its sha256.
     """
     folder = Path(folder)
     paths = sorted(folder.glob("manifest-rank*.json"))
@@ -122,9 +157,46 @@ def verify_checkpoint(folder: Path, run_name: str) -> dict:
         raise UserError(f"{folder}: manifest-rank{extra[0]}.json is from rank {extra[0]}, but state.json says "
                         f"world_size={world_size}; refusing a mix of checkpoints")
     for rank, manifest in sorted(manifests.items()):
+        if ranks is not None and rank not in ranks:
+            continue
         for name, digest in manifest["files"].items():
             _check_file(folder, name, digest, f"manifest-rank{rank}.json")
     return state
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether the checkpoint in `folder` was published whole, without hashing anything: state.json,
+    a manifest for every rank of its world_size, and every file they list present. A rank killed
+    while writing or copying its part leaves some of them missing."""
+    folder = Path(folder)
+    try:
+        world_size = json.loads((folder / "state.json").read_text())["world_size"]
+        if not isinstance(world_size, int) or world_size < 1:
+            return False
+        for rank in range(world_size):
+            manifest = json.loads((folder / f"manifest-rank{rank}.json").read_text())
+            if not all((folder / name).is_file() for name in manifest["files"]):
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step in the checkpoint's state.json (-1 when unreadable)."""
+    try:
+        step = json.loads((Path(folder) / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+    return step if isinstance(step, int) else -1
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The run's complete checkpoint (is_complete) with the highest step; None when it has none.
+
+    It is the one Ray Train resumes from, which publishes a checkpoint only once it is whole."""
+    complete = [p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir() and is_complete(p)]
+    return max(complete, key=lambda p: (checkpoint_step(p), p.name), default=None)
 
 
 def _read_manifest(path: Path, run_name: str) -> tuple[int, dict]:

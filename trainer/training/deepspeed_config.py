@@ -17,7 +17,13 @@ def resolve_precision(cfg: DeepSpeedConfig, use_gpu: bool) -> str:
 
 def deepspeed_config(cfg: DeepSpeedConfig, micro_batch_size: int, use_gpu: bool) -> dict:
     precision = resolve_precision(cfg, use_gpu)
+    low_precision = {"data_types": {
+        # DeepSpeed 0.19 casts only the parameters to bf16/fp16 and keeps float32 buffers, but the
+        # model casts its inputs to its buffers' dtype (umask/model.py: _model_inputs), so they
+        # then met bf16 weights as float32 ("mat1 and mat2 must have the same dtype")
+        "buffer_dtype": precision}} if precision in ("bf16", "fp16") else {}
     return {
+        **low_precision,
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "gradient_clipping": cfg.gradient_clipping,
@@ -28,7 +34,9 @@ def deepspeed_config(cfg: DeepSpeedConfig, micro_batch_size: int, use_gpu: bool)
             "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": True},
         },
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": precision == "bf16"},
+        # check_grad_overflow: a bf16 step with non-finite gradients is skipped, as fp16's is.
+        # DeepSpeed 0.19's default, spelled out because trainer/training/guard.py relies on it.
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 10**9,  # our own progress line reports; DeepSpeed's would duplicate it
         "wall_clock_breakdown": False,

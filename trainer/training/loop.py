@@ -24,10 +24,11 @@ from trainer.config import RunConfig, to_yaml
 from trainer.data.batch import Batch
 from trainer.data.loader import ShardedLoader, check_spec_matches
 from trainer.data.schema import SPEC_DIR
-from trainer.training.deepspeed_config import deepspeed_config
+from trainer.training.deepspeed_config import deepspeed_config, resolve_precision
+from trainer.training.guard import NonFiniteGuard
 from trainer.training.native_ops import without_runtime_builds
 from trainer.training.progress import ProgressLog
-from trainer.training.sparse_grad import unscaled_for_tables
+from trainer.training.sparse_grad import table_gradient, watch_loss
 
 
 class Trainer:
@@ -61,6 +62,12 @@ class Trainer:
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(),
             config=deepspeed_config(cfg.deepspeed, cfg.train.batch_size, cfg.ray.use_gpu))
+        precision = resolve_precision(cfg.deepspeed, cfg.ray.use_gpu)
+        # the engine's parameters are in this dtype; the model's float inputs are cast to it
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        self.guard = NonFiniteGuard(self.engine, cfg.train.nonfinite, cfg.train.nonfinite_patience,
+                                    fp16=precision == "fp16",
+                                    bare_fp32=precision == "fp32" and cfg.deepspeed.zero_stage == 0)
         self.step = 0
         self.micro_step = 0
 
@@ -69,21 +76,28 @@ class Trainer:
         return next(self.loader)
 
     def forward_backward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """One micro-batch: lookups, the model's loss, backward through both optimizers."""
+        """One micro-batch: lookups, the model's loss, the dense backward, the finiteness check
+        on every rank (trainer/training/guard.py), the tables' backward, the dense step."""
         kjt = self.ids.to_kjt(batch.app_values, batch.app_lengths, batch.loc_values,
                               batch.loc_lengths).to(self.device)
         batch = batch.to(self.device)
-        pooled = unscaled_for_tables(self.tables(kjt), self.engine)  # [B*T, E]
-        slot_sparse = pooled.view(len(batch), batch.observed.shape[1], -1)  # [B, T, E]
+        pooled = self.tables(kjt)  # [B*T, E]; its backward, where the tables step (fused), comes last
+        features = pooled.detach().requires_grad_()  # the dense model's view of the lookups
+        slot_sparse = features.to(self.dtype).view(len(batch), batch.observed.shape[1], -1)  # [B, T, E]
         generator = torch.Generator().manual_seed(
             hash((self.cfg.train.seed, self.rank, self.micro_step)) & 0x7FFF_FFFF)
-        out = self.engine(dense=batch.dense, observed=batch.observed, time_of_week=batch.time_of_week,
-                          slot_sparse=slot_sparse, generator=generator)
-        self.engine.backward(out["loss"])  # the tables step here, inside backward (fused)
+        out = self.engine(dense=batch.dense.to(self.dtype), observed=batch.observed,
+                          time_of_week=batch.time_of_week, slot_sparse=slot_sparse, generator=generator)
+        loss_grads = watch_loss(out["loss"])
+        self.engine.backward(out["loss"])  # the dense gradients only: no weight has moved yet
+        verdict = self.guard.check(self.step + 1, out["loss"], features.grad, batch)  # collective
+        if verdict.tables_step and features.grad is not None:  # the tables step here, fused
+            pooled.backward(table_gradient(features.grad, loss_grads, self.engine.gradient_accumulation_steps()))
+        self.last_batch = batch
         metrics = {k: out[k].detach() for k in ("loss", "reconstruction", "consistency")}
         if self.engine.is_gradient_accumulation_boundary():
             metrics["grad_norm"] = self.grad_norm()
-        self.engine.step()  # the dense model steps at accumulation boundaries only
+        self.guard.dense_step()  # engine.step(): the dense model steps at accumulation boundaries only
         if "grad_norm" in metrics and metrics["grad_norm"] is None:
             metrics["grad_norm"] = _as_tensor(self.engine.get_global_grad_norm(), self.device)
         self.micro_step += 1
@@ -117,42 +131,53 @@ class Trainer:
             waited += time.perf_counter() - asked
             parts.append(self.forward_backward(batch))
         self.step += 1
+        skipped = self.guard.step_outcome(self.step, self.last_batch)
         values = {k: torch.stack([p[k] for p in parts]).mean()
                   for k in ("loss", "reconstruction", "consistency")}
         values["grad_norm"] = parts[-1]["grad_norm"]  # the step's one boundary: its last micro-batch
-        return StepMetrics(values, seconds=time.perf_counter() - started, waited=waited)
+        return StepMetrics(values, seconds=time.perf_counter() - started, waited=waited, skipped=skipped)
 
     def save(self, metrics: dict[str, float]) -> None:
-        """Writes this rank's checkpoint and reports it to Ray Train (a barrier on every rank)."""
+        """Writes this rank's checkpoint and reports it to Ray Train, which publishes it once every
+        rank has reported (a checkpoint a rank died in the middle of is never resumed from)."""
         import ray.train
 
-        from trainer.training.checkpoint import save_checkpoint
-
         with tempfile.TemporaryDirectory(prefix="umask-ckpt-") as folder:
-            save_checkpoint(Path(folder), rank=self.rank, world_size=self.world_size, run_name=self.cfg.ray.name,
-                            step=self.step, engine=self.engine, tables=self.tables,
-                            loader_state=self.loader.state_dict(), config_yaml=to_yaml(self.cfg),
-                            spec_dir=Path(self.cfg.data.features) / SPEC_DIR)
+            self.write_checkpoint(Path(folder))
             ray.train.report({"step": self.step, **metrics},
                              checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    def write_checkpoint(self, folder: Path) -> None:
+        """This rank's part of a checkpoint of the current step, into `folder` (collective)."""
+        from trainer.training.checkpoint import save_checkpoint
+
+        save_checkpoint(folder, rank=self.rank, world_size=self.world_size, run_name=self.cfg.ray.name,
+                        step=self.step, engine=self.engine, tables=self.tables,
+                        loader_state=self.loader.state_dict(), config_yaml=to_yaml(self.cfg),
+                        spec_dir=Path(self.cfg.data.features) / SPEC_DIR)
 
     def restore(self) -> None:
         """Continues from Ray Train's latest checkpoint of this run, if there is one."""
         import ray.train
 
-        from trainer.training.checkpoint import load_checkpoint
-
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None or not self.cfg.train.resume:
             return
         with checkpoint.as_directory() as folder:
-            self.step, loader_state = load_checkpoint(
-                Path(folder), rank=self.rank, world_size=self.world_size, run_name=self.cfg.ray.name,
-                engine=self.engine, tables=self.tables)
-        self.loader.load_state_dict(loader_state)
-        self.micro_step = self.step * self.engine.gradient_accumulation_steps()
+            self.load_checkpoint(Path(folder))
         if self.rank == 0:
             print(f"resumed at step {self.step} from {checkpoint.path}", flush=True)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """Continues from the checkpoint in `folder` (collective): verified first, then engine,
+        tables, loader position and step."""
+        from trainer.training.checkpoint import load_checkpoint
+
+        self.step, loader_state = load_checkpoint(
+            folder, rank=self.rank, world_size=self.world_size, run_name=self.cfg.ray.name,
+            engine=self.engine, tables=self.tables)
+        self.loader.load_state_dict(loader_state)
+        self.micro_step = self.step * self.engine.gradient_accumulation_steps()
 
     def train(self) -> dict[str, float]:
         """Trains up to cfg.train.steps; returns the metrics of the last logged window.
@@ -207,6 +232,7 @@ class StepMetrics:
     values: dict[str, torch.Tensor]  # 0-dim tensors on the device: loss, reconstruction, consistency
     seconds: float  # the step's host time
     waited: float  # the part of `seconds` spent waiting for the loader
+    skipped: str | None = None  # why no weight took the step: "nonfinite", "loss_scale" (guard.py)
 
 
 class MetricWindow:
@@ -219,15 +245,20 @@ class MetricWindow:
     def __init__(self):
         self.names: list[str] = []
         self.sums: torch.Tensor | None = None  # [len(names)] float32, on the device
-        self.steps = 0
+        self.steps = 0  # the steps whose values are in sums: skipped steps' are not
         self.seconds = 0.0
         self.waited = 0.0
+        self.skipped = {"nonfinite": 0, "loss_scale": 0}  # skipped steps by reason (guard.py)
 
     def add(self, step: StepMetrics) -> None:
         values = torch.stack([v.detach().float() for v in step.values.values()])
+        if step.skipped is not None:  # the same on every rank; its loss may be NaN
+            self.skipped[step.skipped] += 1
+            values = torch.zeros_like(values)
+        else:
+            self.steps += 1
         self.names = list(step.values)
         self.sums = values if self.sums is None else self.sums + values
-        self.steps += 1
         self.seconds += step.seconds
         self.waited += step.waited
 
@@ -240,8 +271,11 @@ class MetricWindow:
         totals = totals or {}
         data_wait = torch.tensor([self.waited / max(self.seconds, 1e-9)], device=self.sums.device)
         counts = torch.tensor(list(totals.values()), dtype=torch.float32, device=self.sums.device)
+        # a window of skipped steps only has no means: 0/0 gives NaN
         means = _mean_over_ranks(torch.cat([self.sums / self.steps, data_wait, counts * dist.get_world_size()]))
-        return dict(zip([*self.names, "data_wait", *totals], means))
+        return {**dict(zip([*self.names, "data_wait", *totals], means)),
+                "skipped_steps": float(self.skipped["nonfinite"]),
+                "loss_scale_skips": float(self.skipped["loss_scale"])}
 
 
 def _write_plan(placements: dict, path: Path) -> None:

@@ -1,45 +1,44 @@
 """Undo, for the embedding tables, the gradient scaling DeepSpeed applies for the dense model.
 
-DeepSpeed's `engine.backward` scales the loss by 1/gradient_accumulation_steps (and by the
-fp16 loss scale). That is right for the dense gradients, which it accumulates, unscales and
-steps once per `gradient_accumulation_steps` micro-batches. The tables' fused optimizers
-instead step inside every backward, so they would see every micro-batch's gradient shrunk by
-the accumulation factor and inflated by the (changing) loss scale. Our choice: each
-micro-batch steps the tables with that micro-batch's true mean-loss gradient, the same update
-it would get without accumulation or loss scaling. `unscaled_for_tables` is the identity in
-forward and multiplies the gradient flowing into the tables by accumulation / loss scale.
+DeepSpeed's `engine.backward` scales the loss by 1/gradient_accumulation_steps (and, under
+fp16 with ZeRO, by the loss scale). That is right for the dense gradients, which it
+accumulates, unscales and steps once per `gradient_accumulation_steps` micro-batches. The
+tables' fused optimizers instead step inside every backward of theirs, so they would see every
+micro-batch's gradient shrunk by the accumulation factor and inflated by the (changing) loss
+scale. Our choice: each micro-batch steps the tables with that micro-batch's true mean-loss
+gradient, the same update it would get without accumulation or loss scaling.
+
+The training step runs the two backwards one after the other (trainer/training/loop.py): the
+dense model's first, into a leaf that stands for the tables' output, then, once the gradients
+are known to be finite (trainer/training/guard.py), the tables' with `table_gradient` of that
+leaf's gradient. The factor undone is the one DeepSpeed's backward actually applied, read off
+the gradient it sent into the loss (`watch_loss`), not the one its optimizer reports: DeepSpeed
+0.19 scales the loss only for its ZeRO optimizers, and its fp16 optimizer without ZeRO still
+reports a scale of 65536 that no gradient was multiplied by.
 """
 from __future__ import annotations
 
-from typing import Callable
+import math
 
 import torch
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, factor: Callable[[], float]) -> torch.Tensor:
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        # the factor is read at backward time: the fp16 loss scale may have changed since forward
-        return grad * ctx.factor(), None
+def watch_loss(loss: torch.Tensor) -> list[torch.Tensor]:
+    """A list that receives the gradient backward sends into `loss` (register before backward)."""
+    seen: list[torch.Tensor] = []
+    loss.register_hook(lambda grad: seen.append(grad.detach()))
+    return seen
 
 
-def unscaled_for_tables(pooled: torch.Tensor, engine) -> torch.Tensor:
-    """`pooled` (the tables' output) unchanged; its gradient undoes the engine's loss scaling."""
-    accumulation = engine.gradient_accumulation_steps()
+def table_gradient(grad: torch.Tensor, loss_grads: list[torch.Tensor], accumulation: int) -> torch.Tensor:
+    """The gradient at the tables' output as DeepSpeed's backward left it -> the micro-batch's true one.
 
-    def factor() -> float:
-        return accumulation / _loss_scale(engine)
-
-    return _ScaleGrad.apply(pooled, factor)
-
-
-def _loss_scale(engine) -> float:
-    # fp16 engines expose the dynamic scale on their optimizer; fp32 and bf16 use none
-    if not engine.fp16_enabled():
-        return 1.0
-    return float(getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", 1.0)))
+    loss_grads: what `watch_loss` saw, the loss scale over the accumulation steps. Loss scales
+    are powers of two, so the scale is recovered exactly even where the loss's own dtype
+    (bf16, fp16) rounded the quotient."""
+    if not loss_grads:
+        return grad
+    applied = float(loss_grads[-1].float()) * accumulation  # the loss scale backward applied
+    if math.isfinite(applied) and applied > 0:
+        applied = 2.0 ** round(math.log2(applied))
+    return grad * (accumulation / applied)
