@@ -106,7 +106,8 @@ def test_a_person_sees_few_lines_progress_and_what_to_do_next(demo):
     assert printed[-1].startswith("wrote runs/demo/eval-test/report.json")
     for name in ("report.md", "short.png", "long.png", "cold.png"):
         assert name in printed[-1]
-    assert any(line.startswith("| short |") for line in printed)
+    table = printed.index(next(line for line in printed if line.startswith("category_mrr, test ")))
+    assert [line.split()[0] for line in printed[table + 1:table + 4]] == ["short", "long", "cold"]
     for task in ("short", "long", "cold"):
         assert (folder / "runs/demo/eval-test" / f"{task}.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -371,7 +371,7 @@ def _add_complete(commands) -> None:
     parser = commands.add_parser(
         "complete", help="complete users' latest week for a task with a checkpoint",
         description="Complete each user's latest window of a contract events file with a checkpoint "
-                    "(docs/evaluation.md, 'What u-mask complete does'): prints the target slots per "
+                    "(docs/after-the-demo.md): prints the target slots per "
                     "user and writes completed.parquet, one row per user and slot, its dense channels "
                     "named in the file's metadata.")
     parser.add_argument("--checkpoint", required=True,
@@ -386,6 +386,8 @@ def _add_complete(commands) -> None:
                         help="what the model sees of the history before the cut: the share its "
                              "adaptive mask samples, as in training, or every observed slot")
     parser.add_argument("--seed", type=int, default=0, help="seeds the evidence mask and the sampler")
+    parser.add_argument("--show", type=int, default=5,
+                        help="users whose target slots print here (completed.parquet has them all)")
     add_verbose_argument(parser)
     parser.set_defaults(handler=_complete)
 
@@ -393,8 +395,10 @@ def _add_complete(commands) -> None:
 def _complete(args) -> int:
     from trainer.inference.complete import complete_checkpoint
 
+    if args.show < 0:
+        raise UserError(f"--show must be 0 or more, got {args.show}")
     done = complete_checkpoint(args.checkpoint, args.events, args.task, args.out, args.cut,
-                               args.steps, args.seed, args.evidence)
+                               args.steps, args.seed, args.evidence, args.show)
     print(done.readable)
     print(f"wrote {_shown(done.path)} ({done.users} users, checkpoint step {done.step}): one row per user "
           "and slot; the dense channels' names are in its metadata (docs/after-the-demo.md)")

@@ -52,12 +52,14 @@ def complete_windows(inference: InferenceModel, rows: ExampleRows, task: str, cu
 
 
 def readable(rows: ExampleRows, result: dict[str, Tensor], spec: FeatureSpec, task: str,
-             evidence_rule: str = "sampled") -> str:
-    """Per user: what is completed and from what (forecast or backtest, the target slots, the
-    evidence the model saw), then each target slot's top categories, region, activity, volume."""
+             evidence_rule: str = "sampled", show: int | None = None) -> str:
+    """Per user (the first `show` users; None: all): what is completed and from what (forecast
+    or backtest, the target slots, the evidence the model saw), then each target slot's top
+    categories, region, activity, volume."""
     layout = spec.layout
     lines = []
-    for b in range(len(rows)):
+    shown = len(rows) if show is None else min(show, len(rows))
+    for b in range(shown):
         observed, evidence = rows.observed[b], result["evidence"][b].numpy()
         target = result["target"][b].numpy()
         cut = int(result["cut"][b])
@@ -86,6 +88,8 @@ def readable(rows: ExampleRows, result: dict[str, Tensor], spec: FeatureSpec, ta
                          f"{'yes' if observed[t] else 'no':>4}  {names:<34}  {truth:>8}  "
                          f"{_region(int(values[layout.region].argmax()), layout):>6}  "
                          f"{float(values[layout.activity]):8.2f}  {float(values[layout.volume]):6.2f}")
+    if shown < len(rows):
+        lines.append(f"... and {len(rows) - shown} more users in completed.parquet (--show sets how many print)")
     return "\n".join(lines)
 
 
@@ -109,10 +113,11 @@ class Completion:
 
 def complete_checkpoint(checkpoint: str | Path, events: str | Path, task: str, out: str | Path,
                         cut: int | None = None, steps: int | None = None, seed: int = 0,
-                        evidence: str = "sampled") -> Completion:
+                        evidence: str = "sampled", show: int | None = None) -> Completion:
     """What `u-mask complete` does: the checkpoint (a checkpoint or run folder) completes each
     user's latest window of `events` for `task`, written to `<out>/completed.parquet`
-    (umask.completion: forecast or backtest; evidence "sampled" or "all")."""
+    (umask.completion: forecast or backtest; evidence "sampled" or "all"). The readable table
+    covers the first `show` users (None: all)."""
     inference = load_inference_model(checkpoint)
     diffusion = inference.cfg.model.diffusion
     if steps is not None and not 1 <= steps <= diffusion.train_steps:
@@ -124,4 +129,5 @@ def complete_checkpoint(checkpoint: str | Path, events: str | Path, task: str, o
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(completed_table(rows, result["dense"], result["evidence"], result["target"], inference.spec),
                    path)
-    return Completion(readable(rows, result, inference.spec, task, evidence), path, len(rows), inference.step)
+    return Completion(readable(rows, result, inference.spec, task, evidence, show), path, len(rows),
+                      inference.step)

@@ -419,28 +419,29 @@ def markdown_table(report: dict) -> str:
 
 def headline(report: dict) -> list[str]:
     """The few lines `u-mask eval` prints: the headline metric over the whole split per task and
-    method as a Markdown table, then one verdict per task (report.md and report.json have the
-    rest: every metric, bucket, interval and finding)."""
-    methods = METHODS
-    lines = [f"| {HEADLINE} ({report['settings']['split']}) | "
-             + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    method as an aligned table (the best of each row marked *), then the verdicts (report.md and
+    report.json have the rest: every metric, bucket, interval and finding)."""
+    first = f"{HEADLINE}, {report['settings']['split']}"
+    width = max(len(first), *(len(t) for t in report["tasks"]))
+    lines = [f"{first:<{width}}  " + "  ".join(f"{m:>{max(len(m), 6)}}" for m in METHODS)]
     for task, scores in report["tasks"].items():
-        values = {m: scores[m]["all"][HEADLINE] for m in methods}
+        values = {m: scores[m]["all"][HEADLINE] for m in METHODS}
         best = max((v for v in values.values() if not math.isnan(v)), default=math.nan)
-        lines.append(f"| {task} | " + " | ".join(
-            (f"**{v:.3f}**" if v == best else f"{v:.3f}") for v in values.values()) + " |")
+        lines.append(f"{task:<{width}}  " + "  ".join(
+            f"{(f'{v:.3f}*' if v == best else f'{v:.3f} '):>{max(len(m), 6)}}" for m, v in values.items()))
     verdicts = []
     for task, scores in report["tasks"].items():
         model = scores[MODEL]["all"][HEADLINE]
         lost = [b for b in BASELINES if not better(HEADLINE, model, scores[b]["all"][HEADLINE])]
         verdicts.append((task, f"does NOT beat {', '.join(lost)}" if lost else ""))
+    adaptive = "adaptive minus uniform masks: " + ", ".join(
+        f"{task} {scores[MODEL]['all'][HEADLINE] - scores[UNIFORM]['all'][HEADLINE]:+.4f}"
+        for task, scores in report["tasks"].items())
     if not any(verdict for _, verdict in verdicts):
-        lines.append(f"{MODEL} beats every baseline on every task")
+        lines.append(f"{MODEL} beats every baseline on every task; {adaptive}")
     else:
         lines += [f"{task}: {MODEL} {verdict or 'beats every baseline'}" for task, verdict in verdicts]
-    lines.append("adaptive minus uniform masks: " + ", ".join(
-        f"{task} {scores[MODEL]['all'][HEADLINE] - scores[UNIFORM]['all'][HEADLINE]:+.4f}"
-        for task, scores in report["tasks"].items()))
+        lines.append(adaptive)
     return lines
 
 

@@ -38,9 +38,10 @@ done about it (fixed where it is ours, kept out of the terminal where it is not)
 - "torch.distributed.nn.functional.all_gather is deprecated" (FutureWarning at loop.py):
   OURS, FIXED: loop.py gathers the InfoNCE negatives with the functional collectives'
   all_gather_tensor_autograd, which torch recommends.
-- "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully": NOT OURS. DeepSpeed's
-  CPU communication backend print()s it at every engine start, also when the op comes from the
-  torch extensions cache -> this file.
+- "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully": DeepSpeed's CPU
+  communication backend JIT-built its shared-memory op and print()ed this at every engine
+  start. Gone at its cause: trainer/training/native_ops.py leaves the op out (training never
+  uses it), so no worker compiles anything; any other DeepSpeed print goes to this file.
 """
 from __future__ import annotations
 
