@@ -64,14 +64,17 @@ def embeddings_schema(dim: int) -> pa.Schema:
 
 def fingerprints(rows: ExampleRows) -> np.ndarray:
     """[n] int64: blake2b (8 bytes, little-endian) of each window's window_start, observed,
-    dense and id bags; equal windows give equal fingerprints on every machine."""
+    dense and id bags; equal windows give equal fingerprints on every machine.
+
+    Only the observed slots' dense channels are hashed: every channel of a slot without a
+    record is 0 (umask/slots.py), so they add nothing but bytes (5x fewer at 20 % observed)."""
     out = np.empty(len(rows), np.int64)
     app, loc = rows.app_offsets, rows.loc_offsets
     for i in range(len(rows)):
         h = hashlib.blake2b(digest_size=8)
         h.update(rows.window_start[i:i + 1].tobytes())
         h.update(rows.observed[i].tobytes())
-        h.update(np.ascontiguousarray(rows.dense[i]).tobytes())
+        h.update(rows.dense[i][rows.observed[i]].tobytes())
         h.update(rows.app_lengths[i].tobytes())
         h.update(rows.app_values[app[i]:app[i + 1]].tobytes())
         h.update(rows.loc_lengths[i].tobytes())
