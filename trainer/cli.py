@@ -163,8 +163,10 @@ def _add_featurize(commands) -> None:
 def _featurize(args) -> int:
     from trainer.console import Progress
     from trainer.data.featurize import featurize
+    from trainer.training.cluster import require_absolute_under_job
 
     cfg = config_from_args(args)
+    require_absolute_under_job(**{"data.features": cfg.data.features})
     with Progress("featurize", "buckets") as progress:
         manifest = featurize(cfg, on_progress=progress.update)
     examples, users, events = manifest["examples"], manifest["users"], manifest["events"]

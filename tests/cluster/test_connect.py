@@ -56,6 +56,19 @@ def test_relative_paths_are_refused_on_a_cluster(clean_env, tmp_path):
                               "ray.address=127.0.0.1:6379"), message
 
 
+def test_featurize_under_a_job_refuses_relative_features(clean_env, capsys):
+    from trainer.cli import main
+    from trainer.training.cluster import require_absolute_under_job
+
+    require_absolute_under_job(**{"data.features": "data/demo/features"})  # not under a job: fine
+    clean_env.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor sets
+    require_absolute_under_job(**{"data.features": "/mnt/shared/features"})
+    assert main(["data", "featurize", "--config", str(REPO / "configs" / "tiny.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(
+        "u-mask: error: data.features=data/demo/features is relative, and this command runs under "
+        "`ray job submit`, where a relative path resolves in the job's temporary copy of the upload")
+
+
 @pytest.mark.parametrize("address, expected", [
     ("http://127.0.0.1:8265", "RAY_ADDRESS=http://127.0.0.1:8265 is the address of the Ray job server"),
     ("ray://127.0.0.1:10001", "RAY_ADDRESS=ray://127.0.0.1:10001: `u-mask train` joins a cluster at the head's GCS"),

@@ -73,6 +73,20 @@ def check_cluster(cfg) -> None:
     _probe_gcs(target, shown, auto=address == "auto")
 
 
+def require_absolute_under_job(**paths: str) -> None:
+    """Refuses relative output paths (key=value) under `ray job submit`, for commands other than
+    train (`u-mask data featurize`): there they would land in the job's temporary working dir."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # set by Ray's job supervisor for the entrypoint
+        return
+    relative = [f"{key}={value}" for key, value in paths.items() if "://" not in value and not Path(value).is_absolute()]
+    if relative:
+        raise UserError(
+            f"{' and '.join(relative)} {'is' if len(relative) == 1 else 'are'} relative, and this command runs "
+            f"under `ray job submit`, where a relative path resolves in the job's temporary copy of the upload "
+            f"({os.getcwd()}), deleted with the cluster. Give absolute paths on storage that every node mounts "
+            f"and that outlives the cluster, e.g. data.features=/mnt/shared/features ({DOCS})")
+
+
 def join_cluster(source: str, address: str, **init_kwargs) -> None:
     """ray.init(address=address, **init_kwargs), after check_cluster; a failure is one UserError."""
     import ray
