@@ -134,6 +134,9 @@ def _add_import_tsinghua(commands) -> None:
     parser.add_argument("--utc-offset-hours", type=int, default=8,
                         help="time zone of the trace's local times (8: China)")
     parser.add_argument("--rows-per-file", type=int, default=5_000_000, help="events per output Parquet file")
+    parser.add_argument("--poi-regions", type=int, metavar="K",
+                        help="give the base stations K regions, clusters of their POI profiles "
+                             "(the data has no coordinates; without this, no regions)")
     parser.set_defaults(handler=_import_tsinghua)
 
 
@@ -143,7 +146,7 @@ def _import_tsinghua(args) -> int:
 
     with Progress("import", "bytes") as progress:
         summary = import_tsinghua(args.src, args.out, on_progress=progress.update,
-                                  **_given(args, "utc_offset_hours", "rows_per_file"))
+                                  **_given(args, "utc_offset_hours", "rows_per_file", "poi_regions"))
     for line in summary.lines():
         print(line)
     print(f"wrote {args.out}")

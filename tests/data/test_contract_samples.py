@@ -67,3 +67,33 @@ def test_the_tsinghua_sample_imports_into_the_contract(tmp_path):
     locations = pq.read_table(tmp_path / "raw" / "locations.parquet").to_pylist()
     assert [(r["loc_id"], r["lat"], r["poi_counts"]) for r in locations] == [
         (7801, None, [3, 0, 1]), (9044, None, [0, 12, 4])]
+
+
+def test_without_coordinates_there_are_no_regions_unless_the_poi_counts_make_them(tmp_path, capsys):
+    """The Tsinghua data has no coordinates: the summary says `regions: none` and what that
+    means; --poi-regions K gives the base stations K regions of similar POI profiles."""
+    from trainer.cli import main
+
+    def featurize_and_summarize(raw: Path, regions: int) -> str:
+        args = ["--config", str(REPO / "configs" / "tiny.yaml"), f"data.source={raw}",
+                f"data.features={raw.parent / (raw.name + '-features')}", "data.num_categories=2",
+                f"data.num_regions={regions}", "data.num_shards=1", "data.featurize_workers=1"]
+        assert main(["data", "featurize", *args]) == 0
+        capsys.readouterr()
+        assert main(["data", "summary", *args]) == 0
+        return capsys.readouterr().out
+
+    assert main(["data", "import-tsinghua", "--src", str(SAMPLES / "tsinghua"), "--out", str(tmp_path / "plain")]) == 0
+    assert "--poi-regions K makes K regions" in capsys.readouterr().out
+    summary = featurize_and_summarize(tmp_path / "plain", 4)
+    assert "regions: none, because locations.parquet gives neither region_id nor coordinates" in summary
+    assert "regions (kmeans)" not in summary
+
+    assert main(["data", "import-tsinghua", "--src", str(SAMPLES / "tsinghua"), "--out", str(tmp_path / "poi"),
+                 "--poi-regions", "2"]) == 0
+    assert "regions: 2 from the base stations' POI profiles (k-means); set data.num_regions=2" in (
+        capsys.readouterr().out)
+    regions = pq.read_table(tmp_path / "poi" / "locations.parquet").column("region_id").to_pylist()
+    assert sorted(regions) == [0, 1]  # two stations of different POI mixes: two regions
+    summary = featurize_and_summarize(tmp_path / "poi", 2)
+    assert "regions (region_id): 2 used" in summary

@@ -54,7 +54,9 @@ def test_import_writes_a_contract_dataset(tmp_path):
     assert summary.lines() == [
         "events: 3 rows in 1 files",
         "apps: 3 in 4 categories (set data.num_categories=4); 1 repeated app rows kept their first category",
-        "locations: 2 base stations with 3 POI counts each, no coordinates"]
+        "locations: 2 base stations with 3 POI counts each, no coordinates",
+        "regions: none (no coordinates), so the region channels will carry no geography; "
+        "--poi-regions K makes K regions of similar POI profiles"]
 
 
 def test_events_split_into_files_of_rows_per_file(tmp_path):
@@ -127,6 +129,8 @@ def test_command_line(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == [
         "events: 3 rows in 2 files",
         "locations: 2 base stations with 3 POI counts each, no coordinates",
+        "regions: none (no coordinates), so the region channels will carry no geography; "
+        "--poi-regions K makes K regions of similar POI profiles",
         f"wrote {tmp_path / 'out'}"]
 
 

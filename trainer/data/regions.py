@@ -61,15 +61,22 @@ def kmeans_regions(lat: np.ndarray, lon: np.ndarray, k: int,
                    seed: int = KMEANS_SEED) -> tuple[np.ndarray, np.ndarray]:
     """(region [N] int32 in [0, k), centroids [k, 3]) for (lat, lon) [N] in degrees:
     k-means++ (Arthur & Vassilvitskii, 2007) then Lloyd iterations on the unit sphere."""
-    points = unit_vectors(lat, lon)  # [N, 3]
+    return kmeans(unit_vectors(lat, lon), k, seed)
+
+
+def kmeans(points: np.ndarray, k: int, seed: int = KMEANS_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster [N] int32 in [0, k), centroids [k, D]) of points [N, D] float64 under squared
+    Euclidean distance: k-means++ then Lloyd iterations, deterministic for a seed, fitted on at
+    most KMEANS_SAMPLE points. Also clusters the Tsinghua import's POI profiles."""
     rng = np.random.default_rng(seed)
+    dims = points.shape[1]
     sample = points if len(points) <= KMEANS_SAMPLE else points[
         np.sort(rng.choice(len(points), KMEANS_SAMPLE, replace=False))]
-    centroids = _kmeans_plus_plus(sample, k, rng)  # [k, 3]
+    centroids = _kmeans_plus_plus(sample, k, rng)  # [k, D]
     assignment = nearest_centroid(sample, centroids)
     for _ in range(KMEANS_ITERATIONS):
         sums = np.stack([np.bincount(assignment, weights=sample[:, d], minlength=k)
-                         for d in range(3)], axis=1)  # [k, 3]
+                         for d in range(dims)], axis=1)  # [k, D]
         counts = np.bincount(assignment, minlength=k)
         # an emptied cluster keeps its old centroid rather than collapsing to the origin
         filled = counts > 0
@@ -109,7 +116,7 @@ def _clustered_regions(locations: pa.Table, num_regions: int) -> tuple[np.ndarra
 
 
 def _kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    centroids = np.empty((k, 3))
+    centroids = np.empty((k, points.shape[1]))
     centroids[0] = points[rng.integers(len(points))]
     closest = ((points - centroids[0]) ** 2).sum(axis=1)  # [N] squared distance to nearest
     for i in range(1, k):

@@ -16,9 +16,13 @@ apps.parquet, locations.parquet. Choices:
   so it lies in [0, C) whether the file counts from 0 or 1; an app listed twice keeps its
   first category (the others are counted in the summary).
 - The dataset has no coordinates: locations.parquet holds lat and lon as nulls, which the
-  contract reader takes as "coordinates unknown", and poi_counts as list<int32>. There is no
-  region_id, so featurize puts these locations in its unknown region; their loc_id still
-  feeds the location embeddings and poi_counts the spatial features.
+  contract reader takes as "coordinates unknown", and poi_counts as list<int32>. Without
+  region_id featurize makes no regions (`regions: none` in `u-mask data summary`); the loc_id
+  still feeds the location embeddings. With poi_regions=K (--poi-regions K) the import gives
+  each base station a region_id instead: k-means (trainer.data.regions.kmeans) of the
+  stations' POI profiles, log1p of the counts scaled to unit length, so stations of a similar
+  mix of places (offices, shops, homes) share a region; stations without any POI count get a
+  null region_id (featurize's unknown region). Then set data.num_regions=K.
 
 The text is streamed with pyarrow.csv block by block and parsed with vectorized compute;
 malformed lines are a UserError naming the file and line number. The output is written to a
@@ -67,6 +71,7 @@ class ImportSummary:
     duplicate_apps: int | None
     locations: int | None  # None when base_poi.txt is absent
     poi_categories: int | None
+    poi_regions: int | None = None  # regions made from the POI profiles (--poi-regions)
 
     def lines(self) -> list[str]:
         out = [f"events: {self.events} rows in {self.event_files} files"]
@@ -77,18 +82,29 @@ class ImportSummary:
         if self.locations is not None:
             out.append(f"locations: {self.locations} base stations with "
                        f"{self.poi_categories} POI counts each, no coordinates")
+            if self.poi_regions:
+                out.append(f"regions: {self.poi_regions} from the base stations' POI profiles (k-means); "
+                           f"set data.num_regions={self.poi_regions}")
+            else:
+                out.append("regions: none (no coordinates), so the region channels will carry no "
+                           "geography; --poi-regions K makes K regions of similar POI profiles")
         return out
 
 
 def import_tsinghua(src: Path, out: Path, utc_offset_hours: int = CHINA_UTC_OFFSET_HOURS,
                     rows_per_file: int = 5_000_000,
-                    on_progress: Callable[[int, int], None] | None = None) -> ImportSummary:
+                    on_progress: Callable[[int, int], None] | None = None,
+                    poi_regions: int | None = None) -> ImportSummary:
     """Convert the text files in `src` into a contract dataset at `out`.
 
-    on_progress(bytes of the trace read, its size in bytes) after each block of lines."""
+    on_progress(bytes of the trace read, its size in bytes) after each block of lines.
+    poi_regions: give base stations a region_id of that many clusters of their POI profiles
+    (module docstring); None: no region_id. A UserError if it is not positive."""
     src, out = Path(src), Path(out)
     if rows_per_file <= 0:
         raise UserError(f"--rows-per-file must be positive, not {rows_per_file}")
+    if poi_regions is not None and poi_regions <= 0:
+        raise UserError(f"--poi-regions must be positive, not {poi_regions}")
     if not src.is_dir():
         raise UserError(f"{src}: not a folder (expected the folder holding {TRACE})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -104,7 +120,7 @@ def import_tsinghua(src: Path, out: Path, utc_offset_hours: int = CHINA_UTC_OFFS
         events, files = _write_events(trace, staging / "events", utc_offset_hours * 3600,
                                       rows_per_file, on_progress)
         apps = _write_apps(_find(src, APP_CATEGORIES), staging / "apps.parquet")
-        locations = _write_locations(_find(src, BASE_POI), staging / "locations.parquet")
+        locations = _write_locations(_find(src, BASE_POI), staging / "locations.parquet", poi_regions)
         # the output must pass the contract it is written for
         written = open_dataset(staging)
         read_apps(written)
@@ -261,9 +277,13 @@ def _write_apps(path: Path | None, out: Path) -> tuple[int | None, int | None, i
     return apps.num_rows, len(categories), listed.num_rows - apps.num_rows
 
 
-def _write_locations(path: Path | None, out: Path) -> tuple[int | None, int | None]:
+def _write_locations(path: Path | None, out: Path,
+                     poi_regions: int | None = None) -> tuple[int | None, int | None, int | None]:
+    """locations.parquet from base_poi.txt; (stations, POI categories, regions made or None)."""
     if path is None:
-        return None, None
+        if poi_regions:
+            raise UserError(f"--poi-regions needs {BASE_POI}, the POI counts per base station")
+        return None, None, None
     split_on = "\t" if _has_tab(path) else None
     width = None
     blocks = []
@@ -286,8 +306,33 @@ def _write_locations(path: Path | None, out: Path) -> tuple[int | None, int | No
             counts[i] = column.cast(pa.float64()).cast(pa.int32())
         blocks.append(_location_block(station, counts))
     table = pa.concat_tables(blocks) if blocks else LOCATIONS.empty_table()
+    made = None
+    if poi_regions:
+        table, made = _with_poi_regions(table, poi_regions)
     pq.write_table(table, out)
-    return table.num_rows, (width - 1 if width else 0)
+    return table.num_rows, (width - 1 if width else 0), made
+
+
+def _with_poi_regions(table: pa.Table, k: int) -> tuple[pa.Table, int]:
+    """table with region_id int32: k-means of the stations' POI profiles (module docstring);
+    null for a station without POI counts. Returns the table and the regions made."""
+    from trainer.data.regions import kmeans
+
+    counts = table.column("poi_counts")
+    width = max((len(v) for v in counts.to_pylist() if v), default=0)
+    profiles = np.zeros((table.num_rows, width))
+    for row, values in enumerate(counts.to_pylist()):
+        if values:
+            profiles[row, :len(values)] = np.log1p(values)
+    norms = np.linalg.norm(profiles, axis=1)
+    has_pois = norms > 0
+    if not has_pois.any():
+        raise UserError(f"{BASE_POI}: no base station has a POI count, so --poi-regions has nothing to cluster")
+    k = min(k, int(has_pois.sum()))
+    regions = np.zeros(table.num_rows, np.int32)
+    regions[has_pois], _ = kmeans(profiles[has_pois] / norms[has_pois, None], k)
+    column = pa.array(regions, pa.int32(), mask=~has_pois)
+    return table.append_column(pa.field("region_id", pa.int32()), column), k
 
 
 def _location_block(station: pa.Array, counts: list[pa.Array]) -> pa.Table:
