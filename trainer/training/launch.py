@@ -152,7 +152,9 @@ def start_embedded_ray(num_cpus: int, verbose: bool = False, env_vars: dict[str,
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
         **(env_vars or {}),
     }
-    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=True,
+    # address="local": always a new Ray, never one a `ray start` left on this machine, which
+    # ray.init would otherwise join (and refuse num_cpus for)
+    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=True,
              dashboard_host="127.0.0.1", log_to_driver=verbose,
              logging_level=_driver_log_level(verbose), runtime_env={"env_vars": env})
 
