@@ -42,6 +42,7 @@ def train(cfg: RunConfig, verbose: bool | None = None,
 
     from embeddings.plan import check_sharding_types
     from trainer.data.loader import check_spec_matches, read_spec
+    from trainer.training.resume import check_resume
 
     check_sharding_types(cfg.embeddings, "cuda" if cfg.ray.use_gpu else "cpu")
     check_cluster(cfg)  # on a cluster: its address answers, takes our token, and the paths are shared
@@ -50,12 +51,15 @@ def train(cfg: RunConfig, verbose: bool | None = None,
         cfg.data, source=str(Path(cfg.data.source).resolve()),
         features=str(Path(cfg.data.features).resolve())))
     # fails here, on the driver, if featurize has not run or made other features than cfg says
-    check_spec_matches(read_spec(Path(cfg.data.features)), cfg.data, cfg.data.features)
+    spec = read_spec(Path(cfg.data.features))
+    check_spec_matches(spec, cfg.data, cfg.data.features)
     storage = _absolute_storage(cfg.ray.storage_path)
     run_dir = Path(storage) / cfg.ray.name
     if run_dir.exists() and not cfg.train.resume:
         raise UserError(f"run {cfg.ray.name!r} already exists in {storage}; "
                         "choose another ray.name or set train.resume=true to continue it")
+    if "://" not in storage:  # a resume this config cannot continue fails here, naming the keys
+        check_resume(cfg, run_dir, spec)
     save_config(cfg, run_dir / "config.yaml")
     verbose = verbose_from_env() if verbose is None else verbose
     _start_ray(cfg, verbose)

@@ -178,6 +178,8 @@ class Trainer:
             engine=self.engine, tables=self.tables)
         self.loader.load_state_dict(loader_state)
         self.micro_step = self.step * self.engine.gradient_accumulation_steps()
+        for group in self.engine.optimizer.param_groups:  # the checkpoint brought its own; the config's win
+            group["lr"], group["weight_decay"] = self.cfg.deepspeed.lr, self.cfg.deepspeed.weight_decay
 
     def train(self) -> dict[str, float]:
         """Trains up to cfg.train.steps; returns the metrics of the last logged window.
