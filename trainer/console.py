@@ -83,8 +83,11 @@ class TrainingDisplay:
         if self.interactive:  # shown at once: starting Ray and the workers takes a while
             from tqdm import tqdm
 
+            # the ETA is rank 0's (eta_s: its pace since the loop started), not tqdm's, which
+            # would count starting Ray and the workers as if it were training
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit=" step",
-                            file=self.stream, dynamic_ncols=True)
+                            file=self.stream, dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
     def row(self, row: dict[str, str]) -> None:
         """One metrics.csv row, as strings by column (trainer.training.progress.follow_csv)."""
@@ -103,8 +106,8 @@ class TrainingDisplay:
             print(step_line(row, self.total_steps), file=self.stream, flush=True)
             return
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{float(row['loss']):.4f}",
-                             ex_s=f"{float(row['examples_per_s']):.0f}", refresh=True)
+        self.bar.set_postfix_str(f"loss={float(row['loss']):.4f}, examples/s={float(row['examples_per_s']):.0f}, "
+                                 f"eta={float(row.get('eta_s') or 0):.0f}s", refresh=True)
 
     def _print(self, line: str) -> None:
         if self.bar is not None:
