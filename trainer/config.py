@@ -154,7 +154,13 @@ class RayConfig:
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     storage_path: str = "runs"  # shared storage on a multi-node cluster
     name: str = "umask"  # run name: rerunning with the same name resumes
-    max_failures: int = 0
+    # Worker-group failures (a worker killed, a node lost, a timed-out collective) survived by
+    # restarting every worker from the latest checkpoint; -1: retry forever, 0: never.
+    max_failures: int = 3
+    # A collective (the tables' all-to-all, gradient all-reduce, a checkpoint's barriers) that
+    # waits longer than this for a peer fails the step instead of hanging: a hung or dead rank
+    # becomes an error, then a restart (max_failures). Must exceed the slowest checkpoint write.
+    collective_timeout_s: int = 600
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -164,6 +170,8 @@ class RayConfig:
             out.append(("cpus_per_worker", "must be positive"))
         if self.max_failures < -1:
             out.append(("max_failures", "must be -1 (retry forever) or >= 0"))
+        if self.collective_timeout_s <= 0:
+            out.append(("collective_timeout_s", "must be positive"))
         return out
 
 

@@ -80,3 +80,22 @@ def built_checkpoint(tmp_path_factory, tiny_dataset):
     write_state(folder, step=7, world_size=1, run_name="built")
     write_manifest(folder, rank=0, run_name="built")
     return run, folder, {"dense": dense, "tables": weights}
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory, tiny_dataset, embedded_ray):
+    """The tiny preset trained 8 steps by 2 Ray workers without interruption, logging every step
+    and checkpointing every 4: the reference the resume and fault tests compare against.
+    Returns its run folder."""
+    from trainer.config import load_config
+    from trainer.training.launch import train
+
+    storage = tmp_path_factory.mktemp("straight-runs")
+    result = train(load_config([str(CONFIGS / "tiny.yaml")], [
+        f"data.source={tiny_dataset / 'raw'}", f"data.features={tiny_dataset / 'features'}",
+        f"ray.storage_path={storage}", "ray.name=straight", *STRAIGHT]))
+    assert result.error is None
+    return storage / "straight"
+
+
+STRAIGHT = ("train.steps=8", "train.log_every=1", "train.checkpoint_every=4")

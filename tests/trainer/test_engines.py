@@ -160,7 +160,37 @@ def _combos(rank: int, cfg, root: str, combos, fp16_scale_power: int | None, cro
             "resumed_tensors": weights.pop("tensors"), "resumed_weights": weights,
             "lr": [group["lr"] for group in other.engine.optimizer.param_groups]}
         dist.barrier()
+    if cross:
+        results["restore"] = _restore_passes_over_damage(rank, cfg, Path(root))
     return results
+
+
+def _restore_passes_over_damage(rank: int, cfg, root: Path) -> dict:
+    """Trainer.restore on a run folder whose newest checkpoint is damaged (its state.json no
+    longer matches the manifest), then on one whose only checkpoint is."""
+    import json
+
+    import torch.distributed as dist
+
+    from umask.errors import UserError
+
+    run, lone = root / "restore" / "run", root / "restore" / "lone"
+    if rank == 0:
+        shutil.copytree(root / "zero0-fp32" / "checkpoint", run / "checkpoint_a")
+        for target in (run / "checkpoint_b", lone / "checkpoint_b"):
+            shutil.copytree(root / "zero0-fp32" / "checkpoint", target)
+            state = json.loads((target / "state.json").read_text())
+            (target / "state.json").write_text(json.dumps({**state, "step": 9}))
+    dist.barrier()
+    trainer = _local_trainer(dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, zero_stage=0)), run)
+    type(trainer).__bases__[0].restore(trainer)  # the real restore, which the test subclass stubs
+    out = {"step": trainer.step}
+    trainer.run_dir = lone
+    try:
+        type(trainer).__bases__[0].restore(trainer)
+    except UserError as err:
+        out["lone"] = str(err)
+    return out
 
 
 def _per_rank_verification(rank: int, folder: str) -> tuple:
@@ -272,8 +302,8 @@ def test_each_rank_verifies_only_its_own_files(engine_runs, tmp_path):
     assert set(hashed0) == _own_files(folder, 0)
     damaged = ("manifest-rank1.json", str(target.relative_to(folder)))
     assert damaged in hashed1 and set(hashed1) <= _own_files(folder, 1) | {("manifest-rank0.json", "state.json")}
-    assert kind1 == "UserError" and "checksum does not match manifest-rank1.json" in message1
-    assert kind0 == "UserError" and "rank 1 found the checkpoint damaged" in message0
+    assert kind1 == "CheckpointDamaged" and "checksum does not match manifest-rank1.json" in message1
+    assert kind0 == "CheckpointDamaged" and "rank 1 found the checkpoint damaged" in message0
 
 
 @pytest.mark.parametrize("source,stage", [("zero1-fp32", 2), ("zero2-fp32", 1)])
@@ -301,3 +331,12 @@ def test_the_configs_learning_rate_wins_over_the_checkpoints(engine_runs):
         assert crossed["lr"] and all(lr == 0.001 for lr in crossed["lr"])  # saved with 0.003
         # the first resumed step's loss comes before any update: the same as the straight run's
         assert crossed["resumed"][0] == runs[rank]["zero0-fp32"]["straight"][0]
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_and_never_started_over_from(engine_runs):
+    runs, _ = engine_runs
+    for rank in (0, 1):
+        restore = runs[rank]["restore"]
+        assert restore["step"] == 2  # checkpoint_a, not the damaged step-"9" checkpoint_b
+        assert "none of its 1 checkpoints verifies" in restore["lone"]
+        assert "refusing to start the run over" in restore["lone"]

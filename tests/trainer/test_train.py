@@ -56,13 +56,12 @@ def test_two_workers_shard_tables_and_learn(tmp_path, tiny_config, embedded_ray)
     assert loaded.step == 30 and loaded.checkpoint == checkpoints[1]
 
 
-def test_resume_continues_with_the_same_losses(tmp_path, tiny_config, embedded_ray):
-    common = ("train.log_every=1", "train.checkpoint_every=4")
-    train(tiny_config("ray.name=straight", "train.steps=8", *common))
+def test_resume_continues_with_the_same_losses(tmp_path, tiny_config, embedded_ray, straight_run):
+    common = ("train.log_every=1", "train.checkpoint_every=4")  # straight_run's (conftest.py)
     train(tiny_config("ray.name=resumed", "train.steps=4", *common))
     result = train(tiny_config("ray.name=resumed", "train.steps=8", *common))
     assert result.error is None
-    straight, resumed = _losses(tmp_path / "runs" / "straight"), _losses(tmp_path / "runs" / "resumed")
+    straight, resumed = _losses(straight_run), _losses(tmp_path / "runs" / "resumed")
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), step

@@ -40,6 +40,11 @@ from trainer.data.schema import SPEC_DIR
 from umask.errors import UserError
 
 ENGINE_TAG = "engine"
+
+
+class CheckpointDamaged(UserError):
+    """A checkpoint that is incomplete, modified or not this run's: verification refused it
+    before any of its files was read."""
 RANK0_FILES = ("state.json", "config.yaml", "dense.safetensors", "spec/spec.json")  # rank 0 writes them
 
 
@@ -108,7 +113,7 @@ def _verify_together(folder: Path, run_name: str, rank: int) -> dict:
     try:
         state = verify_checkpoint(folder, run_name, ranks=[rank])
     except UserError as err:
-        error = err
+        error = CheckpointDamaged(str(err))
     failed = torch.zeros(dist.get_world_size(), dtype=torch.float32)
     failed[rank] = float(error is not None)
     dist.all_reduce(failed)
@@ -116,8 +121,8 @@ def _verify_together(folder: Path, run_name: str, rank: int) -> dict:
         raise error
     bad = [r for r, flag in enumerate(failed.tolist()) if flag]
     if bad:
-        raise UserError(f"{folder}: rank {', '.join(map(str, bad))} found the checkpoint damaged "
-                        "(its own error says how); refusing to load it")
+        raise CheckpointDamaged(f"{folder}: rank {', '.join(map(str, bad))} found the checkpoint damaged "
+                                "(its own error says how); refusing to load it")
     return state
 
 
@@ -191,12 +196,20 @@ def checkpoint_step(folder: Path) -> int:
     return step if isinstance(step, int) else -1
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The run's complete checkpoint (is_complete) with the highest step; None when it has none.
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints (is_complete), newest (highest step) first.
 
-    It is the one Ray Train resumes from, which publishes a checkpoint only once it is whole."""
+    Every rank's part of a complete one reached the run's storage, so it is the run's state at
+    its step whether or not Ray Train registered it: Ray registers a reported checkpoint when its
+    controller next polls the workers, and a worker group that fails before that (a second or
+    two after the report) leaves it unregistered, and Ray would resume from the one before."""
     complete = [p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir() and is_complete(p)]
-    return max(complete, key=lambda p: (checkpoint_step(p), p.name), default=None)
+    return sorted(complete, key=lambda p: (checkpoint_step(p), p.name), reverse=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The run's newest complete checkpoint (complete_checkpoints); None when it has none."""
+    return next(iter(complete_checkpoints(run_dir)), None)
 
 
 def _read_manifest(path: Path, run_name: str) -> tuple[int, dict]:

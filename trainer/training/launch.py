@@ -35,7 +35,7 @@ def train(cfg: RunConfig, verbose: bool | None = None,
     """
     from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig,
                            ScalingConfig, WorkerGroupError)
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainer.training.progress import follow_csv
     from trainer.training.worker_logs import verbose_from_env
@@ -66,6 +66,9 @@ def train(cfg: RunConfig, verbose: bool | None = None,
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_main,
         train_loop_config={"cfg": cfg, "run_dir": str(run_dir), "verbose": verbose},
+        # every collective of the worker group's process group fails after this instead of
+        # waiting forever for a hung or dead peer (the loop gives DeepSpeed's groups the same)
+        torch_config=TorchConfig(timeout_s=cfg.ray.collective_timeout_s),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **cfg.ray.resources_per_worker}),
@@ -183,6 +186,10 @@ def _worker_env(cfg: RunConfig) -> dict[str, str]:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for GPUs at import
     # rank 0 logs to MLflow (tracking.py): it needs the driver's MLflow settings and credentials
     env.update({k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")})
+    from trainer.training.faults import ENV as FAULTS
+
+    if os.environ.get(FAULTS):  # fire drills and the fault tests (trainer/training/faults.py)
+        env[FAULTS] = os.environ[FAULTS]
     return env
 
 

@@ -7,7 +7,14 @@ group already exists; locally that worker is a CPU process of an embedded Ray.
 
 The metrics do not make a step wait for the device: they stay device tensors, summed in a
 MetricWindow, and the ranks average them (one all-reduce, one copy to the host) only on logged
-steps and on checkpoint steps, where Ray Train takes them with the checkpoint.
+steps and on checkpoint steps, where Ray Train takes them with the checkpoint. What does wait,
+once per micro-batch, is the finiteness check before any weight moves (trainer/training/guard.py:
+one all-reduce of a few flags).
+
+Faults (docs/reliability.md): a restarted worker group resumes from the newest checkpoint every
+rank finished (`restore`); every collective fails after ray.collective_timeout_s instead of
+waiting forever for a hung peer; UMASK_FAULTS injects real faults at chosen steps
+(trainer/training/faults.py).
 """
 from __future__ import annotations
 
@@ -25,10 +32,12 @@ from trainer.data.batch import Batch
 from trainer.data.loader import ShardedLoader, check_spec_matches
 from trainer.data.schema import SPEC_DIR
 from trainer.training.deepspeed_config import deepspeed_config, resolve_precision
+from trainer.training.faults import fault_point
 from trainer.training.guard import NonFiniteGuard
 from trainer.training.native_ops import without_runtime_builds
 from trainer.training.progress import ProgressLog
 from trainer.training.sparse_grad import table_gradient, watch_loss
+from umask.errors import UserError
 
 
 class Trainer:
@@ -59,6 +68,7 @@ class Trainer:
         model = UMask(cfg.model, self.spec, sparse_dim=pooled_dim(cfg.embeddings),
                       gather_negatives=_other_ranks_rows if self.world_size > 1 else no_extra_negatives)
         without_runtime_builds()  # no C++ compiled here, so no build lock to wait on
+        _new_groups_time_out_after(cfg.ray.collective_timeout_s)
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(),
             config=deepspeed_config(cfg.deepspeed, cfg.train.batch_size, cfg.ray.use_gpu))
@@ -144,6 +154,10 @@ class Trainer:
 
         with tempfile.TemporaryDirectory(prefix="umask-ckpt-") as folder:
             self.write_checkpoint(Path(folder))
+            fault_point("save", self.step, self.rank, self.run_dir)
+            # Ray's report waits for every rank with no time limit; this barrier has the
+            # collective timeout, so a rank that hangs before reporting fails the step instead
+            dist.barrier()
             ray.train.report({"step": self.step, **metrics},
                              checkpoint=ray.train.Checkpoint.from_directory(folder))
 
@@ -157,16 +171,46 @@ class Trainer:
                         spec_dir=Path(self.cfg.data.features) / SPEC_DIR)
 
     def restore(self) -> None:
-        """Continues from Ray Train's latest checkpoint of this run, if there is one."""
+        """Continues from the run's newest checkpoint that every rank finished and that verifies.
+
+        On a local or mounted storage path: the run folder's complete checkpoints, newest first
+        (trainer/training/checkpoint.py: complete_checkpoints, which also finds the checkpoint of
+        a worker group that failed before Ray Train registered it); a damaged one is passed over,
+        loudly, for the one before, and if every one is damaged the run stops rather than start
+        over. On remote storage (a URI): Ray Train's latest registered checkpoint.
+        """
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None or not self.cfg.train.resume:
+        from trainer.training.checkpoint import CheckpointDamaged, complete_checkpoints
+
+        if not self.cfg.train.resume:
             return
-        with checkpoint.as_directory() as folder:
-            self.load_checkpoint(Path(folder))
+        if "://" in self.cfg.ray.storage_path:
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is None:
+                return
+            with checkpoint.as_directory() as folder:
+                self.load_checkpoint(Path(folder))
+            candidates = [checkpoint.path]
+        else:
+            candidates = complete_checkpoints(self.run_dir)
+            damaged = []
+            for folder in candidates:
+                try:
+                    self.load_checkpoint(folder)  # verification agrees across ranks: all pass over it alike
+                except CheckpointDamaged as err:
+                    damaged.append(str(err))
+                    print(f"not resuming from {folder}: {err}", flush=True)
+                    continue
+                candidates = [folder]
+                break
+            else:
+                if damaged:
+                    raise UserError(f"{self.run_dir}: none of its {len(damaged)} checkpoints verifies (the "
+                                    f"newest: {damaged[0]}); refusing to start the run over")
+                return
         if self.rank == 0:
-            print(f"resumed at step {self.step} from {checkpoint.path}", flush=True)
+            print(f"resumed at step {self.step} from {candidates[0]}", flush=True)
 
     def load_checkpoint(self, folder: Path) -> None:
         """Continues from the checkpoint in `folder` (collective): verified first, then engine,
@@ -201,6 +245,7 @@ class Trainer:
         try:
             while self.step < self.cfg.train.steps:
                 window.add(self.train_step())
+                fault_point("step", self.step, self.rank, self.run_dir)
                 logged = progress.due(self.step)
                 checkpoint = self.step % self.cfg.train.checkpoint_every == 0 or self.step == self.cfg.train.steps
                 if logged or checkpoint:  # the same steps on every rank: the all-reduce inside is collective
@@ -213,6 +258,8 @@ class Trainer:
                 if checkpoint:
                     self.save(metrics)
             finished = True
+        except RuntimeError as err:
+            raise _timed_out(err, self.step + 1, self.rank, self.cfg.ray.collective_timeout_s) or err
         finally:
             if trackers is not None:
                 trackers.close(finished)
@@ -278,6 +325,32 @@ class MetricWindow:
         return {**dict(zip([*self.names, "data_wait", *totals], means)),
                 "skipped_steps": float(self.skipped["nonfinite"]),
                 "loss_scale_skips": float(self.skipped["loss_scale"])}
+
+
+def _timed_out(err: RuntimeError, step: int, rank: int, seconds: float) -> UserError | None:
+    """A collective's timeout (gloo: "Timed out waiting 600000ms for recv operation") as one line
+    for the user; None for any other error."""
+    if "timed out" not in str(err).lower():
+        return None
+    return UserError(f"step {step}: rank {rank} waited more than ray.collective_timeout_s={seconds} s for "
+                     f"the other ranks in a collective ({str(err).splitlines()[0][-120:]}): a rank is hung "
+                     "or dead; its log shows where it stopped")
+
+
+def _new_groups_time_out_after(seconds: float) -> None:
+    """Process groups made from here on fail a collective after `seconds`, as the world group does.
+
+    Ray Train gives the world group ray.collective_timeout_s, but DeepSpeed makes groups of its
+    own (its data-parallel copy of the world, used for the ZeRO reductions) with torch's default
+    (30 minutes for gloo, 10 for nccl), which torch reads from these module globals.
+    """
+    from datetime import timedelta
+
+    import torch.distributed.distributed_c10d as c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if hasattr(c10d, name):
+            setattr(c10d, name, timedelta(seconds=seconds))
 
 
 def _write_plan(placements: dict, path: Path) -> None:
