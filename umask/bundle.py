@@ -175,7 +175,7 @@ class Bundle:
         and which slots were observed, shown as evidence and targeted."""
         rows = latest_windows(events, self.spec, self.maps, self.plausible)
         result = self.complete_rows(rows, task, cut, seed, engine)
-        return completed_table(rows, result["dense"], result["evidence"], result["target"])
+        return completed_table(rows, result["dense"], result["evidence"], result["target"], self.spec)
 
     def _lookup(self, name: str, raw_ids) -> Lookup:
         ids = np.asarray(raw_ids, dtype=np.int64).reshape(-1)

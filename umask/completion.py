@@ -86,10 +86,10 @@ def task_evidence(dense: Tensor, observed: Tensor, time_of_week: Tensor, task: s
 
 
 def completed_table(rows: ExampleRows, dense: Tensor, evidence: Tensor, target: Tensor,
-                    spec: FeatureSpec | None = None) -> pa.Table:
+                    spec: FeatureSpec) -> pa.Table:
     """One COMPLETED row per (user, slot) of rows' windows, with the completed dense [B,T,F].
 
-    With the spec, the schema's metadata labels `dense`: b"umask.dense_channels" holds the F
+    The schema's metadata labels `dense` from the spec: b"umask.dense_channels" holds the F
     channel names as a JSON list (DenseLayout.channel_names), b"umask.spec_digest" the spec's
     digest, and the dense field's own metadata the same names."""
     n, slots = rows.observed.shape
@@ -105,8 +105,6 @@ def completed_table(rows: ExampleRows, dense: Tensor, evidence: Tensor, target: 
         "dense": pa.FixedSizeListArray.from_arrays(values.reshape(-1), values.shape[2]).cast(
             pa.list_(pa.float32())),
     }, schema=COMPLETED)
-    if spec is None:
-        return table
     return table.replace_schema_metadata(dense_labels(spec)).cast(labelled_schema(spec))
 
 

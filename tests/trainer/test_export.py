@@ -153,6 +153,8 @@ def test_the_loader_computes_what_the_training_model_computes(bundle, trained, e
     assert embedded["observed_slots"].to_pylist() == rows.observed.sum(1).tolist()
     completed = loaded.complete(events, "short")
     assert completed.num_rows == 12 * 168
+    # the dense column is labelled from the bundle's spec, as `u-mask complete` labels it
+    assert json.loads(completed.schema.metadata[b"umask.dense_channels"]) == loaded.spec.layout.channel_names()
 
 
 def test_lookups_give_the_trained_rows_and_say_which_ids_training_saw(bundle, trained, tiny_dataset):
