@@ -26,11 +26,13 @@ SHM_COMM_OP = "deepspeed_shm_comm"
 def without_runtime_builds() -> None:
     """Makes this process's DeepSpeed use no run-time-built op; call before deepspeed.initialize."""
     import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.ops.op_builder.builder import OpBuilder
 
-    # DeepSpeed caches the probe in the module so that edits to it persist (deepspeed/ops/__init__.py);
-    # its comm backend builds the shm op only when this says the op is compatible
-    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    if get_accelerator().create_op_builder("ShareMemCommBuilder") is not None:  # the CPU accelerator's
+        # DeepSpeed caches its probe of the ops in the module so that edits to it persist
+        # (deepspeed/ops/__init__.py); its comm backend builds the op only when this says it can
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
     if getattr(OpBuilder.jit_load, "_refuses_builds", False):
         return
 
