@@ -8,7 +8,7 @@
 #   UMASK_ACCEL=cuda cluster/install.sh    force the CUDA fbgemm build (default: auto-detect)
 #   UMASK_KERNELS=0 cluster/install.sh     skip the optional triton extra
 #
-# Why the order matters (../shared/notes/stack.md):
+# Why the order matters:
 # - torch is pinned first: a bare `torch` requirement would pull a multi-GB CUDA build.
 # - torchrec's metadata requires `fbgemm-gpu`, which would replace the CPU build with a CUDA
 #   one of another version and break at import; torchrec goes in with --no-deps and its real

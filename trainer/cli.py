@@ -383,7 +383,9 @@ def _add_complete(commands) -> None:
                         help="a checkpoint folder, or a run folder (its latest checkpoint)")
     parser.add_argument("--events", required=True,
                         help="contract events: a dataset folder, an events directory or a Parquet file")
-    parser.add_argument("--task", required=True, choices=("short", "long", "cold"))
+    parser.add_argument("--task", required=True, choices=("short", "long", "cold"),
+                        help="short: the next few slots; long: up to model.mask.long.target_max slots "
+                             "ahead; cold: everything after the first day, from one day of history")
     parser.add_argument("--out", required=True, help="folder for completed.parquet")
     parser.add_argument("--cut", type=int, help="first target slot for every user (default: per task)")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: model.diffusion.sample_steps)")

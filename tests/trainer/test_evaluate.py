@@ -128,6 +128,13 @@ def test_findings_say_plainly_when_the_model_loses():
     assert with_intervals[3].startswith("cold: umask minus each method on category_mrr, with 95% bootstrap "
                                         "intervals over users: umask_uniform_mask (-0.2000, 95% interval")
     assert len(with_intervals) == 4
+    # an interval that holds 0 is a tie within the noise, never a win or a loss
+    noisy = {"difference": 0.05, "low": -0.03, "high": 0.16, "users": 9}
+    intervals = {"cold": {label: {m: noisy for m in (UNIFORM, *BASELINES)} for label in ("all", "[0, 0.05]")}}
+    tied = findings(tasks, intervals=intervals)
+    assert tied[1].startswith("cold, sparsest bucket with slots [0, 0.05]: umask 0.5000 is behind, within the "
+                              "noise, hour_of_week 0.7000 (+0.0500, 95% interval [-0.0300, +0.1600]")
+    assert tied[2].startswith("cold: adaptive masks are behind, within the noise, uniform masks")
 
 
 # --- baselines on a dataset whose answers are known ----------------------------------------

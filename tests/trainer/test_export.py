@@ -96,6 +96,8 @@ def test_the_manifest_names_the_model_the_data_and_every_file(bundle, trained, r
     assert set(manifest["files"]) == on_disk
     assert all(entry["bytes"] == (bundle / name).stat().st_size for name, entry in manifest["files"].items())
     assert manifest["users"]["split"] == "train"
+    # a bundle is shared with other teams: every file readable by them (safetensors writes 0600)
+    assert all((bundle / name).stat().st_mode & 0o044 == 0o044 for name in [*manifest["files"], MANIFEST])
 
 
 def test_no_file_of_the_bundle_is_a_pickle(bundle):

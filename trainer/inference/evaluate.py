@@ -380,12 +380,14 @@ def findings(tasks: dict, uniform_trained: bool = False, intervals: dict | None 
             sparsest = buckets[0]
             value = methods[MODEL][sparsest][HEADLINE]
             other = methods["hour_of_week"][sparsest][HEADLINE]
-            verdict = "beats" if better(HEADLINE, value, other) else "does NOT beat"
+            margin = None if intervals is None else intervals[task][sparsest]["hour_of_week"]
+            verdict = _verdict(better(HEADLINE, value, other), margin, "beats", "does NOT beat")
             out.append(f"{task}, sparsest bucket with slots {sparsest}: {MODEL} {value:.4f} {verdict} "
                        f"hour_of_week {other:.4f}" + ("" if intervals is None else
                                                       _margin(intervals[task][sparsest]["hour_of_week"])))
         uniform = methods[UNIFORM]["all"][HEADLINE]
-        verdict = "beat" if better(HEADLINE, model_all, uniform) else "do NOT beat"
+        margin = None if intervals is None else intervals[task]["all"][UNIFORM]
+        verdict = _verdict(better(HEADLINE, model_all, uniform), margin, "beat", "do NOT beat", be="are")
         out.append(f"{task}: adaptive masks {verdict} uniform masks ({model_all:.4f} vs {uniform:.4f}; "
                    f"uniform: {ablation})")
         if intervals is not None:
@@ -393,6 +395,13 @@ def findings(tasks: dict, uniform_trained: bool = False, intervals: dict | None 
             out.append(f"{task}: {MODEL} minus each method on {HEADLINE}, with 95% bootstrap intervals "
                        "over users: " + "; ".join(f"{m}{_margin(v)}" for m, v in margins.items()))
     return out
+
+
+def _verdict(ahead: bool, interval: dict[str, float] | None, win: str, loss: str, be: str = "is") -> str:
+    """`win` or `loss`; when the interval of the difference holds 0, a tie within the noise."""
+    if interval is not None and interval["low"] <= 0 <= interval["high"]:
+        return f"{be} {'ahead of' if ahead else 'behind'}, within the noise,"
+    return win if ahead else loss
 
 
 def _margin(interval: dict[str, float]) -> str:

@@ -177,6 +177,8 @@ def _write_dense(source: Path, out: Path, max_shard_bytes: int) -> list[str]:
     (out / DENSE_DIR).mkdir()
     for name, keys in zip(names, groups):
         save_file({key: weights[key] for key in keys}, str(out / name), metadata={"format": "pt"})
+        # safetensors creates its files 0600; a bundle is read by other teams, like its Parquet files
+        (out / name).chmod(0o644)
     return names
 
 
