@@ -14,7 +14,8 @@
 #   one of another version and break at import; torchrec goes in with --no-deps and its real
 #   dependencies are listed in pyproject.toml.
 # - deepspeed ships an sdist whose build imports torch: build it against the pinned torch
-#   (--no-build-isolation) with its C++ ops left to JIT (DS_BUILD_OPS=0).
+#   (--no-build-isolation) with no C++ op prebuilt (DS_BUILD_OPS=0): training needs none, and
+#   trainer/training/native_ops.py refuses any op DeepSpeed would JIT-build on a worker.
 set -euo pipefail
 
 VENV=${1:-.venv}
