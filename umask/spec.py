@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -307,7 +308,7 @@ def save_spec(folder: str | Path, spec: FeatureSpec, maps: FeatureMaps) -> Featu
     pq.write_table(pa.table({"loc_id": pa.array(maps.loc_ids, pa.int64()),
                              "region": pa.array(maps.regions, pa.int32())}), folder / LOC_REGIONS)
     files = {name: _sha256(folder / name) for name in (APP_CATEGORIES, LOC_REGIONS)}
-    spec = FeatureSpec(**{**{f.name: getattr(spec, f.name) for f in fields(spec)}, "files": files})
+    spec = dataclasses.replace(spec, files=files)
     tmp = folder / (SPEC_JSON + ".tmp")
     tmp.write_text(json.dumps(spec.to_json(), indent=1) + "\n")
     tmp.replace(folder / SPEC_JSON)
