@@ -25,14 +25,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from umask.bundle_format import (DENSE_DIR, MANIFEST, PROGRAM, SEEN_IDS, SPEC_DIR, TABLES, read_manifest,
-                                 table_schema, verify_bundle)
+from umask.bundle_format import (DENSE_DIR, MANIFEST, PROGRAM, SEEN_IDS, TABLES, read_manifest, table_schema, verify_bundle)
 from umask.completion import completed_table, task_evidence
 from umask.config import model_config_from_dict
 from umask.errors import UserError
 from umask.model import UMask
 from umask.slots import ExampleRows, latest_windows
-from umask.spec import FeatureMaps, FeatureSpec, load_maps, load_spec, table_rows
+from umask.spec import SPEC_DIR, FeatureMaps, FeatureSpec, load_maps, load_spec, table_rows
 
 
 @dataclass(frozen=True)

@@ -42,10 +42,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from umask.errors import UserError
+from umask.spec import SPEC_DIR, file_sha256
 
 FORMAT = "1.0.0"
 MANIFEST = "manifest.json"
-SPEC_DIR = "spec"
 DENSE_DIR = "dense"
 TABLES = {"app": "tables/app.parquet", "loc": "tables/loc.parquet"}  # in the pooled output's order
 SEEN_IDS = {"app": "ids/app.parquet", "loc": "ids/loc.parquet"}
@@ -72,8 +72,7 @@ def bundle_version(files: dict) -> str:
 
 def file_entry(path: Path) -> dict:
     """{"sha256", "bytes"} of a file, as the manifest lists it."""
-    with path.open("rb") as f:
-        return {"sha256": hashlib.file_digest(f, "sha256").hexdigest(), "bytes": path.stat().st_size}
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
 
 
 def pickled_entries(archive: Path) -> list[str]:

@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from umask.errors import UserError
 
 FORMAT = "1.0.0"
+SPEC_DIR = "spec"  # a spec folder's name inside a features folder, a checkpoint and a bundle
 SPEC_JSON = "spec.json"
 APP_CATEGORIES = "app_categories.parquet"
 LOC_REGIONS = "loc_regions.parquet"
@@ -307,7 +308,7 @@ def save_spec(folder: str | Path, spec: FeatureSpec, maps: FeatureMaps) -> Featu
                              "category": pa.array(maps.categories, pa.int32())}), folder / APP_CATEGORIES)
     pq.write_table(pa.table({"loc_id": pa.array(maps.loc_ids, pa.int64()),
                              "region": pa.array(maps.regions, pa.int32())}), folder / LOC_REGIONS)
-    files = {name: _sha256(folder / name) for name in (APP_CATEGORIES, LOC_REGIONS)}
+    files = {name: file_sha256(folder / name) for name in (APP_CATEGORIES, LOC_REGIONS)}
     spec = dataclasses.replace(spec, files=files)
     tmp = folder / (SPEC_JSON + ".tmp")
     tmp.write_text(json.dumps(spec.to_json(), indent=1) + "\n")
@@ -334,7 +335,7 @@ def load_maps(folder: str | Path, spec: FeatureSpec) -> FeatureMaps:
     for name, digest in spec.files.items():
         if not (folder / name).is_file():
             raise UserError(f"{folder / name}: missing from the feature spec folder")
-        if _sha256(folder / name) != digest:
+        if file_sha256(folder / name) != digest:
             raise UserError(f"{folder / name}: checksum does not match {SPEC_JSON}; the file was modified")
     apps = pq.read_table(folder / APP_CATEGORIES)
     locs = pq.read_table(folder / LOC_REGIONS)
@@ -354,6 +355,7 @@ def _canonical(data: dict) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (hashlib.file_digest)."""
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

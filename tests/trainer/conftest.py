@@ -53,7 +53,7 @@ def built_checkpoint(tmp_path_factory, tiny_dataset):
     from trainer.training.checkpoint import write_manifest, write_state
     from trainer.config import load_config, to_yaml
     from trainer.data.loader import read_spec
-    from trainer.data.schema import SPEC_DIR
+    from umask.spec import SPEC_DIR
     from umask.model import UMask
 
     run = tmp_path_factory.mktemp("built-runs") / "built"

@@ -39,7 +39,8 @@ import pyarrow.parquet as pq
 from trainer.config import DataConfig, RunConfig, save_config
 from umask.contract import EventReader, open_dataset, read_apps, read_locations
 from trainer.data.regions import build_region_table
-from trainer.data.schema import EXAMPLES, SPEC_DIR
+from trainer.data.schema import EXAMPLES
+from umask.spec import SPEC_DIR
 from umask.errors import UserError
 from umask.slots import ExampleRows, Slots, partition_events
 from umask.spec import SPLITS, FeatureMaps, FeatureSpec, save_spec

@@ -40,7 +40,8 @@ import pyarrow.parquet as pq
 
 from trainer.config import DataConfig
 from trainer.data.batch import Batch
-from trainer.data.schema import EXAMPLES, SPEC_DIR
+from trainer.data.schema import EXAMPLES
+from umask.spec import SPEC_DIR
 from umask.slots import ExampleRows
 from umask.spec import SPLITS, FeatureSpec, load_spec
 from umask.errors import UserError

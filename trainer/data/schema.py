@@ -6,8 +6,6 @@ The normalized events featurize reads are umask.contract.NORMALIZED_EVENTS.
 """
 import pyarrow as pa
 
-SPEC_DIR = "spec"  # the feature spec folder (umask/spec.py) inside a featurize output folder
-
 # One example = one user over one window of T slots. Per-slot lists have length T;
 # dense is row-major [T, F] flattened; id bags are flattened values with per-slot lengths.
 EXAMPLES = pa.schema(

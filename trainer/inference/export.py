@@ -42,14 +42,12 @@ from safetensors.torch import load_file, save_file
 
 from trainer.config import RunConfig
 from trainer.data.loader import discover, read_row_group
-from trainer.data.schema import SPEC_DIR as FEATURES_SPEC_DIR
 from trainer.inference.loading import open_checkpoint
-from umask.bundle_format import (DENSE_DIR, FORMAT, MANIFEST, PROGRAM, PROGRAM_INPUTS, SEEN_IDS, SEEN_SCHEMA,
-                                 SPEC_DIR, TABLES, USERS, bundle_version, file_entry, pickled_entries)
+from umask.bundle_format import (DENSE_DIR, FORMAT, MANIFEST, PROGRAM, PROGRAM_INPUTS, SEEN_IDS, SEEN_SCHEMA, TABLES, USERS, bundle_version, file_entry, pickled_entries)
 from umask.errors import UserError
 from umask.model import UMask
 from umask.slots import ExampleRows
-from umask.spec import FeatureSpec, load_spec, table_rows
+from umask.spec import SPEC_DIR, FeatureSpec, load_spec, table_rows
 
 DEFAULT_SHARD_BYTES = 2 << 30  # dense safetensors files of at most 2 GiB, as hubs split them
 # the contract the reader implements: its document and the revision the bundle was made under
@@ -136,10 +134,10 @@ def _prepare_output(out: Path) -> Path:
 
 
 def _check_features(features: Path, spec: FeatureSpec) -> None:
-    if not (features / FEATURES_SPEC_DIR).is_dir():
+    if not (features / SPEC_DIR).is_dir():
         raise UserError(f"{features}: no training features here (no spec/); export reads the ids seen in "
                         "training from them: pass --features with the folder training read")
-    digest = load_spec(features / FEATURES_SPEC_DIR).digest
+    digest = load_spec(features / SPEC_DIR).digest
     if digest != spec.digest:
         raise UserError(f"{features}: features of another feature spec (digest {digest[:12]}) than the "
                         f"checkpoint's ({spec.digest[:12]}); pass --features with the folder training read")

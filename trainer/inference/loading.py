@@ -22,7 +22,7 @@ from torch import Tensor
 from trainer.config import RunConfig, load_config
 from trainer.training.checkpoint import latest_checkpoint, verify_checkpoint
 from trainer.data.batch import Batch
-from trainer.data.schema import SPEC_DIR
+from umask.spec import SPEC_DIR
 from umask.spec import DenseLayout, FeatureMaps, FeatureSpec, load_maps, load_spec
 from umask.errors import UserError
 

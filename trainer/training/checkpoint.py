@@ -27,7 +27,6 @@ hashing is spread over the ranks instead of every rank reading every rank's file
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 import shutil
@@ -35,7 +34,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from trainer.data.schema import SPEC_DIR
+from umask.spec import SPEC_DIR, file_sha256
 
 from umask.errors import UserError
 
@@ -79,7 +78,7 @@ def write_manifest(folder: Path, *, rank: int, run_name: str) -> None:
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("manifest-"))
     manifest = {"run": run_name, "rank": rank,
-                "files": {str(p.relative_to(folder)): _sha256(p) for p in files}}
+                "files": {str(p.relative_to(folder)): file_sha256(p) for p in files}}
     _write_json(folder / f"manifest-rank{rank}.json", manifest)
 
 
@@ -236,7 +235,7 @@ def _check_file(folder: Path, name: str, digest: str, manifest_name: str) -> Non
     file = folder / name
     if not file.is_file():
         raise UserError(f"{folder}: {name} is listed in {manifest_name} but missing")
-    if _sha256(file) != digest:
+    if file_sha256(file) != digest:
         raise UserError(f"{file}: checksum does not match {manifest_name}; the checkpoint was modified")
 
 
@@ -262,8 +261,3 @@ def _full_dense_state(engine, rank: int) -> dict | None:
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, sort_keys=True))
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

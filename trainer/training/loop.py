@@ -30,7 +30,7 @@ import torch.distributed as dist
 from trainer.config import RunConfig, to_yaml
 from trainer.data.batch import Batch
 from trainer.data.loader import ShardedLoader, check_spec_matches
-from trainer.data.schema import SPEC_DIR
+from umask.spec import SPEC_DIR
 from trainer.training.deepspeed_config import deepspeed_config, resolve_precision
 from trainer.training.faults import fault_point
 from trainer.training.guard import NonFiniteGuard

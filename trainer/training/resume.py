@@ -42,7 +42,7 @@ from trainer.config import RunConfig
 from trainer.training.checkpoint import checkpoint_step, latest_checkpoint
 from trainer.training.deepspeed_config import resolve_precision
 from umask.errors import UserError
-from umask.spec import CONFIG_KEYS, FeatureSpec, load_spec
+from umask.spec import CONFIG_KEYS, SPEC_DIR, FeatureSpec, load_spec
 
 # ZeRO stages whose checkpoints DeepSpeed loads into each other (same files, same layout)
 _INTERCHANGEABLE_STAGES = ({1, 2},)
@@ -184,6 +184,6 @@ def _saved_precision(saved: dict) -> str:
 
 def _saved_spec(folder: Path) -> FeatureSpec | None:
     try:
-        return load_spec(folder / "spec")
+        return load_spec(folder / SPEC_DIR)
     except (UserError, OSError, ValueError, json.JSONDecodeError):
         return None
