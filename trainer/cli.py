@@ -254,7 +254,7 @@ def _train(args) -> int:
     display = TrainingDisplay(cfg.train.steps, resumed[1] if resumed else 0)
     started = time.perf_counter()
     try:
-        result = train(cfg, verbose=args.verbose, on_row=display.row)  # Ray Train raises on failure
+        train(cfg, verbose=args.verbose, on_row=display.row)  # Ray Train raises on failure
     finally:
         display.close()
     rows = read_metrics(run_dir / "metrics.csv")
