@@ -232,8 +232,9 @@ class FeatureSpec:
             raise UserError(f"{where}: feature spec format {version or 'missing'}; this version "
                             f"reads format {FORMAT.split('.')[0]}.x (re-run `u-mask data featurize`)")
         names = {f.name for f in fields(cls)}
-        missing = [f.name for f in fields(cls) if f.name not in data and f.name in
-                   ("slot_seconds", "slots", "num_categories", "num_regions")]
+        # the fields without a default: slot_seconds, slots, num_categories, num_regions
+        missing = [f.name for f in fields(cls) if f.name not in data
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
             raise UserError(f"{where}: missing keys {', '.join(missing)}")
         values = {k: v for k, v in data.items() if k in names}
