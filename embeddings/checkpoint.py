@@ -8,13 +8,21 @@ DCP's default .metadata file would. The state saved is tensors only, weights and
 accumulators; the optimizer's hyperparameters come from the config of the run that loads it.
 `load_full_tables` reads the same files into one process's plain tables, for inference.
 """
+import json
 import warnings
 from pathlib import Path
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint._hf_utils import (CUSTOM_METADATA_KEY, DCP_VERSION_KEY, FORMAT_KEY,
+                                                    FORMAT_VALUE, HF_DCP_VERSION, _gen_file_name)
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
@@ -31,7 +39,43 @@ def save_sharded(module: ShardedTables, path: str | Path, pg: dist.ProcessGroup 
     every safetensors file in it.
     """
     dcp.save(module.state_dict(), process_group=pg,
-             storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=True))
+             storage_writer=StreamingSafetensorsWriter(str(path), save_distributed=True))
+
+
+class StreamingSafetensorsWriter(HuggingFaceStorageWriter):
+    """DCP's safetensors layout, each file written by safetensors' save_file from the tensors' memory.
+
+    torch 2.13's HuggingFaceStorageWriter builds each whole file as bytes first
+    (safetensors.torch.save) and then writes it: two extra copies of a rank's shard, so a
+    2.56 GB shard (10^7 x 64 float32) peaked at 7.7 GB while saving (docs/embeddings.md).
+    save_file streams from the tensors' own storage. The files and their headers (the DCP
+    offsets of each shard) are the ones HuggingFaceStorageWriter writes, so
+    HuggingFaceStorageReader reads them unchanged.
+    """
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        storage_plan = plan.storage_data.get("fqn_to_index_mapping") if plan.storage_data else None
+        shard_index = plan.storage_data.get("shard_index") if plan.storage_data else None
+        highest_index = max(storage_plan.values()) if storage_plan else 1
+        results = []
+        for file_index, items in self._split_by_storage_plan(storage_plan, plan.items).items():
+            file_name = _gen_file_name(file_index, highest_index, shard_index)
+            tensors, offsets = {}, {}
+            for item in items:
+                if item.type == WriteItemType.BYTE_IO:
+                    raise TypeError(f"{item.index.fqn}: the tables' state is tensors only, not bytes")
+                # a CPU tensor's shard is already contiguous: no copy (an accelerator's comes to the host)
+                tensors[item.index.fqn] = planner.resolve_data(item).detach().cpu().contiguous()
+                offsets[item.index.fqn] = {"saved_offsets": list(item.tensor_data.chunk.offsets)}
+            save_file(tensors, str(self.fs.concat_path(self.path, file_name)), metadata={
+                CUSTOM_METADATA_KEY: json.dumps(offsets), DCP_VERSION_KEY: str(HF_DCP_VERSION),
+                FORMAT_KEY: FORMAT_VALUE})
+            results += [WriteResult(index=item.index, size_in_bytes=tensors[item.index.fqn].nbytes,
+                                    storage_data=_StorageInfo(file_name, 0, tensors[item.index.fqn].nbytes))
+                        for item in items]
+        done: Future[list[WriteResult]] = Future()
+        done.set_result(results)
+        return done
 
 
 def load_sharded(module: ShardedTables, path: str | Path, pg: dist.ProcessGroup | None = None) -> None:
