@@ -24,7 +24,9 @@ What it fixes:
   centroids (unit vectors, for assigning new coordinates without refitting) and the rule
   for loc_ids no table lists (stable_hash(loc_id, REGION_SALT) mod K);
 - the sparsity bucket edges that summary and eval report along;
-- `statistics`: room for the normalisation statistics of the training split.
+- `statistics`: what featurize measured of its own examples, per split (umask/statistics.py):
+  counts, sparsity buckets, per-channel mean/std/max over observed slots, id occurrences; the
+  train split's are the normalisation statistics.
 
 Versioning: FORMAT is semver. A reader accepts a spec of its own major version and refuses
 another with a message naming both; a new minor version only adds keys. `digest` is the
@@ -45,7 +47,7 @@ import pyarrow.parquet as pq
 
 from umask.errors import UserError
 
-FORMAT = "1.0.0"
+FORMAT = "1.1.0"  # 1.1: `statistics` filled by featurize
 SPEC_DIR = "spec"  # a spec folder's name inside a features folder, a checkpoint and a bundle
 SPEC_JSON = "spec.json"
 APP_CATEGORIES = "app_categories.parquet"
@@ -171,7 +173,7 @@ class FeatureSpec:
     region_source: str = "none"  # region_id | kmeans | none
     region_centroids: tuple[tuple[float, float, float], ...] = ()  # [K][3] unit-sphere k-means centroids
     sparsity_edges: tuple[float, ...] = SPARSITY_EDGES
-    statistics: dict = field(default_factory=dict)  # normalisation statistics (to come)
+    statistics: dict = field(default_factory=dict)  # per split, umask/statistics.py; {} before 1.1
     files: dict = field(default_factory=dict)  # map file name -> sha256
     format: str = FORMAT
 

@@ -271,7 +271,32 @@ def test_worker_processes_give_the_same_output(tmp_path):
                                     small_config(num_shards=3, featurize_workers=workers), out)
         outputs.append((manifest, read_examples(out)))
     assert outputs[0][0]["shards"] == outputs[1][0]["shards"]
+    assert outputs[0][0]["spec_digest"] == outputs[1][0]["spec_digest"]  # statistics included
     assert outputs[0][1] == outputs[1][1]
+
+
+def test_statistics_of_each_split_match_the_written_examples(tmp_path):
+    """The spec's statistics (merged from the buckets) equal numpy over the examples read back."""
+    cfg = small_config(num_shards=3, slots=24, row_group_size=16, val_fraction=0.3, test_fraction=0.2)
+    out = tmp_path / "features"
+    prepare_output(out)
+    featurize_tables(batches_of(random_events(), 500), APPS, LOCATIONS, cfg, out)
+    statistics = read_spec(out).statistics
+    examples = list(read_examples(out).values())
+    assert set(statistics) == {e["split"] for e in examples} and "train" in statistics
+    for split, got in statistics.items():
+        rows = [e for e in examples if e["split"] == split]
+        observed = np.array([e["observed"] for e in rows], bool)  # [n, T]
+        values = np.array([e["dense"] for e in rows], np.float64).reshape(len(rows), 24, 8)[observed]
+        share = observed.mean(axis=1)
+        assert got["examples"] == len(rows) and got["observed_slots"] == observed.sum()
+        assert got["sparsity_buckets"] == np.bincount(np.searchsorted(cfg.feature_spec().sparsity_edges, share),
+                                                      minlength=5).tolist()
+        np.testing.assert_allclose(got["channels"]["mean"], values.mean(axis=0), rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(got["channels"]["std"], values.std(axis=0), rtol=1e-6, atol=1e-7)
+        assert got["channels"]["max"] == pytest.approx(values.max(axis=0).tolist())
+        assert got["ids"]["app"]["occurrences"] == sum(len(e["app_ids"]) for e in rows)
+        assert got["ids"]["loc"]["occurrences"] == sum(len(e["loc_ids"]) for e in rows)
 
 
 def test_row_groups_and_manifest(tmp_path):

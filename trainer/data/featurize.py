@@ -4,7 +4,8 @@ Two phases, so that no stage holds the event set in memory:
 1. partition: the event stream is split by a stable hash of user_id into data.num_shards
    buckets, each appended (one row group per buffer flush) to its own staging Parquet file;
 2. featurize: each bucket becomes examples independently, by `featurize_bucket`, a pure
-   function of (bucket file, feature spec and maps, row group size) -> output files. The
+   function of (bucket file, feature spec and maps, row group size) -> output files and the
+   bucket's partial statistics (umask/statistics.py), merged into the spec's `statistics`. The
    buckets run in data.featurize_workers local processes (not yet as Ray tasks).
 
 Everything that decides what an example means comes from the feature spec (umask/spec.py),
@@ -44,6 +45,7 @@ from umask.spec import SPEC_DIR
 from umask.errors import UserError
 from umask.slots import ExampleRows, Slots, partition_events
 from umask.spec import SPLITS, FeatureMaps, FeatureSpec, save_spec
+from umask.statistics import merge as merge_statistics, new_split_statistics
 STAGING = "_staging"
 MANIFEST = "manifest.json"
 # what a previous featurize run leaves in its output folder, removed before a new run
@@ -91,21 +93,24 @@ def featurize_bucket(bucket_file: str | Path, shard: int, spec: FeatureSpec, map
     slots = Slots(pq.read_table(bucket_file), spec, maps)
     T, F = spec.slots, spec.layout.num_channels
     report = {"shard": shard, "events": slots.events_read, "duplicates_dropped": slots.duplicates,
-              "users": {}, "examples": {}, "row_groups": {}}
+              "users": {}, "examples": {}, "row_groups": {}, "statistics": {}}
     for split_index in np.flatnonzero(np.bincount(slots.split, minlength=len(SPLITS))).tolist():
         name = SPLITS[split_index]
         lo, hi = np.searchsorted(slots.split, [split_index, split_index + 1])
         path = Path(out) / f"split={name}" / f"shard={shard:05d}" / "part-00000.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        sizes = []
+        sizes, statistics = [], new_split_statistics(spec)
         with pq.ParquetWriter(path, EXAMPLES, **EXAMPLE_WRITE_OPTIONS) as writer:
             for e0 in range(lo, hi, row_group_size):
                 e1 = min(e0 + row_group_size, hi)
-                writer.write_table(examples_table(slots.rows(e0, e1), name, T, F))
+                rows = slots.rows(e0, e1)
+                writer.write_table(examples_table(rows, name, T, F))
+                statistics.add(rows, spec.sparsity_edges)
                 sizes.append(int(e1 - e0))
         report["examples"][name] = int(hi - lo)
         report["users"][name] = int(np.count_nonzero(np.diff(slots.user_id[lo:hi])) + 1)
         report["row_groups"][name] = sizes
+        report["statistics"][name] = statistics.to_partial()
     return report
 
 
@@ -169,7 +174,10 @@ def featurize_events(batches: Iterable[pa.RecordBatch], spec: FeatureSpec, maps:
             reports.append(report)
             if on_progress is not None:
                 on_progress(len(reports), len(jobs))
-    spec = save_spec(out / SPEC_DIR, spec, maps)
+    reports.sort(key=lambda r: r["shard"])
+    # the statistics go into the spec, merged in shard order; the manifest keeps the counts
+    statistics = merge_statistics([r.pop("statistics") for r in reports], spec)
+    spec = save_spec(out / SPEC_DIR, dataclasses.replace(spec, statistics=statistics), maps)
     manifest = _manifest(reports, rows, spec, cfg, input_report() if input_report else None)
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -225,7 +233,7 @@ def _manifest(reports: list[dict], rows: int, spec: FeatureSpec, cfg: DataConfig
         "spec_digest": spec.digest, "spec": SPEC_DIR,
         "examples": total["examples"], "users": total["users"],
         "events": {"read": rows, "duplicates_dropped": duplicates, "featurized": rows - duplicates},
-        "shards": sorted(reports, key=lambda r: r["shard"]),
+        "shards": reports,
         "quarantine": quarantine, "config_hash": config_hash(cfg),
     }
 
