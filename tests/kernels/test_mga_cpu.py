@@ -59,7 +59,8 @@ def test_permutation_puts_evidence_first_stably_and_round_trips():
 
 @pytest.fixture(params=["compacted", "masked"])
 def cpu_strategy(request, monkeypatch):
-    """Both CPU strategies at test sizes: compaction from 0 tokens on, or never."""
+    """Both CPU strategies at test sizes: compaction from 0 tokens on, or only where it needs
+    no gather (evidence_keys in evidence-first order)."""
     monkeypatch.setattr(cpu, "COMPACTION_MIN_TOKENS", 0 if request.param == "compacted" else 10**9)
     return request.param
 
@@ -156,10 +157,30 @@ def test_dense_fallback_for_unshipped_head_dims(mode, include_self):
     check_against_reference(dense_fallback, mode, include_self, "sorted_mixed_counts", torch.float32, n=21, head_dim=8)
 
 
-def test_strategy_follows_sequence_length():
-    assert cpu.COMPACTION_MIN_TOKENS > 168  # the DiT's default week of hourly slots runs masked
-    assert cpu._masked_instead("evidence_keys", 168) and not cpu._masked_instead("evidence_keys", 672)
-    assert not cpu._masked_instead("bias", 168)  # the bias channel needs no mask at any length
+def test_strategy_follows_sequence_length_layout_and_mode():
+    layouts = {n: evidence_layouts(4, n) for n in (168, 672)}
+    assert cpu.COMPACTION_MIN_TOKENS > 168
+    # scattered evidence: masked for a week of hourly slots, compacted from 256 tokens on
+    assert cpu._masked_instead("evidence_keys", layouts[168]["scattered"])
+    assert not cpu._masked_instead("evidence_keys", layouts[672]["scattered"])
+    # evidence-first (the DiT's order): evidence_keys slices its keys, compacted at any length
+    for name in ("sorted_random", "sorted_mixed_counts", "no_evidence", "all_evidence"):
+        assert cpu.evidence_first(layouts[168][name]), name
+        assert not cpu._masked_instead("evidence_keys", layouts[168][name]), name
+    assert not cpu.evidence_first(layouts[168]["scattered"])
+    assert cpu._masked_instead("evidence_causal", layouts[168]["sorted_random"])
+    assert not cpu._masked_instead("bias", layouts[168]["scattered"])  # the bias channel needs no mask
+
+
+def test_evidence_first_keys_are_views_not_gathers():
+    evidence = evidence_layouts(4, 37)["sorted_mixed_counts"]
+    keys = cpu.token_list(evidence)
+    k = torch.randn(4, 2, 37, 8)
+    assert keys.prefix and keys.length == 37  # one sample holds all evidence
+    assert cpu._gather_tokens(k, keys).data_ptr() == k.data_ptr()
+    scattered = cpu.token_list(evidence_layouts(4, 37)["scattered"])
+    assert not scattered.prefix
+    assert torch.equal(cpu._gather_tokens(k, scattered)[0, 0, :3], k[0, 0, scattered.gather[0, :3]])
 
 
 def test_dense_fallback_gradcheck_float64():

@@ -34,25 +34,42 @@ class TokenList(NamedTuple):
     scatter: torch.Tensor  # [B,L] int64, padding points at the dump slot N
     valid: torch.Tensor  # [B,L] bool
     count: torch.Tensor  # [B] int64
+    prefix: bool  # every sample's tokens are its first count[b] positions: gather[b, i] == i
 
     @property
     def length(self) -> int:
         return self.gather.shape[1]
 
 
+def evidence_first(evidence: torch.Tensor) -> bool:
+    """Whether every sample's evidence [B,N] is a prefix of its tokens (the DiT's order)."""
+    positions = torch.arange(evidence.shape[1], device=evidence.device)
+    return bool(torch.equal(evidence, positions[None, :] < evidence.sum(1)[:, None]))
+
+
 def token_list(selected: torch.Tensor) -> TokenList:
-    """Positions where selected [B,N] is True, in order, as a padded TokenList."""
+    """Positions where selected [B,N] is True, in order, as a padded TokenList.
+
+    In evidence-first order (the DiT's) the evidence tokens are a prefix; the list then says
+    so, and gathers become slices (no argsort, no copy of K and V).
+    """
     n = selected.shape[1]
-    order = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)  # selected first
     count = selected.sum(1)
     length = int(count.max()) if n else 0
-    gather = order[:, :length]
-    valid = torch.arange(length, device=selected.device)[None, :] < count[:, None]
-    return TokenList(gather, gather.masked_fill(~valid, n), valid, count)
+    positions = torch.arange(n, device=selected.device)
+    prefix = evidence_first(selected)
+    if prefix:
+        gather = positions[None, :length].expand(selected.shape[0], length)
+    else:
+        gather = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)[:, :length]  # selected first
+    valid = positions[None, :length] < count[:, None]
+    return TokenList(gather, gather.masked_fill(~valid, n), valid, count, prefix)
 
 
 def _gather_tokens(x: torch.Tensor, tokens: TokenList) -> torch.Tensor:
-    """x [B,H,N,D] -> [B,H,L,D] at tokens.gather."""
+    """x [B,H,N,D] -> [B,H,L,D] at tokens.gather (a view of x for a prefix list)."""
+    if tokens.prefix:
+        return x[:, :, :tokens.length]
     b, h, _, d = x.shape
     return x.gather(2, tokens.gather[:, None, :, None].expand(b, h, tokens.length, d))
 
@@ -72,20 +89,25 @@ def _key_padding(tokens: TokenList, dtype: torch.dtype) -> torch.Tensor:
     return pad.masked_fill(~tokens.valid, float("-inf"))[:, None, None, :]
 
 
-# Below this many tokens the gathers, scatters and merges of the compacted paths cost more
-# than the pairs they save, and one masked kernel call is faster (bench/attention_bench.py:
-# at N=168 masked 2.2 ms against compacted 2.5 ms forward; at N=672 20 ms against 10 ms).
+# Below this many tokens, with evidence scattered (or in mode evidence_causal), the gathers,
+# scatters and merges of the compacted paths cost more than the pairs they save, and one
+# masked kernel call is faster (bench/attention_bench.py: at N=168 masked 2.2 ms against compacted 2.5 ms forward; at
+# N=672 20 ms against 10 ms). In evidence-first order, evidence_keys's keys are slices,
+# nothing is gathered, and compaction wins at every N (docs/kernels.md).
 COMPACTION_MIN_TOKENS = 256
 
 
-def _masked_instead(mode: str, n: int) -> bool:
-    return mode != "bias" and n < COMPACTION_MIN_TOKENS
+def _masked_instead(mode: str, evidence: torch.Tensor) -> bool:
+    if mode == "bias" or evidence.shape[1] >= COMPACTION_MIN_TOKENS:
+        return False
+    # evidence_causal gathers its target queries whatever the order, so it stays masked
+    return mode == "evidence_causal" or not evidence_first(evidence)
 
 
 def forward(q, k, v, evidence, mode, key_bias, include_self):
     """(out [B,H,N,D] in q's dtype, lse [B,H,N] float32 (float64 for float64 inputs))."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if _masked_instead(mode, q.shape[2]):
+    if _masked_instead(mode, evidence):
         return _masked_forward(q, k, v, evidence, mode, include_self, scale)
     if mode == "evidence_keys":
         return _evidence_keys_forward(q, k, v, evidence, include_self, scale)
@@ -97,7 +119,7 @@ def forward(q, k, v, evidence, mode, key_bias, include_self):
 def backward(dout, q, k, v, out, lse, evidence, mode, key_bias, include_self):
     """(dq, dk, dv, dkey_bias or None) for the cotangent dout of `forward`'s out."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if _masked_instead(mode, q.shape[2]):
+    if _masked_instead(mode, evidence):
         return (*_masked_backward(dout, q, k, v, out, lse, evidence, mode, include_self, scale), None)
     if mode == "evidence_keys":
         return (*_evidence_keys_backward(dout, q, k, v, out, lse, evidence, include_self, scale), None)
@@ -156,10 +178,15 @@ def _evidence_keys_backward(dout, q, k, v, out, lse, evidence, include_self, sca
             dout, q, _gather_tokens(k, keys), _gather_tokens(v, keys), out, lse, 0.0, False,
             attn_mask=_key_padding(keys, q.dtype), scale=scale)
         # keys.gather is a prefix of a permutation, and its padding slots carry zero
-        # gradient (masked keys), so a plain scatter puts every row in place
-        index = keys.gather[:, None, :, None].expand_as(dk_keys)
-        dk = torch.zeros_like(k).scatter_(2, index, dk_keys)
-        dv = torch.zeros_like(v).scatter_(2, index, dv_keys)
+        # gradient (masked keys), so a plain scatter (or, for a prefix, a zero pad) puts
+        # every row in place
+        if keys.prefix:
+            dk = torch.nn.functional.pad(dk_keys, (0, 0, 0, n - keys.length))
+            dv = torch.nn.functional.pad(dv_keys, (0, 0, 0, n - keys.length))
+        else:
+            index = keys.gather[:, None, :, None].expand_as(dk_keys)
+            dk = torch.zeros_like(k).scatter_(2, index, dk_keys)
+            dv = torch.zeros_like(v).scatter_(2, index, dv_keys)
     else:
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if include_self:
