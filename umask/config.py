@@ -65,8 +65,10 @@ class MaskConfig:
     cold_history: int = 24  # cold: slots of history (one day); the rest of the window is target
     ratio_min: float = 0.05  # rho is clipped to [ratio_min, ratio_max]
     ratio_max: float = 0.95
-    reliability_mean: float = 0.5  # the population's mean r_u that rho_tau is calibrated for
-    reliability_count_scale: float = 24.0  # count term = 1 - exp(-observed candidates / scale)
+    # r_u at which rho = rho_tau: the midpoint of r_u's range (0, 1), not a measured mean.
+    reliability_mean: float = 0.5
+    # The count term of r_u, 1 - exp(-observed candidates / n), takes n from the data: the train
+    # split's mean observed slots per example (umask/masking.py, reliability_count_scale).
     reliability_weights: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.25])
     # ^ weights of the count, hour-of-day regularity and (1 - usage entropy) terms of r_u
     temporal_weight: float = 1.0  # lambda_T
@@ -76,6 +78,12 @@ class MaskConfig:
     same_hour_bonus: float = 0.5  # periodic bonus for a slot at a target hour of day
     same_week_slot_bonus: float = 0.5  # extra bonus at a target hour of week
     temperature: float = 0.5  # kappa of softmax(utility / kappa)
+    # One switch per part of the adaptive mask, for its ablation (docs/evaluation.md); a part
+    # switched off does what a uniform mask does there, at the same budget.
+    reliability_ratio: bool = True  # rho follows r_u; off: rho = rho_tau for every user
+    temporal_emphasis: bool = True  # recency and periodic bonus enter the utility; off: 0
+    spatial_affinity: bool = True  # feature-weighted affinity enters the utility; off: 0
+    cold_start_exploration: bool = True  # eps flattens p toward uniform; off: eps = 0
 
     def task(self, name: str) -> TaskMaskConfig:
         return getattr(self, name)
@@ -94,8 +102,6 @@ class MaskConfig:
             out.append(("ratio_min", "must satisfy 0 < ratio_min <= ratio_max <= 1"))
         if not 0.0 < self.reliability_mean < 1.0:
             out.append(("reliability_mean", "must be in (0, 1)"))
-        if self.reliability_count_scale <= 0:
-            out.append(("reliability_count_scale", "must be positive"))
         if len(self.reliability_weights) != 3 or min(self.reliability_weights, default=0) < 0 \
                 or sum(self.reliability_weights) <= 0:
             out.append(("reliability_weights", "must be 3 non-negative weights, not all 0"))
@@ -139,8 +145,10 @@ class DiffusionConfig:
 class LossConfig:
     """Weights of the training objective (method section 5)."""
 
-    category_weight: float = 1.0  # MSE weight of the app-category channels
-    region_weight: float = 1.0  # MSE weight of the region-share channels
+    # Weights of each channel family's mean squared error (umask/losses.py, channel_weights):
+    # equal, since the normalisation gives every family a spread of about 1.
+    category_weight: float = 1.0  # the app-category channels
+    region_weight: float = 1.0  # the region-share channels
     activity_weight: float = 1.0
     volume_weight: float = 1.0
     consistency_weight: float = 0.1  # lambda of InfoNCE(z_short, z_long)
@@ -171,10 +179,8 @@ class ModelConfig:
     # The DiT predicts a correction to the prior's hour-of-week mean instead of x0 itself,
     # so the untrained model starts at the hour_of_week baseline (needs hour_prior).
     prior_residual: bool = False
-    # Diffusion assumes values of order 1: the log1p channels are divided by these before
-    # noising and multiplied back after sampling (region shares are already in [0, 1]).
-    count_scale: float = 4.0  # app-category and activity channels, log1p(event count)
-    volume_scale: float = 16.0  # volume channel, log1p(traffic bytes)
+    # The dense channels' normalisation is no setting: it comes from the feature spec's train
+    # statistics (umask/normalization.py).
     mask: MaskConfig = field(default_factory=MaskConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -190,9 +196,8 @@ class ModelConfig:
             if head_dim < 16 or head_dim & (head_dim - 1):
                 out.append(("heads", f"hidden / heads = {head_dim}: the attention kernel needs a "
                                      "power of two >= 16"))
-        for key in ("mlp_ratio", "count_scale", "volume_scale"):
-            if getattr(self, key) <= 0:
-                out.append((key, "must be positive"))
+        if self.mlp_ratio <= 0:
+            out.append(("mlp_ratio", "must be positive"))
         if self.prior_residual and not self.hour_prior:
             out.append(("prior_residual", "needs hour_prior: true (the residual's base is the prior)"))
         if self.attention not in ATTENTION_MODES:

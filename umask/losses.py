@@ -12,9 +12,16 @@ from umask.config import LossConfig
 
 
 def channel_weights(num_categories: int, num_regions: int, cfg: LossConfig) -> Tensor:
-    """Per-channel MSE weight in the dense layout [C+1 categories, K+1 regions, activity, volume]; [F]."""
-    return torch.tensor([cfg.category_weight] * (num_categories + 1)
-                        + [cfg.region_weight] * (num_regions + 1)
+    """Per-channel MSE weight in the dense layout [C+1 categories, K+1 regions, activity, volume]; [F].
+
+    A family's weight is spread evenly over its channels, so each family's term is its mean
+    squared error per channel whatever C and K are: with per-channel weights the 56 channels of
+    C=20, K=32 left the volume forecast 1/56 of the loss, and the balance moved with C and K.
+    With the normalisation of umask/normalization.py each family varies by about 1, so equal
+    family weights make the four forecasts count alike.
+    """
+    return torch.tensor([cfg.category_weight / (num_categories + 1)] * (num_categories + 1)
+                        + [cfg.region_weight / (num_regions + 1)] * (num_regions + 1)
                         + [cfg.activity_weight, cfg.volume_weight])
 
 

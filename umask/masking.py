@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from umask.config import TASKS, MaskConfig
+from umask.normalization import channel_normalization
 from umask.spec import FeatureSpec
 
 # r_u is kept inside (0, 1) so that no user is fully trusted or fully ignored.
@@ -73,7 +74,7 @@ def reliability(dense: Tensor, candidates: Tensor, time_of_week: Tensor, spec: F
     Regularity is over the spec's slots of the day (hours with 3600-s slots)."""
     mask = candidates.float()
     count = mask.sum(1)
-    count_term = 1.0 - torch.exp(-count / cfg.reliability_count_scale)
+    count_term = 1.0 - torch.exp(-count / reliability_count_scale(spec))
     hour_hist = torch.zeros(mask.shape[0], spec.slots_per_day, device=mask.device)
     hour_hist.scatter_add_(1, time_of_week.long() % spec.slots_per_day, mask)  # [B,slots_per_day]
     regularity = 1.0 - _normalized_entropy(hour_hist)
@@ -87,10 +88,22 @@ def reliability(dense: Tensor, candidates: Tensor, time_of_week: Tensor, spec: F
     return r.clamp(RELIABILITY_FLOOR, RELIABILITY_CEIL)
 
 
+def reliability_count_scale(spec: FeatureSpec) -> float:
+    """n of r_u's count term 1 - exp(-count / n): the train split's mean observed slots per
+    example, so a user with the average history gets 1 - 1/e; one day of slots when the spec
+    has no statistics (format 1.0)."""
+    train = spec.statistics.get("train")
+    if not train or not train["examples"] or not train["observed_slots"]:
+        return float(spec.slots_per_day)
+    return train["observed_slots"] / train["examples"]
+
+
 def evidence_ratio(r: Tensor, task: Tensor, cfg: MaskConfig) -> Tensor:
-    """rho(u,tau) = clip(rho_tau * (1 + beta_tau * (r_u - mean r)), rho_min, rho_max); [B]."""
+    """rho(u,tau) = clip(rho_tau * (1 + beta_tau * (r_u - mean r)), rho_min, rho_max); [B].
+
+    Uniform masks and reliability_ratio: false use rho_tau for every user."""
     base = _per_task(cfg, "ratio", task)
-    if cfg.family == "uniform":
+    if cfg.family == "uniform" or not cfg.reliability_ratio:
         return base.clamp(cfg.ratio_min, cfg.ratio_max)
     gain = _per_task(cfg, "reliability_gain", task)
     return (base * (1.0 + gain * (r - cfg.reliability_mean))).clamp(cfg.ratio_min, cfg.ratio_max)
@@ -98,10 +111,16 @@ def evidence_ratio(r: Tensor, task: Tensor, cfg: MaskConfig) -> Tensor:
 
 def slot_utility(dense: Tensor, candidates: Tensor, time_of_week: Tensor, target: Tensor,
                  cut: Tensor, task: Tensor, spec: FeatureSpec, cfg: MaskConfig) -> Tensor:
-    """lambda_T * temporal emphasis + lambda_S * spatial affinity per slot; [B,T]."""
-    temporal = _temporal_emphasis(time_of_week, target, cut, task, spec.slots_per_day, cfg)
-    spatial = _spatial_affinity(dense, candidates, spec.num_categories, spec.num_regions, cfg)
-    return cfg.temporal_weight * temporal + cfg.spatial_weight * spatial
+    """lambda_T * temporal emphasis + lambda_S * spatial affinity per slot; [B,T].
+
+    A part switched off (cfg.temporal_emphasis, cfg.spatial_affinity) contributes 0."""
+    utility = torch.zeros(candidates.shape, device=candidates.device)
+    if cfg.temporal_emphasis:
+        utility = utility + cfg.temporal_weight * _temporal_emphasis(time_of_week, target, cut, task,
+                                                                     spec.slots_per_day, cfg)
+    if cfg.spatial_affinity:
+        utility = utility + cfg.spatial_weight * _spatial_affinity(dense, candidates, spec, cfg)
+    return utility
 
 
 def sampling_distribution(utility: Tensor, candidates: Tensor, r: Tensor, task: Tensor,
@@ -114,6 +133,8 @@ def sampling_distribution(utility: Tensor, candidates: Tensor, r: Tensor, task: 
     logits = (utility / cfg.temperature).masked_fill(~candidates, float("-inf"))
     # Rows without candidates give NaN in softmax; they get zeros (nothing to sample).
     p = torch.softmax(logits, dim=1).nan_to_num(0.0)
+    if not cfg.cold_start_exploration:
+        return p
     eps = (_per_task(cfg, "exploration", task) * (1.0 - r))[:, None]
     return (1.0 - eps) * p + eps * uniform
 
@@ -209,15 +230,18 @@ def _temporal_emphasis(time_of_week: Tensor, target: Tensor, cut: Tensor, task: 
             + _per_task(cfg, "periodic_weight", task)[:, None] * periodic)
 
 
-def _spatial_affinity(dense: Tensor, candidates: Tensor, num_categories: int, num_regions: int,
-                      cfg: MaskConfig) -> Tensor:
+def _spatial_affinity(dense: Tensor, candidates: Tensor, spec: FeatureSpec, cfg: MaskConfig) -> Tensor:
     """Feature-weighted similarity of each slot to the user's usual regions, apps, volume; [B,T].
 
-    The user's profile is the mean over candidate slots, so target values never enter.
+    The user's profile is the mean over candidate slots, so target values never enter. Volume
+    similarity is exp(-|v - user mean| / s), s the volume family's spread in the train split
+    (umask/normalization.py), so it reads the same on any traffic scale.
     """
-    categories = dense[..., : num_categories + 1]
-    regions = dense[..., num_categories + 1: num_categories + num_regions + 2]
-    volume = dense[..., num_categories + num_regions + 3]
+    layout = spec.layout
+    categories = dense[..., layout.category]
+    regions = dense[..., layout.region]
+    volume = dense[..., layout.volume]
+    volume_spread = channel_normalization(spec)[1][layout.volume].item()
     mask = candidates.float()[..., None]
     count = mask.sum(1).clamp(min=1)  # [B,1]
 
@@ -227,6 +251,6 @@ def _spatial_affinity(dense: Tensor, candidates: Tensor, num_categories: int, nu
 
     user_volume = (volume * mask[..., 0]).sum(1, keepdim=True) / count
     sims = torch.stack([similarity_to_user(regions), similarity_to_user(categories),
-                        torch.exp(-(volume - user_volume).abs())], dim=-1)  # [B,T,3]
+                        torch.exp(-(volume - user_volume).abs() / volume_spread)], dim=-1)  # [B,T,3]
     weights = torch.tensor(cfg.spatial_feature_weights, device=dense.device)
     return (sims * weights).sum(-1) / weights.sum().clamp(min=1e-12)

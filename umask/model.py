@@ -13,6 +13,7 @@ from umask.diffusion import Diffusion
 from umask.dit import DiT
 from umask.losses import channel_weights, info_nce, reconstruction_loss
 from umask.masking import MaskSample, sample_mask
+from umask.normalization import channel_normalization
 from umask.spec import FeatureSpec
 from umask.uscope import UScope
 
@@ -45,7 +46,11 @@ class UMask(nn.Module):
         self.diffusion = Diffusion(cfg.diffusion)
         self.register_buffer("loss_weights", channel_weights(self.num_categories, self.num_regions, cfg.loss),
                              persistent=False)
-        self.register_buffer("channel_scale", self._channel_scale(), persistent=False)
+        # x_model = (x - channel_shift) / channel_scale, from the spec's train statistics
+        # (umask/normalization.py), so every holder of the spec normalises alike.
+        shift, scale = channel_normalization(spec)
+        self.register_buffer("channel_shift", shift, persistent=False)
+        self.register_buffer("channel_scale", scale, persistent=False)
 
     def sample_mask(self, dense: Tensor, observed: Tensor, time_of_week: Tensor,
                     generator: torch.Generator, task: Tensor | None = None) -> MaskSample:
@@ -110,7 +115,7 @@ class UMask(nn.Module):
 
         completed = self.diffusion.ddim_from_noise(predict_x0, evidence_values, evidence, noise, timesteps)
         # Composite the caller's values, not scaled-and-back ones, so evidence is bit-exact.
-        return torch.where(evidence[..., None], dense, completed * self.channel_scale)
+        return torch.where(evidence[..., None], dense, completed * self.channel_scale + self.channel_shift)
 
     @torch.no_grad()
     def user_embedding(self, dense: Tensor, evidence: Tensor, time_of_week: Tensor, slot_sparse: Tensor,
@@ -127,21 +132,15 @@ class UMask(nn.Module):
         counts["total"] = sum(counts.values())
         return counts
 
-    def _channel_scale(self) -> Tensor:
-        """Divisor per dense channel [F] that brings every channel family to order 1."""
-        scale = torch.ones(self.channels)
-        scale[: self.num_categories + 1] = self.cfg.count_scale
-        scale[self.channels - 2] = self.cfg.count_scale  # activity
-        scale[self.channels - 1] = self.cfg.volume_scale
-        return scale
-
     def _model_inputs(self, dense: Tensor, slot_sparse: Tensor,
                       profile: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Scaled dense values and the float inputs in the model's dtype: the loader gives
-        float32 while DeepSpeed may hold the weights (and this buffer) in bf16 or fp16."""
+        """Normalised dense values (x - shift) / scale and the float inputs in the model's dtype:
+        the loader gives float32 while DeepSpeed may hold the weights (and these buffers) in
+        bf16 or fp16, so the normalisation runs in float32."""
         dtype = self.channel_scale.dtype
         profile = profile.to(dtype) if profile is not None else None
-        return (dense / self.channel_scale).to(dtype), slot_sparse.to(dtype), profile
+        scaled = (dense.float() - self.channel_shift.float()) / self.channel_scale.float()
+        return scaled.to(dtype), slot_sparse.to(dtype), profile
 
     def _check_shapes(self, dense: Tensor, slots_mask: Tensor, time_of_week: Tensor,
                       slot_sparse: Tensor) -> None:

@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 
 from umask.config import TASKS, MaskConfig
 from umask.masking import (evidence_budget, evidence_ratio, gumbel_top_k, reliability,
-                           sample_mask, sampling_distribution, slot_utility, target_windows)
-from umask_batches import NUM_CATEGORIES, NUM_REGIONS, SPEC, make_batch
+                           reliability_count_scale, sample_mask, sampling_distribution, slot_utility,
+                           target_windows)
+from umask_batches import NUM_CATEGORIES, NUM_REGIONS, SPEC, UNMEASURED_SPEC, make_batch
 
 SHORT, LONG, COLD = (TASKS.index(name) for name in TASKS)
 
@@ -72,10 +73,18 @@ def test_reliability_on_a_hand_computed_user():
     candidates[0, [0, 24]] = True
     time_of_week = torch.arange(slots).expand(2, slots)
     r = reliability(dense, candidates, time_of_week, SPEC, MaskConfig())
-    # count term 1 - exp(-2/24); perfectly regular (one hour of day) and focused (one category)
-    expected = 0.5 * (1 - math.exp(-2 / 24)) + 0.25 * 1.0 + 0.25 * 1.0
+    # count term 1 - exp(-2/n), n the train split's mean observed slots per example;
+    # perfectly regular (one hour of day) and focused (one category)
+    train = SPEC.statistics["train"]
+    n = train["observed_slots"] / train["examples"]
+    assert 0.5 * 168 < n < 0.7 * 168  # make_batch observes 60 % of the slots
+    expected = 0.5 * (1 - math.exp(-2 / n)) + 0.25 * 1.0 + 0.25 * 1.0
     assert r[0].item() == pytest.approx(expected, rel=1e-6)
     assert r[1].item() == pytest.approx(0.01)  # no history: the floor
+
+
+def test_reliability_count_scale_without_statistics_is_one_day():
+    assert reliability_count_scale(UNMEASURED_SPEC) == UNMEASURED_SPEC.slots_per_day == 24
 
 
 def test_evidence_ratio_follows_reliability_and_is_clipped():

@@ -144,7 +144,8 @@ def test_one_batch_overfits():
         out["loss"].backward()
         optimizer.step()
     assert out["loss"].item() < 0.01 * first
-    assert out["reconstruction"].item() < 1e-3
+    # mean squared error per channel family, in units of the family's spread (normalization.py)
+    assert out["reconstruction"].item() < 1e-2
 
 
 def test_param_count_on_meta_device_matches_the_real_model():

@@ -23,10 +23,10 @@ def test_presets_load_and_count_parameters_without_allocating(size, low, high):
 
 
 def test_model_config_rejects_impossible_values():
-    problems = dict(ModelConfig(hidden=72, heads=3, attention="dense", volume_scale=0).problems())
+    problems = dict(ModelConfig(hidden=72, heads=3, attention="dense", mlp_ratio=0).problems())
     assert "power of two" in problems["heads"]
     assert "evidence_keys" in problems["attention"]
-    assert problems["volume_scale"] == "must be positive"
+    assert problems["mlp_ratio"] == "must be positive"
     assert "divide" in dict(ModelConfig(hidden=64, heads=5).problems())["heads"]
 
 

@@ -1,5 +1,5 @@
-"""Small synthetic batches in the real dense layout, for the U-MASK tests."""
-from dataclasses import dataclass
+"""Small synthetic batches in the real dense layout, and a feature spec measured on them."""
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -7,7 +7,9 @@ from umask.spec import FeatureSpec
 
 NUM_CATEGORIES, NUM_REGIONS, SPARSE_DIM = 3, 2, 8
 CHANNELS = NUM_CATEGORIES + NUM_REGIONS + 4
-SPEC = FeatureSpec(slot_seconds=3600, slots=168, num_categories=NUM_CATEGORIES, num_regions=NUM_REGIONS)
+# A spec as a config makes it, before featurize measured any data (format 1.0 had no statistics).
+UNMEASURED_SPEC = FeatureSpec(slot_seconds=3600, slots=168, num_categories=NUM_CATEGORIES,
+                              num_regions=NUM_REGIONS)
 
 
 @dataclass
@@ -29,6 +31,22 @@ def make_batch(batch: int = 4, slots: int = 48, observed_share: float = 0.6, see
     activity = torch.log1p(counts.sum(-1, keepdim=True))
     volume = torch.rand(batch, slots, 1, generator=g) * 10
     dense = torch.cat([torch.log1p(counts), regions, activity, volume], -1) * observed[..., None]
-    time_of_week = ((torch.arange(slots) + start_hour) % SPEC.slots_per_week).expand(batch, slots).clone()
+    time_of_week = ((torch.arange(slots) + start_hour) % UNMEASURED_SPEC.slots_per_week).expand(batch, slots).clone()
     slot_sparse = torch.randn(batch, slots, SPARSE_DIM, generator=g)
     return Batch(dense, observed, time_of_week, slot_sparse)
+
+
+def train_statistics(batch: Batch) -> dict:
+    """The spec's `statistics` (umask/statistics.py) of `batch` as the train split: what the
+    model normalises by (umask/normalization.py) and the masks' count scale read."""
+    values = batch.dense[batch.observed].double()  # [observed slots, F]
+    return {"train": {"examples": batch.dense.shape[0], "slots": batch.observed.numel(),
+                      "observed_slots": int(batch.observed.sum()),
+                      "channels": {"count": values.shape[0], "mean": values.mean(0).tolist(),
+                                   "std": values.std(0, unbiased=False).tolist(),
+                                   "max": values.max(0).values.tolist(),
+                                   "nonzero": (values != 0).sum(0).tolist()}}}
+
+
+# The tests' spec: featurize's statistics of a 64-week sample of make_batch's users.
+SPEC = replace(UNMEASURED_SPEC, statistics=train_statistics(make_batch(64, 168, seed=123)))
