@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO := data/demo
-QUALITY := data/quality
+QUALITY_SOURCES := quality quality-metro
 U_MASK := $(VENV)/bin/u-mask
 
 .PHONY: setup demo quality test bench clean-demo clean-quality
@@ -22,17 +22,20 @@ demo: setup clean-demo
 	$(U_MASK) train --config configs/tiny.yaml ray.name=demo
 	$(U_MASK) eval --checkpoint runs/demo --split test --out runs/demo/eval-test
 
-# The evaluation table of README and docs/evaluation.md: U-MASK trained with adaptive masks,
-# its ablation trained with uniform masks, both scored against the baselines on held-out and
-# cold-start users (7.3 min on 2 CPU cores, docs/evaluation.md); starts afresh each time
+# The evaluation tables of README and docs/evaluation.md, one per data source (configs/quality.yaml:
+# the personas generator; configs/quality-metro.yaml: the independently written metro generator):
+# U-MASK trained with adaptive masks, its ablation trained with uniform masks, both scored against
+# the baselines on held-out and cold-start users (docs/evaluation.md); starts afresh each time
 quality: setup clean-quality
-	$(U_MASK) data synth --out $(QUALITY)/raw --users 2000 --days 28 --seed 0
-	$(U_MASK) data featurize --config configs/quality.yaml
-	$(U_MASK) train --config configs/quality.yaml
-	$(U_MASK) train --config configs/quality.yaml ray.name=quality-uniform model.mask.family=uniform
-	for split in test cold; do \
-	  $(U_MASK) eval --checkpoint runs/quality-adaptive --uniform-checkpoint runs/quality-uniform \
-	    --split $$split --samples 4 --out $(QUALITY)/report-$$split || exit 1; done
+	$(U_MASK) data synth --out data/quality/raw --users 2000 --days 28 --seed 0
+	$(U_MASK) data synth --generator metro --out data/quality-metro/raw --users 2000 --days 28 --seed 0
+	for source in $(QUALITY_SOURCES); do \
+	  $(U_MASK) data featurize --config configs/$$source.yaml || exit 1; \
+	  $(U_MASK) train --config configs/$$source.yaml ray.name=$$source-adaptive || exit 1; \
+	  $(U_MASK) train --config configs/$$source.yaml ray.name=$$source-uniform model.mask.family=uniform || exit 1; \
+	  for split in test cold; do \
+	    $(U_MASK) eval --checkpoint runs/$$source-adaptive --uniform-checkpoint runs/$$source-uniform \
+	      --split $$split --samples 4 --out data/$$source/report-$$split || exit 1; done; done
 
 test: setup
 	$(PY) -m pytest
@@ -44,4 +47,4 @@ clean-demo:
 	@rm -rf $(DEMO) runs/demo
 
 clean-quality:
-	rm -rf $(QUALITY) runs/quality-adaptive runs/quality-uniform
+	rm -rf $(foreach s,$(QUALITY_SOURCES),data/$(s) runs/$(s)-adaptive runs/$(s)-uniform)

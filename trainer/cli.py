@@ -104,6 +104,10 @@ def _add_synth(commands) -> None:
     parser.add_argument("--start", default="2026-11-02",
                         help="first hour of the window, UTC (YYYY-MM-DD or YYYY-MM-DDTHH:00)")
     parser.add_argument("--workers", type=int, default=1, help="processes generating chunks")
+    parser.add_argument("--generator", choices=("personas", "metro"), default="personas",
+                        help="personas: routines of 20 categories (trainer/data/synth.py); metro: "
+                             "an independently written source with 18 categories and 12 regions "
+                             "(trainer/data/synth_metro.py)")
     parser.set_defaults(handler=_synth)
 
 
@@ -111,6 +115,16 @@ def _synth(args) -> int:
     from trainer.console import Progress
     from trainer.data.synth import synthesize
 
+    if args.generator == "metro":
+        from trainer.data.synth_metro import synthesize_metro
+
+        if args.workers != 1:
+            raise UserError("synth: --workers applies to --generator personas only")
+        with Progress("synth", "users") as progress:
+            summary = synthesize_metro(args.out, users=args.users, on_progress=progress.update,
+                                       **_given(args, "days", "seed", "apps", "locations", "start"))
+        print(summary.line(Path(args.out)))
+        return 0
     with Progress("synth", "users") as progress:
         summary = synthesize(args.out, users=args.users, on_progress=progress.update,
                              **_given(args, "days", "seed", "apps", "locations", "start", "workers"))
@@ -170,13 +184,19 @@ def _featurize(args) -> int:
 
     cfg = config_from_args(args)
     require_absolute_under_job(**{"data.features": cfg.data.features})
-    with Progress("featurize", "buckets") as progress:
-        manifest = featurize(cfg, on_progress=progress.update)
+    with Progress("featurize: read", "events") as reading, Progress("featurize", "events") as making:
+        bars = {"read": reading, "featurize": making}
+        manifest = featurize(cfg, on_progress=lambda phase, done, total: bars[phase].update(done, total))
     examples, users, events = manifest["examples"], manifest["users"], manifest["events"]
     print(f"featurized {events['featurized']} events ({events['duplicates_dropped']} duplicates "
           f"dropped, {manifest['quarantine']['rows_quarantined']} rows quarantined) into "
           f"{sum(examples.values())} examples of {sum(users.values())} users ("
           + ", ".join(f"{s} {n}" for s, n in examples.items()) + f") in {cfg.data.features}")
+    run, tasks = manifest["run"], manifest["run"]["tasks"]
+    print(f"peak RSS: driver {run['driver_peak_rss_mb']:.0f} MB; tasks at most "
+          f"{max(t['peak_rss_mb'] for t in tasks['read']):.0f} MB reading, "
+          f"{max(t['peak_rss_mb'] for t in tasks['featurize']):.0f} MB featurizing "
+          f"(data.task_memory_mb={run['task_memory_mb']}; every task's in manifest.json)")
     return 0
 
 
