@@ -97,6 +97,31 @@ def test_evidence_ratio_follows_reliability_and_is_clipped():
         pytest.approx([0.5] * 3)
 
 
+def test_each_switched_off_part_does_what_a_uniform_mask_does_there():
+    r = torch.tensor([0.9, 0.1])
+    task = torch.tensor([SHORT, COLD])
+    assert evidence_ratio(r, task, MaskConfig(reliability_ratio=False)).tolist() == \
+        pytest.approx(evidence_ratio(r, task, MaskConfig(family="uniform")).tolist())
+    candidates = torch.tensor([[True, True, True, False]] * 2)
+    utility = torch.tensor([[100.0, 0.0, 0.0, 0.0]] * 2)
+    p = sampling_distribution(utility, candidates, r, task, MaskConfig(cold_start_exploration=False))
+    assert p[1].tolist() == pytest.approx([1, 0, 0, 0], abs=1e-6)  # cold: no flattening left
+    data = make_batch(2, 72, 1.0)
+    cut = torch.tensor([30, 48])
+    t = torch.arange(72)
+    target = t >= cut[:, None]
+    candidates = t < cut[:, None]
+    args = (data.dense, candidates, data.time_of_week, target, cut, torch.tensor([SHORT, LONG]), SPEC)
+    both = slot_utility(*args, MaskConfig())
+    temporal = slot_utility(*args, MaskConfig(spatial_affinity=False))
+    spatial = slot_utility(*args, MaskConfig(temporal_emphasis=False))
+    assert torch.allclose(temporal + spatial, both)
+    assert not torch.equal(temporal, torch.zeros_like(temporal))
+    assert not torch.equal(spatial, torch.zeros_like(spatial))
+    assert torch.equal(slot_utility(*args, MaskConfig(temporal_emphasis=False, spatial_affinity=False)),
+                       torch.zeros_like(both))
+
+
 def test_budget_rounds_and_keeps_one_slot():
     candidates = torch.zeros(4, 10, dtype=torch.bool)
     candidates[0, :5] = candidates[1, :5] = candidates[2, :3] = True
