@@ -184,13 +184,19 @@ def _featurize(args) -> int:
 
     cfg = config_from_args(args)
     require_absolute_under_job(**{"data.features": cfg.data.features})
-    with Progress("featurize", "buckets") as progress:
-        manifest = featurize(cfg, on_progress=progress.update)
+    with Progress("featurize: read", "events") as reading, Progress("featurize", "events") as making:
+        bars = {"read": reading, "featurize": making}
+        manifest = featurize(cfg, on_progress=lambda phase, done, total: bars[phase].update(done, total))
     examples, users, events = manifest["examples"], manifest["users"], manifest["events"]
     print(f"featurized {events['featurized']} events ({events['duplicates_dropped']} duplicates "
           f"dropped, {manifest['quarantine']['rows_quarantined']} rows quarantined) into "
           f"{sum(examples.values())} examples of {sum(users.values())} users ("
           + ", ".join(f"{s} {n}" for s, n in examples.items()) + f") in {cfg.data.features}")
+    run, tasks = manifest["run"], manifest["run"]["tasks"]
+    print(f"peak RSS: driver {run['driver_peak_rss_mb']:.0f} MB; tasks at most "
+          f"{max(t['peak_rss_mb'] for t in tasks['read']):.0f} MB reading, "
+          f"{max(t['peak_rss_mb'] for t in tasks['featurize']):.0f} MB featurizing "
+          f"(data.task_memory_mb={run['task_memory_mb']}; every task's in manifest.json)")
     return 0
 
 

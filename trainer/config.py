@@ -53,7 +53,13 @@ class DataConfig:
     num_shards: int = 8  # hash partitions of the featurized output
     row_group_size: int = 512  # examples per Parquet row group (the loader's unit of work)
     shuffle_window: int = 4  # row groups whose rows the loader shuffles together (memory: 2 windows per rank)
-    featurize_workers: int = 2  # processes (locally) or Ray tasks (on a cluster)
+    featurize_workers: int = 2  # CPUs of the embedded Ray featurize starts (tasks at a time); a cluster's own CPUs otherwise
+    # featurize's Ray tasks: input rows per read task (whole row groups), the memory each task
+    # reserves (Ray's `memory` resource; it also sizes the read buffers and refuses buckets too
+    # large for it), and retries of a task whose worker died
+    read_task_rows: int = 8_000_000
+    task_memory_mb: int = 3072
+    task_retries: int = 3
     # ts outside [plausible_start, plausible_end) (UTC ISO dates or times) is an invalid row:
     # epoch-0 placeholders, sentinels like 9999-12-31, ms or ns where seconds are meant
     plausible_start: str = "2000-01-01"
@@ -75,9 +81,12 @@ class DataConfig:
         if self.category_value not in ("count", "bytes"):
             out.append(("category_value", "must be 'count' or 'bytes'"))
         out += time_problems(self.slot_seconds, self.slots)
-        for key in ("num_categories", "num_regions", "num_shards", "row_group_size", "featurize_workers"):
+        for key in ("num_categories", "num_regions", "num_shards", "row_group_size", "featurize_workers",
+                    "read_task_rows", "task_memory_mb"):
             if getattr(self, key) <= 0:
                 out.append((key, "must be positive"))
+        if self.task_retries < 0:
+            out.append(("task_retries", "must be 0 or more"))
         try:
             start, end = self.plausible_range()
             if start >= end:

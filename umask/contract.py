@@ -164,10 +164,11 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
         raise ContractError(f"{path}: not a readable Parquet file ({_one_line(err)})") from err
 
 
-def _iter_batches(path: Path, parquet: pq.ParquetFile, columns: list[str],
-                  batch_rows: int) -> Iterator[pa.RecordBatch]:
+def _iter_batches(path: Path, parquet: pq.ParquetFile, columns: list[str], batch_rows: int,
+                  row_groups: tuple[int, int] | None = None) -> Iterator[pa.RecordBatch]:
+    groups = None if row_groups is None else list(range(*row_groups))
     try:
-        yield from parquet.iter_batches(batch_size=batch_rows, columns=columns)
+        yield from parquet.iter_batches(batch_size=batch_rows, columns=columns, row_groups=groups)
     except (pa.ArrowException, OSError) as err:
         raise ContractError(f"{path}: cannot read Parquet data ({_one_line(err)})") from err
 
@@ -304,24 +305,29 @@ class EventReader:
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         for path in self.ds.event_files:
-            yield from self._file_batches(path)
+            yield from self.file_batches(path)
 
-    def _file_batches(self, path: Path) -> Iterator[pa.RecordBatch]:
+    def file_batches(self, path: Path, row_groups: tuple[int, int] | None = None) -> Iterator[pa.RecordBatch]:
+        """One events file's batches; row_groups [first, end) reads only those row groups (a
+        featurize task's share of a large file), with rows still numbered from the file's start
+        in errors and quarantine files. A share that starts past row group 0 does not count
+        the file again in the report, and quarantines to its own file (`<name>.rg<first>-<end>`)."""
         parquet = _open_parquet(path)
+        first_group = 0 if row_groups is None else row_groups[0]
         if parquet.metadata.num_rows == 0:  # valid whatever its columns' types
-            self.report.empty_files_skipped += 1
+            self.report.empty_files_skipped += first_group == 0
             return
         schema = parquet.schema_arrow
         present = [name for name, accepts, expected, required in _EVENT_COLUMNS
                    if _check_column(path, schema, name, accepts, expected, required)]
-        self.report.files += 1
-        quarantine = self._quarantine_path(path)
+        self.report.files += first_group == 0
+        quarantine = self._quarantine_path(path, row_groups)
         if quarantine is not None:
             quarantine.unlink(missing_ok=True)
         writer = None
-        first_row = 0
+        first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(first_group))
         try:
-            for batch in _iter_batches(path, parquet, present, self.batch_rows):
+            for batch in _iter_batches(path, parquet, present, self.batch_rows, row_groups):
                 normalized, checks = _normalize(batch, self.plausible)
                 invalid = _any_failed(checks, batch.num_rows)
                 n_invalid = pc.sum(invalid).as_py() or 0
@@ -342,7 +348,7 @@ class EventReader:
             if writer is not None:
                 writer.close()
 
-    def _quarantine_path(self, path: Path) -> Path | None:
+    def _quarantine_path(self, path: Path, row_groups: tuple[int, int] | None = None) -> Path | None:
         if self.policy != "quarantine":
             return None
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
@@ -350,7 +356,10 @@ class EventReader:
             relative = path.resolve().relative_to(self.ds.root.resolve())
         except ValueError:
             relative = Path(path.name)
-        return self.quarantine_dir / "__".join(relative.parts)
+        name = "__".join(relative.parts)
+        if row_groups is not None:
+            name += f".rg{row_groups[0]:05d}-{row_groups[1]:05d}"
+        return self.quarantine_dir / name
 
     def _quarantined(self, path: Path, batch: pa.RecordBatch, checks: list[_RowCheck],
                      invalid: pa.BooleanArray, first_row: int) -> pa.Table:

@@ -313,10 +313,17 @@ def save_spec(folder: str | Path, spec: FeatureSpec, maps: FeatureMaps) -> Featu
                              "region": pa.array(maps.regions, pa.int32())}), folder / LOC_REGIONS)
     files = {name: file_sha256(folder / name) for name in (APP_CATEGORIES, LOC_REGIONS)}
     spec = dataclasses.replace(spec, files=files)
+    save_spec_json(folder, spec)
+    return spec
+
+
+def save_spec_json(folder: str | Path, spec: FeatureSpec) -> None:
+    """Writes (atomically) spec.json alone, for a folder that already holds the map files of
+    spec.files: featurize copies the maps its tasks used and adds the statistics last."""
+    folder = Path(folder)
     tmp = folder / (SPEC_JSON + ".tmp")
     tmp.write_text(json.dumps(spec.to_json(), indent=1) + "\n")
     tmp.replace(folder / SPEC_JSON)
-    return spec
 
 
 def load_spec(folder: str | Path) -> FeatureSpec:

@@ -1,12 +1,16 @@
 """`u-mask data featurize`: contract events -> per-user training examples (schema.EXAMPLES).
 
-Two phases, so that no stage holds the event set in memory:
-1. partition: the event stream is split by a stable hash of user_id into data.num_shards
-   buckets, each appended (one row group per buffer flush) to its own staging Parquet file;
+Two phases, so that no process holds the event set in memory:
+1. partition: each input share (an events file, or a run of its row groups) is split by a
+   stable hash of user_id into data.num_shards buckets, one staging piece per (share, bucket)
+   (`_staging/bucket=<b>/unit-<u>.parquet`), so no file is ever appended by two writers;
 2. featurize: each bucket becomes examples independently, by `featurize_bucket`, a pure
-   function of (bucket file, feature spec and maps, row group size) -> output files and the
-   bucket's partial statistics (umask/statistics.py), merged into the spec's `statistics`. The
-   buckets run in data.featurize_workers local processes (not yet as Ray tasks).
+   function of (the bucket's pieces, feature spec and maps, row group size) -> output files,
+   their checksums and the bucket's partial statistics (umask/statistics.py), merged in shard
+   order into the spec's `statistics`.
+`featurize` (the command) runs both phases as Ray tasks (trainer/data/featurize_ray.py);
+`featurize_events` runs them in this process over batches already in hand (tests, and data
+to complete).
 
 Everything that decides what an example means comes from the feature spec (umask/spec.py),
 built once per run by `build_feature_spec` from data.* and the side tables (the app-to-
@@ -18,16 +22,14 @@ come from the spec's map, which trainer.data.regions builds here from locations.
 
 Output, one split per folder so the loader can choose splits by path:
 `<features>/split=<split>/shard=<00000>/part-00000.parquet` (row groups of
-data.row_group_size examples), `<features>/spec/` and `<features>/manifest.json`.
+data.row_group_size examples), `<features>/spec/` and `<features>/manifest.json`, which lists
+every file with its rows and sha256, the examples' schema and the config hash.
 """
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -38,15 +40,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainer.config import DataConfig, RunConfig, save_config
-from umask.contract import EventReader, open_dataset, read_apps, read_locations
+from umask.contract import NORMALIZED_EVENTS
 from trainer.data.regions import build_region_table
 from trainer.data.schema import EXAMPLES
 from umask.spec import SPEC_DIR
 from umask.errors import UserError
 from umask.slots import ExampleRows, Slots, partition_events
-from umask.spec import SPLITS, FeatureMaps, FeatureSpec, save_spec
+from umask.spec import SPLITS, FeatureMaps, FeatureSpec, file_sha256, save_spec, save_spec_json
 from umask.statistics import merge as merge_statistics, new_split_statistics
 STAGING = "_staging"
+RUN_FILE = "run.json"  # in STAGING: the key (config hash and inputs) of the run it belongs to
 MANIFEST = "manifest.json"
 # what a previous featurize run leaves in its output folder, removed before a new run
 OUTPUTS = (STAGING, SPEC_DIR, "quarantine", MANIFEST, MANIFEST + ".tmp", "config.yaml", "summary.json")
@@ -87,29 +90,44 @@ def build_feature_spec(apps: pa.Table | None, locations: pa.Table | None,
 
 # --- phase 2: one bucket -> examples ---------------------------------------------------
 
-def featurize_bucket(bucket_file: str | Path, shard: int, spec: FeatureSpec, maps: FeatureMaps,
-                     row_group_size: int, out: str | Path) -> dict:
-    """One bucket's events -> split=*/shard=<shard>/part-00000.parquet; returns its report."""
-    slots = Slots(pq.read_table(bucket_file), spec, maps)
+def featurize_bucket(pieces: list[str | Path], shard: int, spec: FeatureSpec, maps: FeatureMaps,
+                     row_group_size: int, out: str | Path,
+                     on_written: Callable[[], None] | None = None) -> dict:
+    """One bucket's events (its staging pieces, read whole: memory ~ the bucket's events) ->
+    split=*/shard=<shard>/part-00000.parquet; returns its report: counts per split, the row
+    groups, each file's rows and sha256, and the partial statistics.
+
+    Each file is written under a temporary name and renamed when complete, so a task killed
+    mid-write leaves no file that looks finished. on_written() after the first file (faults).
+    """
+    slots = Slots(pq.read_table(pieces, schema=NORMALIZED_EVENTS) if pieces
+                  else NORMALIZED_EVENTS.empty_table(), spec, maps)
     T, F = spec.slots, spec.layout.num_channels
     report = {"shard": shard, "events": slots.events_read, "duplicates_dropped": slots.duplicates,
-              "users": {}, "examples": {}, "row_groups": {}, "statistics": {}}
+              "users": {}, "examples": {}, "row_groups": {}, "files": {}, "statistics": {}}
     for split_index in np.flatnonzero(np.bincount(slots.split, minlength=len(SPLITS))).tolist():
         name = SPLITS[split_index]
         lo, hi = np.searchsorted(slots.split, [split_index, split_index + 1])
-        path = Path(out) / f"split={name}" / f"shard={shard:05d}" / "part-00000.parquet"
+        relative = f"split={name}/shard={shard:05d}/part-00000.parquet"
+        path = Path(out) / relative
         path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
         sizes, statistics = [], new_split_statistics(spec)
-        with pq.ParquetWriter(path, EXAMPLES, **EXAMPLE_WRITE_OPTIONS) as writer:
+        with pq.ParquetWriter(partial, EXAMPLES, **EXAMPLE_WRITE_OPTIONS) as writer:
             for e0 in range(lo, hi, row_group_size):
                 e1 = min(e0 + row_group_size, hi)
                 rows = slots.rows(e0, e1)
                 writer.write_table(examples_table(rows, name, T, F))
                 statistics.add(rows, spec.sparsity_edges)
                 sizes.append(int(e1 - e0))
+        os.replace(partial, path)
+        if on_written is not None:
+            on_written()
         report["examples"][name] = int(hi - lo)
         report["users"][name] = int(np.count_nonzero(np.diff(slots.user_id[lo:hi])) + 1)
         report["row_groups"][name] = sizes
+        report["files"][relative] = {"rows": int(hi - lo), "bytes": path.stat().st_size,
+                                     "sha256": file_sha256(path)}
         report["statistics"][name] = statistics.to_partial()
     return report
 
@@ -136,17 +154,18 @@ def _bag_lists(values: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int64()))
 
 
-# --- both phases -------------------------------------------------------------------------
+# --- both phases, in this process ----------------------------------------------------------
 
 def featurize_events(batches: Iterable[pa.RecordBatch], spec: FeatureSpec, maps: FeatureMaps,
                      cfg: DataConfig, out: str | Path,
                      input_report: Callable[[], dict] | None = None,
                      on_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Events (NORMALIZED_EVENTS batches) -> examples, the spec folder and the manifest in `out`.
+    """Events (NORMALIZED_EVENTS batches) -> examples, the spec folder and the manifest in
+    `out`, both phases in this process (the command runs them as Ray tasks: featurize_ray.py).
+    The output is byte for byte the one the Ray tasks write for the same events.
 
     The spec (build_feature_spec for new data, a checkpoint's for data to complete) decides
-    the examples; cfg gives only how they are made: data.num_shards, data.featurize_workers
-    and data.row_group_size.
+    the examples; cfg gives only how they are made: data.num_shards and data.row_group_size.
 
     `out` should be new or emptied by `prepare_output` (the CLI does so before the reader
     writes its quarantine files there).
@@ -157,28 +176,30 @@ def featurize_events(batches: Iterable[pa.RecordBatch], spec: FeatureSpec, maps:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_limits(cfg)
-    bucket_files, rows = partition_events(batches, out / STAGING, cfg.num_shards)
-    jobs = [(str(path), bucket, spec, maps, cfg.row_group_size, str(out))
-            for bucket, path in bucket_files.items()]
-    workers = min(cfg.featurize_workers, len(jobs))
+    staging = out / STAGING
+    bucket_files, rows = partition_events(batches, staging / "unit-000000", cfg.num_shards)
     reports = []
-    with contextlib.ExitStack() as stack:
-        if workers <= 1:
-            done = (featurize_bucket(*job) for job in jobs)
-        else:
-            # spawn, not fork: forking a process that runs Arrow's thread pools can deadlock
-            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn")))
-            done = pool.map(featurize_bucket, *zip(*jobs))
-        for report in done:
-            reports.append(report)
-            if on_progress is not None:
-                on_progress(len(reports), len(jobs))
-    reports.sort(key=lambda r: r["shard"])
-    # the statistics go into the spec, merged in shard order; the manifest keeps the counts
+    for bucket in range(cfg.num_shards):
+        pieces = [bucket_files[bucket]] if bucket in bucket_files else []
+        reports.append(featurize_bucket(pieces, bucket, spec, maps, cfg.row_group_size, out))
+        if on_progress is not None:
+            on_progress(len(reports), cfg.num_shards)
+    save_spec(out / SPEC_DIR, spec, maps)
+    return finish(out, reports, rows, spec, cfg, input_report() if input_report else None)
+
+
+def finish(out: Path, reports: list[dict], rows: int, spec: FeatureSpec, cfg: DataConfig,
+           quarantine: dict | None, run: dict | None = None) -> dict:
+    """The end of a run whose map files are in <out>/spec: the buckets' statistics merged in
+    shard order into spec.json, the manifest written (atomically), the staging folder removed.
+    run: what the Ray run adds to the manifest (its tasks' memory, nodes and times)."""
+    reports = sorted(reports, key=lambda r: r["shard"])
     statistics = merge_statistics([r.pop("statistics") for r in reports], spec)
-    spec = save_spec(out / SPEC_DIR, dataclasses.replace(spec, statistics=statistics), maps)
-    manifest = _manifest(reports, rows, spec, cfg, input_report() if input_report else None)
+    spec = dataclasses.replace(spec, statistics=statistics)
+    save_spec_json(out / SPEC_DIR, spec)
+    manifest = _manifest(reports, rows, spec, cfg, quarantine)
+    if run is not None:
+        manifest["run"] = run
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out / MANIFEST)
@@ -187,22 +208,42 @@ def featurize_events(batches: Iterable[pa.RecordBatch], spec: FeatureSpec, maps:
     return manifest
 
 
-def prepare_output(out: Path) -> None:
-    """Empties a previous featurize output folder; refuses any other non-empty folder."""
+def prepare_output(out: Path, resume_key: str | None = None) -> bool:
+    """Makes `out` ready for a run; True when it continues an unfinished run.
+
+    An unfinished run (a staging folder whose run.json holds resume_key: the same config hash
+    and inputs) is continued: its finished tasks are kept. An unfinished run of another key is
+    refused (its pieces must not mix with this config's). Otherwise a previous featurize output
+    is emptied; any other non-empty folder is refused.
+    """
     if not out.exists():
         out.mkdir(parents=True)
-        return
+        return False
     entries = set(out.iterdir())
     ours = {p for p in entries if p.name in OUTPUTS or p.name.startswith("split=")}
     earlier_run = (out / MANIFEST).exists() or (out / STAGING).exists()
     if entries and (not earlier_run or entries - ours):
         raise UserError(f"{out}: data.features points at a folder that holds other files than a "
                         "featurize output; refusing to overwrite it (choose an empty or new folder)")
+    run_file = out / STAGING / RUN_FILE
+    if resume_key is not None and run_file.exists():
+        try:
+            earlier = json.loads(run_file.read_text()).get("resume_key")
+        except (OSError, json.JSONDecodeError):
+            earlier = None  # written atomically, so only a foreign edit gets here: start again
+        if earlier == resume_key:
+            return True
+        if earlier is not None:
+            raise UserError(f"{out}: holds an unfinished featurize run of other inputs or data.* settings "
+                            f"(run key {earlier[:12]}, this run's {resume_key[:12]}); its pieces must not "
+                            "mix with this run's. Rerun with the settings it had to finish it, or delete the "
+                            "folder (or choose another data.features) to start again")
     for path in ours:
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
+    return False
 
 
 def config_hash(cfg: DataConfig) -> str:
@@ -224,8 +265,9 @@ def check_limits(cfg: DataConfig) -> None:
 
 def _manifest(reports: list[dict], rows: int, spec: FeatureSpec, cfg: DataConfig,
               quarantine: dict | None) -> dict:
-    """What this run wrote: counts per split and shard, the input's fate, and the spec's digest
-    (the layout of the examples is the spec's, in spec/spec.json)."""
+    """What this run wrote: counts per split and shard, each file's rows and sha256, the
+    examples' schema, the input's fate, and the spec's digest (the layout of the examples is
+    the spec's, in spec/spec.json)."""
     total = {key: {s: sum(r[key].get(s, 0) for r in reports) for s in SPLITS}
              for key in ("examples", "users")}
     duplicates = sum(r["duplicates_dropped"] for r in reports)
@@ -233,6 +275,7 @@ def _manifest(reports: list[dict], rows: int, spec: FeatureSpec, cfg: DataConfig
         "spec_digest": spec.digest, "spec": SPEC_DIR,
         "examples": total["examples"], "users": total["users"],
         "events": {"read": rows, "duplicates_dropped": duplicates, "featurized": rows - duplicates},
+        "schema": EXAMPLES.to_string(show_schema_metadata=False),
         "shards": reports,
         "quarantine": quarantine, "config_hash": config_hash(cfg),
     }
@@ -240,18 +283,15 @@ def _manifest(reports: list[dict], rows: int, spec: FeatureSpec, cfg: DataConfig
 
 # --- a whole run: what `u-mask data featurize` does ------------------------------------
 
-def featurize(cfg: RunConfig, on_progress: Callable[[int, int], None] | None = None) -> dict:
+def featurize(cfg: RunConfig, on_progress: Callable[[str, int, int], None] | None = None,
+              verbose: bool = False) -> dict:
     """What `u-mask data featurize` does: data.source -> examples, manifest and the resolved
-    config in data.features, invalid rows handled by data.invalid_rows. on_progress(buckets
-    done, buckets) as the buckets are featurized. Returns the manifest."""
-    data, out = cfg.data, Path(cfg.data.features)
-    check_limits(data)
-    dataset = open_dataset(data.source)
-    prepare_output(out)
-    reader = EventReader(dataset, data.invalid_rows,
-                         out / "quarantine" if data.invalid_rows == "quarantine" else None,
-                         plausible=data.plausible_range())
-    spec, maps = build_feature_spec(read_apps(dataset, data.num_categories), read_locations(dataset), data)
-    manifest = featurize_events(reader.batches(), spec, maps, data, out, reader.report.as_dict, on_progress)
-    save_config(cfg, out / "config.yaml")
+    config in data.features, invalid rows handled by data.invalid_rows, both phases as Ray
+    tasks on the cluster of ray.address (an embedded Ray by default; trainer/data/featurize_ray.py).
+    An interrupted run of the same inputs and settings continues where it stopped.
+    on_progress(phase, events done, events) as tasks finish. Returns the manifest."""
+    from trainer.data.featurize_ray import run
+
+    manifest = run(cfg, on_progress, verbose)
+    save_config(cfg, Path(cfg.data.features) / "config.yaml")
     return manifest

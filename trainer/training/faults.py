@@ -8,7 +8,8 @@ separated list of ACTION@POINT:STEP[:rank=R], for example
 - ACTION: `kill` sends SIGKILL to the worker's own process (as the OOM killer or a lost node
   would end it: no cleanup runs); `hang` stops the worker where it is, forever (a stuck rank).
 - POINT: `step` after optimizer step STEP; `save` in the checkpoint of step STEP, after this
-  rank wrote its files and before it reports them to Ray Train.
+  rank wrote its files and before it reports them to Ray Train; `bucket` in featurize's phase-2
+  task of bucket STEP, after it wrote its first split file (trainer/data/featurize_ray.py).
 - rank=R: only on that rank; without it, on every rank.
 Each fault fires once per run: before it acts it leaves <run>/faults/<fault>-rank<r>.fired,
 so the worker group Ray Train restarts does not meet it again. The file also tells a fire
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 ENV = "UMASK_FAULTS"
-_SPEC = re.compile(r"(kill|hang)@(step|save):(\d+)(?::rank=(\d+))?")
+_SPEC = re.compile(r"(kill|hang)@(step|save|bucket):(\d+)(?::rank=(\d+))?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,7 @@ def parse_faults(text: str) -> list[Fault]:
         match = _SPEC.fullmatch(item)
         if match is None:
             raise ValueError(f"{ENV}: {item!r} is not ACTION@POINT:STEP[:rank=R] "
-                             "(kill|hang, step|save), for example kill@step:6:rank=1")
+                             "(kill|hang, step|save|bucket), for example kill@step:6:rank=1")
         action, point, step, rank = match.groups()
         faults.append(Fault(action, point, int(step), None if rank is None else int(rank)))
     return faults

@@ -1,0 +1,365 @@
+"""featurize's two phases as Ray tasks, on the cluster of ray.address or an embedded Ray.
+
+The driver plans and waits; the tasks read, write and compute:
+- the spec task reads the side tables and writes the feature spec and its maps to
+  `_staging/spec/` (the maps go on to the phase-2 tasks through Ray's object store, one
+  shared-memory copy per node, never through the driver);
+- phase 1, one task per input share (an events file, or whole row groups of it up to
+  data.read_task_rows rows), reads it with the contract reader and writes one piece per
+  bucket it holds, then `_staging/units/unit-<u>.json` (its report);
+- phase 2, one task per bucket, featurizes the bucket's pieces (featurize.featurize_bucket),
+  then writes `_staging/shards/shard-<b>.json`.
+Every file is renamed into place once complete, and a task's report is written last, so a
+report marks finished work. A rerun with the same inputs and settings (run.json's key) skips
+the shares and buckets that have reports: an interrupted run (driver or task killed) resumes.
+A task whose worker dies is retried (data.task_retries); outputs depend only on inputs and
+settings, so a retry or a resumed run writes the same bytes on any number of nodes.
+
+Memory: each task reserves data.task_memory_mb (Ray's `memory` resource, so a node runs only
+as many as fit), read buffers are sized from it, and a bucket whose events would not fit is
+refused before phase 2 naming data.num_shards. Each task reports its own peak RSS (the
+kernel's VmHWM, reset at the task's start) and the manifest's `run` lists them with the
+driver's, which holds no events, only counts and file names.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import pyarrow.parquet as pq
+
+from trainer.config import RunConfig
+from trainer.data.featurize import (RUN_FILE, STAGING, build_feature_spec, check_limits, config_hash,
+                                    featurize_bucket, finish, prepare_output)
+from umask.contract import ContractDataset, EventReader, ReadReport, open_dataset, read_apps, read_locations
+from umask.errors import UserError
+from umask.slots import partition_events
+from umask.spec import APP_CATEGORIES, LOC_REGIONS, SPEC_DIR, load_maps, load_spec, save_spec
+
+# peak bytes of phase 2 per event of a bucket (Slots, the examples of a row group, the read
+# pieces), measured with bench/featurize_bench.py's data; the refusal of too large buckets uses it
+PHASE2_BYTES_PER_EVENT = 400
+# phase 1 holds a read batch and its partition buffer: bytes per buffered row, Arrow included
+PHASE1_BYTES_PER_ROW = 120
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """An input share of phase 1: row groups [first, end) of one events file (None: the whole file)."""
+    index: int
+    path: str
+    row_groups: tuple[int, int] | None
+    rows: int
+
+    def where(self) -> str:
+        groups = "" if self.row_groups is None else f" row groups {self.row_groups[0]}-{self.row_groups[1] - 1}"
+        return f"{self.path}{groups}"
+
+
+def plan_units(event_files: list[Path], rows_per_task: int) -> list[Unit]:
+    """The input shares: each file whole, or cut between row groups into runs of at most
+    rows_per_task rows (a row group larger than that is a share of its own). Reads footers only."""
+    units = []
+    for path in event_files:
+        try:
+            metadata = pq.read_metadata(path)
+        except Exception:  # the reader names the problem, in the task that reads the file
+            units.append(Unit(len(units), str(path), None, 0))
+            continue
+        groups = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+        if sum(groups) <= rows_per_task:
+            units.append(Unit(len(units), str(path), None, sum(groups)))
+            continue
+        first, rows = 0, 0
+        for g, n in enumerate(groups):
+            if rows and rows + n > rows_per_task:
+                units.append(Unit(len(units), str(path), (first, g), rows))
+                first, rows = g, 0
+            rows += n
+        units.append(Unit(len(units), str(path), (first, len(groups)), rows))
+    return units
+
+
+def resume_key(cfg: RunConfig, dataset: ContractDataset) -> str:
+    """sha256 of the config hash and every input file's path, size and mtime: what a run must
+    share with an unfinished one to continue it."""
+    files = list(dataset.event_files)
+    for table in (dataset.apps, dataset.locations):
+        if table is not None:
+            files += sorted(table.rglob("*")) if table.is_dir() else [table]
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
+    return hashlib.sha256(json.dumps([config_hash(cfg.data), stats]).encode()).hexdigest()
+
+
+# --- the tasks ---------------------------------------------------------------------------
+
+def _task_start() -> float:
+    """Resets this worker's peak RSS (Ray reuses workers across tasks), returns the start time."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    return time.perf_counter()
+
+
+def _task_facts(started: float) -> dict:
+    """What a task reports of itself: peak RSS in MB since _task_start, node, pid, seconds."""
+    import ray
+
+    return {"peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1), "node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(), "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set: VmHWM (resettable), else getrusage's lifetime peak."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data) + "\n")
+    os.replace(tmp, path)
+
+
+def spec_task(source: str, cfg_data, folder: str):
+    """Reads the side tables, builds the spec and its maps, writes them to `folder`; returns
+    (spec, maps). The maps stay in the object store for phase 2. When `folder` already holds
+    them (a resumed run), they are read back instead, so a resumed run never refits regions."""
+    folder = Path(folder)
+    if (folder / "spec.json").exists():
+        spec = load_spec(folder)
+        return spec, load_maps(folder, spec)
+    dataset = open_dataset(source)
+    spec, maps = build_feature_spec(read_apps(dataset, cfg_data.num_categories), read_locations(dataset), cfg_data)
+    tmp = folder.with_name(f"{folder.name}.{uuid.uuid4().hex}.tmp")
+    spec = save_spec(tmp, spec, maps)
+    os.replace(tmp, folder)
+    return spec, maps
+
+
+def partition_task(unit: Unit, root: str, cfg_data, staging: str, buffer_rows: int) -> dict:
+    """Phase 1 for one input share: its valid events into one piece per bucket
+    (`bucket=<b>/unit-<u>.parquet`), then its report `units/unit-<u>.json`; returns the report."""
+    started = _task_start()
+    staging = Path(staging)
+    out = staging.parent
+    quarantine = out / "quarantine" if cfg_data.invalid_rows == "quarantine" else None
+    reader = EventReader(ContractDataset(Path(root), [Path(unit.path)]), cfg_data.invalid_rows, quarantine,
+                         batch_rows=min(1 << 20, buffer_rows), plausible=cfg_data.plausible_range())
+    work = staging / "tmp" / f"unit-{unit.index:06d}-{uuid.uuid4().hex}"
+    files, rows = partition_events(reader.file_batches(Path(unit.path), unit.row_groups), work,
+                                   cfg_data.num_shards, buffer_rows)
+    buckets = {}
+    for bucket, path in files.items():
+        piece = staging / f"bucket={bucket:05d}" / f"unit-{unit.index:06d}.parquet"
+        piece.parent.mkdir(parents=True, exist_ok=True)
+        buckets[bucket] = pq.read_metadata(path).num_rows
+        os.replace(path, piece)
+    shutil.rmtree(work, ignore_errors=True)
+    report = {"unit": unit.index, "rows": rows, "buckets": {str(b): n for b, n in buckets.items()},
+              "read": reader.report.as_dict(), **_task_facts(started)}
+    _write_json(staging / "units" / f"unit-{unit.index:06d}.json", report)
+    return report
+
+
+def featurize_task(bucket: int, pieces: list[str], spec, maps, row_group_size: int, out: str) -> dict:
+    """Phase 2 for one bucket: featurize.featurize_bucket, then `shards/shard-<b>.json`."""
+    from trainer.training.faults import fault_point
+
+    started = _task_start()
+    staging = Path(out) / STAGING
+    report = featurize_bucket(pieces, bucket, spec, maps, row_group_size, out,
+                              on_written=lambda: fault_point("bucket", bucket, 0, staging))
+    report["task"] = _task_facts(started)
+    _write_json(staging / "shards" / f"shard-{bucket:05d}.json", report)
+    return report
+
+
+# --- the driver ----------------------------------------------------------------------------
+
+def run(cfg: RunConfig, on_progress: Callable[[str, int, int], None] | None = None,
+        verbose: bool = False) -> dict:
+    """Both phases on Ray into data.features; returns the manifest. on_progress(phase, events
+    done, events) as tasks finish, phase "read" (phase 1) or "featurize" (phase 2)."""
+    import ray
+
+    from trainer.training.cluster import check_cluster, cluster_address, join_cluster
+    from trainer.training.launch import start_embedded_ray
+
+    data, out = cfg.data, Path(cfg.data.features).resolve()
+    check_limits(data)
+    check_cluster(cfg)
+    dataset = open_dataset(data.source)
+    units = plan_units(dataset.event_files, data.read_task_rows)
+    _check_task_memory(data, units)
+    key = resume_key(cfg, dataset)
+    staging = out / STAGING
+    if not prepare_output(out, key):
+        staging.mkdir(parents=True, exist_ok=True)
+        _write_json(staging / "run.json", {"resume_key": key, "config_hash": config_hash(data)})
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        joined = cluster_address(cfg.ray.address)
+        if joined:
+            join_cluster(*joined, log_to_driver=verbose)
+        else:
+            start_embedded_ray(data.featurize_workers, verbose)
+    try:
+        return _run_tasks(cfg, dataset, units, out, on_progress)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _run_tasks(cfg: RunConfig, dataset: ContractDataset, units: list[Unit], out: Path,
+               on_progress: Callable[[str, int, int], None] | None) -> dict:
+    import ray
+
+    data, staging = cfg.data, out / STAGING
+    options = dict(num_cpus=1, memory=data.task_memory_mb * 2**20, max_retries=data.task_retries,
+                   scheduling_strategy="SPREAD")
+    from trainer.training.faults import ENV as FAULTS
+
+    if os.environ.get(FAULTS):  # fire drills and the fault tests (trainer/training/faults.py)
+        options["runtime_env"] = {"env_vars": {FAULTS: os.environ[FAULTS]}}
+    spec_ref, maps_ref = ray.remote(spec_task).options(num_returns=2, **options).remote(
+        str(data.source), data, str(staging / SPEC_DIR))
+    spec = _get(spec_ref, "reading the side tables (apps.parquet, locations.parquet)")
+
+    # phase 1
+    buffer_rows = max(1 << 16, data.task_memory_mb * 2**20 // 2 // PHASE1_BYTES_PER_ROW)
+    done_units = {u.index: _read_json(staging / "units" / f"unit-{u.index:06d}.json") for u in units}
+    todo = {ray.remote(partition_task).options(**options).remote(
+        u, str(dataset.root), data, str(staging), buffer_rows): u for u in units if done_units[u.index] is None}
+    total_rows = sum(u.rows for u in units)
+    done_rows = sum(u.rows for u in units if done_units[u.index] is not None)
+    for unit, report in _as_completed(todo, lambda u: f"reading {u.where()}"):
+        done_units[unit.index] = report
+        done_rows += unit.rows
+        if on_progress:
+            on_progress("read", done_rows, total_rows)
+    unit_reports = [done_units[u.index] for u in units]
+
+    # phase 2
+    bucket_rows = [0] * data.num_shards
+    pieces: list[list[str]] = [[] for _ in range(data.num_shards)]
+    for report in unit_reports:
+        for bucket, rows in sorted(report["buckets"].items(), key=lambda kv: int(kv[0])):
+            bucket_rows[int(bucket)] += rows
+            pieces[int(bucket)].append(str(staging / f"bucket={int(bucket):05d}" / f"unit-{report['unit']:06d}.parquet"))
+    _check_bucket_memory(data, bucket_rows)
+    done_shards = {b: _read_json(staging / "shards" / f"shard-{b:05d}.json") for b in range(data.num_shards)}
+    todo = {ray.remote(featurize_task).options(**options).remote(
+        b, pieces[b], spec, maps_ref, data.row_group_size, str(out)): b
+        for b in range(data.num_shards) if done_shards[b] is None}
+    total_events = sum(bucket_rows)
+    done_events = sum(bucket_rows[b] for b in range(data.num_shards) if done_shards[b] is not None)
+    for bucket, report in _as_completed(todo, lambda b: f"featurizing bucket {b} ({len(pieces[b])} pieces "
+                                                        f"in {staging / f'bucket={b:05d}'})"):
+        done_shards[bucket] = report
+        done_events += bucket_rows[bucket]
+        if on_progress:
+            on_progress("featurize", done_events, total_events)
+
+    reports = [done_shards[b] for b in range(data.num_shards)]
+    tasks = {"read": [{k: r[k] for k in ("unit", "rows", "peak_rss_mb", "node", "pid", "seconds")} for r in unit_reports],
+             "featurize": [{"shard": r["shard"], "events": r["events"], **r.pop("task")} for r in reports]}
+    out_spec = out / SPEC_DIR
+    out_spec.mkdir(exist_ok=True)
+    for name in (APP_CATEGORIES, LOC_REGIONS):
+        shutil.copyfile(staging / SPEC_DIR / name, out_spec / name)
+    run = {"task_memory_mb": data.task_memory_mb, "driver_peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1),
+           "nodes": len({t["node"] for phase in tasks.values() for t in phase}), "tasks": tasks}
+    return finish(out, reports, sum(r["rows"] for r in unit_reports), spec, data,
+                  _merged_read_reports([r["read"] for r in unit_reports]), run)
+
+
+def _as_completed(refs: dict, describe: Callable):
+    """(item, result) of each task as it finishes; a failure is one UserError naming the task's
+    input (a UserError from the task keeps its own message, which names file and row)."""
+    import ray
+    from ray.exceptions import RayError, RayTaskError
+
+    pending = dict(refs)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        item = pending.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except RayTaskError as err:
+            cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else err
+            if isinstance(cause, UserError):
+                raise UserError(f"featurize {describe(item)}: {cause}") from None
+            raise UserError(f"featurize failed {describe(item)}: {type(cause).__name__}: "
+                            f"{' '.join(str(cause).split())[:500]}") from None
+        except RayError as err:
+            raise UserError(f"featurize failed {describe(item)} after data.task_retries retries: "
+                            f"{' '.join(str(err).split())[:500]}") from None
+        yield item, result
+
+
+def _get(ref, what: str):
+    import ray
+    from ray.exceptions import RayError, RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from None
+        raise UserError(f"featurize failed {what}: {' '.join(str(err).split())[:500]}") from None
+    except RayError as err:
+        raise UserError(f"featurize failed {what}: {' '.join(str(err).split())[:500]}") from None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _merged_read_reports(reports: list[dict]) -> dict:
+    """The reader's counts over all shares (ReadReport.as_dict form), quarantine files sorted."""
+    merged = ReadReport().as_dict()
+    for report in reports:
+        for key in ("files", "empty_files_skipped", "rows_read", "rows_valid", "rows_quarantined"):
+            merged[key] += report[key]
+        for reason, n in report["by_reason"].items():
+            merged["by_reason"][reason] = merged["by_reason"].get(reason, 0) + n
+        merged["quarantine_files"] += report["quarantine_files"]
+    merged["by_reason"] = dict(sorted(merged["by_reason"].items()))
+    merged["quarantine_files"] = sorted(merged["quarantine_files"])
+    return merged
+
+
+def _check_task_memory(data, units: list[Unit]) -> None:
+    """Refuses, before any task runs, settings whose average bucket cannot fit a task."""
+    expected = sum(u.rows for u in units) / data.num_shards * PHASE2_BYTES_PER_EVENT
+    if expected > data.task_memory_mb * 2**20:
+        raise UserError(_bucket_message(data, expected))
+
+
+def _check_bucket_memory(data, bucket_rows: list[int]) -> None:
+    largest = max(bucket_rows, default=0) * PHASE2_BYTES_PER_EVENT
+    if largest > data.task_memory_mb * 2**20:
+        raise UserError(_bucket_message(data, largest))
+
+
+def _bucket_message(data, need: float) -> str:
+    shards = int(data.num_shards * need / (data.task_memory_mb * 2**20)) + 1
+    return (f"a featurize bucket would need about {need / 2**20:.0f} MB, more than data.task_memory_mb="
+            f"{data.task_memory_mb}: raise data.num_shards to {shards} or more (smaller buckets), "
+            "or data.task_memory_mb")
