@@ -6,6 +6,13 @@ from dataclasses import dataclass, field
 SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise",
                   "row_wise", "table_row_wise", "grid_shard")
 POOLINGS = ("sum", "mean")
+# FBGEMM compute kernels (torchrec EmbeddingComputeKernel values) a sharded table may ask for:
+# "fused" keeps its rows in the device's memory; "fused_uvm_caching" keeps them in host memory
+# with the hot rows cached in HBM (GPU only). A data_parallel table is always "dense".
+COMPUTE_KERNELS = ("fused", "fused_uvm_caching")
+# Raw id -> row: "hash" is the spec's splitmix64 mod rows (umask.spec.table_rows); "zch" is
+# TorchRec's managed collisions (zero-collision hashing: ids get rows of their own, evicted LFU).
+COLLISIONS = ("hash", "zch")
 OPTIMIZERS = ("row_wise_adagrad", "adagrad")
 
 
@@ -15,6 +22,8 @@ class TableConfig:
     dim: int = 16
     sharding_types: list[str] = field(default_factory=list)  # allowed; empty = any this hardware has
     column_shard_dim: int = 0  # column-wise shard width (must divide dim); 0 = TorchRec's default
+    compute_kernel: str = "fused"  # fused | fused_uvm_caching (GPU: rows in host memory, hot ones in HBM)
+    cache_load_factor: float = 0.2  # fused_uvm_caching: the share of the table's rows the HBM cache holds
 
     def problems(self) -> list[tuple[str, str]]:
         out = [(k, "must be positive") for k in ("num_embeddings", "dim") if getattr(self, k) <= 0]
@@ -25,6 +34,13 @@ class TableConfig:
             out.append(("column_shard_dim", "must be 0 (TorchRec's default) or positive"))
         elif self.column_shard_dim and self.dim > 0 and self.dim % self.column_shard_dim:
             out.append(("column_shard_dim", f"must divide dim ({self.dim})"))
+        if self.compute_kernel not in COMPUTE_KERNELS:
+            out.append(("compute_kernel", f"must be one of {list(COMPUTE_KERNELS)}"))
+        elif self.compute_kernel == "fused_uvm_caching" and self.sharding_types == ["data_parallel"]:
+            out.append(("compute_kernel", "fused_uvm_caching shards the table: a data_parallel "
+                                          "(replicated) table keeps a dense weight"))
+        if not 0.0 < self.cache_load_factor <= 1.0:
+            out.append(("cache_load_factor", "must be in (0, 1]"))
         return out
 
 

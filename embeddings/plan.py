@@ -1,15 +1,17 @@
 """Where each table lives: the TorchRec sharding plan, constrained per table by the config.
 
 `check_sharding_types(cfg, device_type)` is pure and imports no TorchRec, so the driver calls
-it before any worker starts: a config that asks for a sharding type this hardware cannot run
-(row-wise needs CUDA) fails there with the table, the types asked for and the types on offer,
-instead of deep inside the planner on every worker. `plan_tables` runs the real planner
-(TorchRec imported inside it, for the same reason); `describe_plan` turns its result into
-plain values a log line or a test can read.
+it before any worker starts: a config that asks for a sharding type or compute kernel this
+hardware cannot run (row-wise and UVM caching need CUDA) fails there with the table, what was
+asked for and what is on offer, instead of deep inside the planner on every worker.
+`plan_tables` runs the real planner (TorchRec imported inside it, for the same reason) and
+returns its plan with the planner's memory estimate per shard and the memory it had per rank;
+`describe_plan` turns the result into plain values, and `plan_lines` into the lines printed at
+the start of a run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from embeddings.config import SHARDING_TYPES, EmbeddingsConfig
@@ -26,20 +28,30 @@ AVAILABLE_SHARDING_TYPES = {
     "cuda": SHARDING_TYPES,
 }
 # A replicated table is updated through DDP's all-reduce, so it keeps a plain (dense) weight;
-# every sharded kind keeps its rows in FBGEMM's fused kernel, whose optimizer runs in backward.
+# every sharded kind keeps its rows in the table's FBGEMM kernel (embeddings.<table>.compute_kernel:
+# fused, or fused_uvm_caching on GPU), whose optimizer runs in backward.
 _KERNEL = {"data_parallel": "dense"}
-_FUSED = "fused"
 
 
 def check_sharding_types(cfg: EmbeddingsConfig, device_type: str) -> dict[str, list[str]]:
-    """Per table, the sharding types the planner may choose on `device_type` ("cpu" or "cuda")."""
+    """Per table, the sharding types the planner may choose on `device_type` ("cpu" or "cuda").
+
+    Raises UserError naming the table and key for a sharding type or compute kernel that
+    `device_type` cannot run (row-wise and fused_uvm_caching need CUDA)."""
     if device_type not in AVAILABLE_SHARDING_TYPES:
         raise UserError(f"embeddings: no sharding support for device type {device_type!r}; "
                         f"use one of {sorted(AVAILABLE_SHARDING_TYPES)}")
     available = list(AVAILABLE_SHARDING_TYPES[device_type])
     allowed = {}
     for name, table in cfg.tables().items():
+        if table.compute_kernel == "fused_uvm_caching" and device_type != "cuda":
+            raise UserError(
+                f"embeddings.{name}.compute_kernel: fused_uvm_caching keeps the table in host memory "
+                f"and caches its hot rows in GPU memory (HBM); it needs CUDA GPUs (ray.use_gpu=true), "
+                f"and on {device_type} the whole shard is in host memory already: use fused")
         requested = list(table.sharding_types) or available
+        if table.compute_kernel == "fused_uvm_caching":  # a replicated table has no cache
+            requested = [t for t in requested if t != "data_parallel"]
         missing = [t for t in requested if t not in available]
         if missing:
             raise UserError(
@@ -56,31 +68,79 @@ class TablePlacement:
     compute_kernel: str
     ranks: tuple[int, ...]  # one per shard; a data-parallel table is on every rank
     shard_dims: tuple[int, ...]  # columns per shard, in shard order
+    shard_rows: tuple[int, ...] = ()  # rows per shard, in shard order
+    # The planner's estimate per shard, in bytes of device memory (HBM on GPU, RAM on CPU)
+    # and of host memory (a UVM-cached table's rows; equal to shard_device_bytes on CPU): the
+    # rows, their optimizer state and the lookups' working memory. Empty for a plan made
+    # elsewhere (TorchRec's planner called directly).
+    shard_device_bytes: tuple[int, ...] = ()
+    shard_host_bytes: tuple[int, ...] = ()
+
+
+def _estimate_stats():
+    """A TorchRec planner Stats that keeps the chosen plan's storage estimate per table and shard."""
+    from torchrec.distributed.planner.types import Stats
+
+    class EstimateStats(Stats):
+        def __init__(self):
+            self.by_table: dict[str, list[tuple[int, int, int]]] = {}  # table -> [(rank, hbm, ddr)]
+
+        def log(self, sharding_plan, topology, batch_size, storage_reservation, num_proposals,
+                num_plans, run_time, best_plan, *args, **kwargs) -> None:
+            for option in best_plan:
+                self.by_table[option.name] = [(shard.rank, shard.storage.hbm, shard.storage.ddr)
+                                              for shard in option.shards]
+
+    return EstimateStats()
+
+
+@dataclass(frozen=True)
+class PlannedTables:
+    """The plan of the tables and what the planner knew when it made it."""
+    sharding_plan: ShardingPlan  # TorchRec's, for DistributedModelParallel
+    placements: dict[str, TablePlacement]  # per table: where it went and its estimated memory
+    device_type: str
+    rank_memory_bytes: int  # per rank: embeddings.planner_memory_gb, or TorchRec's default
+    rank_available_bytes: int  # of it, what the planner could fill (less the reserved share)
+    uvm_cache_stats: bool = field(default=False)  # the sharder gathers UVM cache statistics
+
+
+def sharders_for(cfg: EmbeddingsConfig) -> list[ModuleSharder]:
+    """The sharders planning and DistributedModelParallel use: one EmbeddingBagCollectionSharder,
+    told to gather FBGEMM's UVM cache statistics when a table is UVM-cached."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+    caching = any(t.compute_kernel == "fused_uvm_caching" for t in cfg.tables().values())
+    return [EmbeddingBagCollectionSharder(fused_params={"gather_uvm_cache_stats": True} if caching else None)]
 
 
 def plan_tables(cfg: EmbeddingsConfig, world_size: int, device_type: str,
-                sharders: list[ModuleSharder], pg: Optional[dist.ProcessGroup] = None) -> ShardingPlan:
-    """The sharding plan of `build_tables(cfg)` over `world_size` ranks.
+                sharders: list[ModuleSharder], pg: Optional[dist.ProcessGroup] = None) -> PlannedTables:
+    """The sharding plan of `build_tables(cfg)` over `world_size` ranks, with its memory estimates.
 
     With a process group every rank must call it: rank 0 plans and broadcasts, so all ranks
     shard alike (and all raise the same UserError when nothing fits). `sharders` must be the
-    ones later given to DistributedModelParallel.
+    ones later given to DistributedModelParallel. A UVM-cached table (compute_kernel
+    fused_uvm_caching) gets TorchRec's CacheParams with the table's cache_load_factor.
     """
     import torch.distributed as dist
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
     from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
     from torchrec.distributed.planner.types import (KernelConfig, PlannerError, TopologyFactory,
                                                     TrainerConfig)
+    from torchrec.distributed.types import CacheParams
 
     from embeddings.tables import build_tables
 
     allowed = check_sharding_types(cfg, device_type)
     constraints = {}
     for name, table in cfg.tables().items():
-        kernels = sorted({_KERNEL.get(t, _FUSED) for t in allowed[name]})
+        kernels = sorted({_KERNEL.get(t, table.compute_kernel) for t in allowed[name]})
+        caching = table.compute_kernel == "fused_uvm_caching"
         constraints[name] = ParameterConstraints(
             sharding_types=allowed[name], compute_kernels=kernels,
-            min_partition=table.column_shard_dim or None)
+            min_partition=table.column_shard_dim or None,
+            cache_params=CacheParams(load_factor=table.cache_load_factor) if caching else None)
     memory = int(cfg.planner_memory_gb * 2**30) or None  # None: TorchRec's default
     memory_cap = {"hbm_cap_bytes" if device_type == "cuda" else "ddr_cap_bytes": memory}
     topology = TopologyFactory.create_topology(
@@ -88,16 +148,26 @@ def plan_tables(cfg: EmbeddingsConfig, world_size: int, device_type: str,
         kernel_config=KernelConfig(compute_device=device_type))
     # The tables are the only module planned here (DeepSpeed owns the dense model), so the
     # reservation is a plain share of memory, not TorchRec's guess at dense tensor sizes.
-    planner = EmbeddingShardingPlanner(
-        topology=topology, constraints=constraints, debug=False,
-        storage_reservation=FixedPercentageStorageReservation(cfg.planner_reserved_share))
+    reservation = FixedPercentageStorageReservation(cfg.planner_reserved_share)
+    estimates = _estimate_stats()
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints, debug=False,
+                                       storage_reservation=reservation, stats=[estimates])
     module = build_tables(cfg, device="meta")
     # Rank 0 plans and sends the plan, or its failure, to the others: like TorchRec's
     # collective_plan, but a failure must not leave the other ranks waiting for a plan.
     outcome: list = [None]
     if pg is None or dist.get_rank(pg) == 0:
         try:
-            outcome = [planner.plan(module, sharders)]
+            plan = planner.plan(module, sharders)
+            memory_kind = "hbm" if device_type == "cuda" else "ddr"
+            outcome = [PlannedTables(
+                sharding_plan=plan, placements=describe_plan(plan, estimates.by_table, device_type),
+                device_type=device_type,
+                rank_memory_bytes=getattr(topology.devices[0].storage, memory_kind),
+                rank_available_bytes=getattr(
+                    reservation.last_reserved_topology.devices[0].storage, memory_kind),
+                uvm_cache_stats=any(t.compute_kernel == "fused_uvm_caching"
+                                    for t in cfg.tables().values()))]
         except PlannerError as err:
             outcome = [f"embeddings: no sharding plan fits the tables on {world_size} "
                        f"{device_type} rank(s) with the configured constraints {allowed}: "
@@ -111,15 +181,62 @@ def plan_tables(cfg: EmbeddingsConfig, world_size: int, device_type: str,
     return outcome[0]
 
 
-def describe_plan(plan: ShardingPlan) -> dict[str, TablePlacement]:
-    """table name -> where it went, for logs and tests."""
+def describe_plan(plan: ShardingPlan, estimates: dict[str, list[tuple[int, int, int]]] | None = None,
+                  device_type: str = "cpu") -> dict[str, TablePlacement]:
+    """table name -> where it went, for logs and tests.
+
+    estimates: the planner's storage per table and shard, [(rank, hbm bytes, ddr bytes)] in
+    the shards' order; without it the placements carry no memory estimate."""
     out = {}
     for module_plan in plan.plan.values():
         for table, sharding in module_plan.items():
             shards = sharding.sharding_spec.shards if sharding.sharding_spec is not None else []
+            storage = (estimates or {}).get(table, [])
+            device = [hbm if device_type == "cuda" else ddr for _, hbm, ddr in storage]
             out[table] = TablePlacement(
                 sharding_type=sharding.sharding_type,
                 compute_kernel=sharding.compute_kernel,
                 ranks=tuple(sharding.ranks or ()),
-                shard_dims=tuple(int(s.shard_sizes[1]) for s in shards))
+                shard_dims=tuple(int(s.shard_sizes[1]) for s in shards),
+                shard_rows=tuple(int(s.shard_sizes[0]) for s in shards),
+                shard_device_bytes=tuple(device),
+                shard_host_bytes=tuple(ddr for _, _, ddr in storage))
     return out
+
+
+def plan_lines(planned: PlannedTables, cfg: EmbeddingsConfig) -> list[str]:
+    """The plan as printed at the start of a run: per table where it went, and why it fits.
+
+    The "why" is the planner's own arithmetic: its memory estimate of each shard against
+    what each rank offers it (embeddings.planner_memory_gb, less planner_reserved_share).
+    """
+    gib = 2**30
+    memory = "HBM" if planned.device_type == "cuda" else "RAM"
+    source = (f"embeddings.planner_memory_gb={cfg.planner_memory_gb:g}" if cfg.planner_memory_gb
+              else "TorchRec's default, embeddings.planner_memory_gb=0")
+    # TorchRec's reservation takes its share of HBM only: a CPU rank's RAM is offered whole
+    reserved = (f"less planner_reserved_share={cfg.planner_reserved_share:g}"
+                if planned.rank_available_bytes < planned.rank_memory_bytes else "none of it reserved")
+    lines = [f"embedding plan: each {planned.device_type} rank offers the tables "
+             f"{planned.rank_available_bytes / gib:.2f} GiB of {memory} ({source}, {reserved})"]
+    per_rank: dict[int, int] = {}
+    for name, p in planned.placements.items():
+        table = cfg.tables()[name]
+        shards = ", ".join(
+            f"rank {rank}: {rows:,} x {dims}, ~{device / gib:.2f} GiB"
+            + (f" {memory} + {host / gib:.2f} GiB host" if planned.device_type == "cuda" and host else "")
+            for rank, rows, dims, device, host in zip(p.ranks, p.shard_rows, p.shard_dims,
+                                                      p.shard_device_bytes, p.shard_host_bytes))
+        if p.sharding_type == "data_parallel":
+            shards = f"a copy on each of ranks {list(p.ranks)}, ~{p.shard_device_bytes[0] / gib:.2f} GiB each" \
+                if p.shard_device_bytes else f"a copy on each of ranks {list(p.ranks)}"
+        for rank, device in zip(p.ranks, p.shard_device_bytes):
+            per_rank[rank] = per_rank.get(rank, 0) + device
+        lines.append(f"  {name} ({table.num_embeddings:,} x {table.dim}): {p.sharding_type}, "
+                     f"kernel {p.compute_kernel}; {shards}")
+    if per_rank:
+        fullest = max(per_rank, key=per_rank.get)
+        lines.append(f"  fullest rank {fullest}: ~{per_rank[fullest] / gib:.2f} of "
+                     f"{planned.rank_available_bytes / gib:.2f} GiB "
+                     f"({per_rank[fullest] / max(planned.rank_available_bytes, 1):.0%})")
+    return lines

@@ -15,7 +15,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torch.nn.parallel import DistributedDataParallel
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv
 from torchrec.optim import RowWiseAdagrad
@@ -23,7 +22,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings.config import EmbeddingsConfig
-from embeddings.plan import describe_plan, plan_tables
+from embeddings.plan import plan_tables, sharders_for
 from embeddings.tables import build_tables
 
 _OPTIMIZERS = {"row_wise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad}
@@ -74,9 +73,10 @@ class ShardedTables(nn.Module):
         # the optimizer class and kwargs it leaves on each weight and fuses them.
         _apply_optimizer_in_backward(_OPTIMIZERS[cfg.optimizer], tables.parameters(),
                                      {"lr": cfg.lr, "eps": cfg.eps})
-        sharders = [EmbeddingBagCollectionSharder()]
-        self.plan = plan_tables(cfg, dist.get_world_size(pg), device.type, sharders, pg)
-        self.placements = describe_plan(self.plan)
+        sharders = sharders_for(cfg)
+        self.planned = plan_tables(cfg, dist.get_world_size(pg), device.type, sharders, pg)
+        self.plan = self.planned.sharding_plan
+        self.placements = self.planned.placements
         self.dmp = DistributedModelParallel(
             tables, env=ShardingEnv.from_process_group(pg), device=device, plan=self.plan,
             sharders=sharders, init_data_parallel=False)

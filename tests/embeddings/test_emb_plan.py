@@ -8,7 +8,8 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 
 from embeddings.config import SHARDING_TYPES, EmbeddingsConfig, TableConfig
-from embeddings.plan import AVAILABLE_SHARDING_TYPES, check_sharding_types, describe_plan, plan_tables
+from embeddings.plan import (AVAILABLE_SHARDING_TYPES, check_sharding_types, describe_plan, plan_lines,
+                             plan_tables, sharders_for)
 from embeddings.tables import build_tables
 from trainer.config import ConfigError, load_config
 from umask.errors import UserError
@@ -60,7 +61,7 @@ def test_cpu_offer_matches_what_torchrec_can_plan(sharding_type):
 
 def test_plan_follows_per_table_constraints():
     cfg = cfg_with(["table_wise"], ["column_wise"], column_shard_dim=8)
-    plan = describe_plan(plan_tables(cfg, 2, "cpu", [EmbeddingBagCollectionSharder()]))
+    plan = plan_tables(cfg, 2, "cpu", [EmbeddingBagCollectionSharder()]).placements
     assert plan["app"].sharding_type == "table_wise" and plan["app"].compute_kernel == "fused"
     assert len(plan["app"].ranks) == 1 and plan["app"].shard_dims == (16,)
     assert plan["loc"].sharding_type == "column_wise" and plan["loc"].compute_kernel == "fused"
@@ -69,7 +70,7 @@ def test_plan_follows_per_table_constraints():
 
 def test_data_parallel_table_is_dense_and_everywhere():
     cfg = cfg_with(["data_parallel"], ["table_wise"])
-    plan = describe_plan(plan_tables(cfg, 2, "cpu", [EmbeddingBagCollectionSharder()]))
+    plan = plan_tables(cfg, 2, "cpu", [EmbeddingBagCollectionSharder()]).placements
     assert plan["app"].sharding_type == "data_parallel" and plan["app"].compute_kernel == "dense"
     assert plan["app"].ranks == (0, 1)
     assert plan["loc"].sharding_type == "table_wise"
@@ -95,7 +96,7 @@ def test_bad_embedding_config_names_the_key(override, message):
 def test_row_wise_plans_for_cuda_without_a_gpu():
     # The planner only models the hardware, so the GPU plan is checked here on CPU.
     cfg = cfg_with(["row_wise"], ["table_row_wise"])
-    plan = describe_plan(plan_tables(cfg, 2, "cuda", [EmbeddingBagCollectionSharder()]))
+    plan = plan_tables(cfg, 2, "cuda", [EmbeddingBagCollectionSharder()]).placements
     assert plan["app"].sharding_type == "row_wise" and sorted(plan["app"].ranks) == [0, 1]
     assert plan["loc"].sharding_type == "table_row_wise" and plan["app"].compute_kernel == "fused"
 
@@ -108,5 +109,61 @@ def test_tables_too_big_for_the_memory_budget_are_a_user_error():
     with pytest.raises(UserError, match=r"no sharding plan fits the tables on 2 cpu rank\(s\)"):
         plan_tables(cfg, 2, "cpu", [EmbeddingBagCollectionSharder()])
     cfg.planner_memory_gb = 2.0
-    plan = describe_plan(plan_tables(cfg, 2, "cpu", [EmbeddingBagCollectionSharder()]))
+    plan = plan_tables(cfg, 2, "cpu", [EmbeddingBagCollectionSharder()]).placements
     assert sorted(plan["app"].ranks + plan["loc"].ranks) == [0, 1]  # one table per rank
+
+
+def test_plan_carries_the_planners_memory_estimate_and_says_why_it_fits():
+    # 2^20 x 64 fp32 is 256 MiB of rows; the planner adds row-wise Adagrad's state and the
+    # lookups' working memory, so each estimate is a little above it.
+    cfg = EmbeddingsConfig(app=TableConfig(num_embeddings=2**20, dim=64, sharding_types=["table_wise"]),
+                           loc=TableConfig(num_embeddings=2**20, dim=64, sharding_types=["table_wise"]),
+                           planner_memory_gb=2.0)
+    planned = plan_tables(cfg, 2, "cpu", [EmbeddingBagCollectionSharder()])
+    assert planned.rank_memory_bytes == planned.rank_available_bytes == 2 * 2**30  # no RAM reserved
+    for table in ("app", "loc"):
+        (estimate,) = planned.placements[table].shard_device_bytes
+        assert 2**28 <= estimate < 1.1 * 2**28
+        assert planned.placements[table].shard_rows == (2**20,)
+    lines = plan_lines(planned, cfg)
+    assert lines[0] == ("embedding plan: each cpu rank offers the tables 2.00 GiB of RAM "
+                        "(embeddings.planner_memory_gb=2, none of it reserved)")
+    assert lines[1].startswith("  app (1,048,576 x 64): table_wise, kernel fused; rank ")
+    assert ": 1,048,576 x 64, ~0.25 GiB" in lines[1]
+    assert lines[3].startswith("  fullest rank ") and lines[3].endswith(" of 2.00 GiB (13%)")
+
+
+def test_uvm_caching_is_refused_on_cpu_before_planning():
+    cfg = cfg_with([], [], compute_kernel="fused_uvm_caching")
+    with pytest.raises(UserError, match=r"^embeddings\.loc\.compute_kernel: fused_uvm_caching keeps the "
+                                        r"table in host memory .* needs CUDA GPUs \(ray\.use_gpu=true\)"):
+        check_sharding_types(cfg, "cpu")
+
+
+def test_uvm_caching_plans_for_cuda_without_a_gpu():
+    # 10^8 x 64 rows cached at 10% in HBM: the rows are host memory, the cache is HBM.
+    cfg = EmbeddingsConfig(
+        app=TableConfig(num_embeddings=10**8, dim=64, compute_kernel="fused_uvm_caching",
+                        cache_load_factor=0.1),
+        loc=TableConfig(num_embeddings=10**6, dim=64, sharding_types=["data_parallel", "table_wise"],
+                        compute_kernel="fused_uvm_caching"),
+        planner_memory_gb=80)
+    assert check_sharding_types(cfg, "cuda")["loc"] == ["table_wise"]  # a replica has no cache
+    planned = plan_tables(cfg, 2, "cuda", sharders_for(cfg))
+    app = planned.placements["app"]
+    assert app.compute_kernel == "fused_uvm_caching" and planned.uvm_cache_stats
+    rows = sum(app.shard_rows) if app.sharding_type != "table_wise" else app.shard_rows[0]
+    assert rows == 10**8
+    assert sum(app.shard_host_bytes) >= 10**8 * 64 * 4  # every row lives in host memory
+    assert sum(app.shard_device_bytes) < 0.2 * sum(app.shard_host_bytes)  # the HBM cache is ~10%
+    assert planned.placements["loc"].compute_kernel == "fused_uvm_caching"
+    assert any("HBM +" in line for line in plan_lines(planned, cfg))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("embeddings.app.compute_kernel=uvm", r"embeddings\.app\.compute_kernel: must be one of \['fused', 'fused_uvm_caching'\]"),
+    ("embeddings.app.cache_load_factor=0", r"embeddings\.app\.cache_load_factor: must be in \(0, 1\]"),
+])
+def test_bad_kernel_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config([], [override])
