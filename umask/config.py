@@ -11,6 +11,7 @@ from umask.errors import UserError
 
 TASKS = ("short", "long", "cold")  # task tau; its index is the task id used in tensors
 ATTENTION_MODES = ("evidence_keys", "evidence_causal", "bias")
+BACKBONES = ("dit", "mae")  # model.backbone: U-MASK, or the learned baseline of umask/mae.py
 # Lengths below are in slots (hours with the default 3600-s slots). time_of_week, which every
 # batch carries per slot, is the slot of the week in [0, spec.slots_per_week): the model takes
 # the slots per day and week from the feature spec (umask/spec.py), never from a constant.
@@ -181,6 +182,9 @@ class ModelConfig:
     prior_residual: bool = False
     # The dense channels' normalisation is no setting: it comes from the feature spec's train
     # statistics (umask/normalization.py).
+    # dit: U-MASK (diffusion transformer, adaptive masks); mae: the learned baseline, a
+    # masked-autoencoder transformer of the same width and depth with uniform masks (umask/mae.py)
+    backbone: str = "dit"
     mask: MaskConfig = field(default_factory=MaskConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -198,6 +202,8 @@ class ModelConfig:
                                      "power of two >= 16"))
         if self.mlp_ratio <= 0:
             out.append(("mlp_ratio", "must be positive"))
+        if self.backbone not in BACKBONES:
+            out.append(("backbone", f"must be one of {', '.join(BACKBONES)}"))
         if self.prior_residual and not self.hour_prior:
             out.append(("prior_residual", "needs hour_prior: true (the residual's base is the prior)"))
         if self.attention not in ATTENTION_MODES:

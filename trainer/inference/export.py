@@ -81,6 +81,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, eval_report: str |
     """
     created_at = datetime.now(timezone.utc).replace(microsecond=0)
     folder, state, cfg, spec = open_checkpoint(checkpoint)
+    if cfg.model.backbone != "dit":
+        raise UserError(f"{folder}: a model.backbone={cfg.model.backbone} run is the evaluation's "
+                        "learned baseline; only U-MASK (backbone dit) is exported")
     features = Path(features if features is not None else cfg.data.features)
     _check_features(features, spec)
     headline = _eval_headline(Path(eval_report), int(state["step"])) if eval_report is not None else None

@@ -42,7 +42,7 @@ class InferenceModel:
     step: int
     cfg: RunConfig
     spec: FeatureSpec  # the training features' spec
-    model: UMask
+    model: UMask  # or umask.mae.MaskedAutoencoder (model.backbone: mae), with the same interface
     tables: EmbeddingBagCollection  # the full app and loc tables
     ids: IdMapper
     _maps: FeatureMaps | None = field(default=None, repr=False)
@@ -99,10 +99,10 @@ def load_inference_model(path: str | Path) -> InferenceModel:
     from embeddings.checkpoint import load_full_tables
     from embeddings.ids import IdMapper
     from embeddings.tables import pooled_dim
-    from umask.model import UMask
+    from umask.backbones import build_model
 
     folder, state, cfg, spec = open_checkpoint(path)
-    model = UMask(cfg.model, spec, sparse_dim=pooled_dim(cfg.embeddings))
+    model = build_model(cfg.model, spec, sparse_dim=pooled_dim(cfg.embeddings))
     dense_file = folder / "dense.safetensors"
     try:
         weights = load_file(str(dense_file))

@@ -49,7 +49,8 @@ class Trainer:
         from embeddings.ids import IdMapper
         from embeddings.sharded import ShardedTables
         from embeddings.tables import pooled_dim
-        from umask.model import UMask, no_extra_negatives
+        from umask.backbones import build_model
+        from umask.model import no_extra_negatives
 
         self.cfg = cfg
         self.run_dir = run_dir
@@ -65,8 +66,8 @@ class Trainer:
         self.tables = ShardedTables(cfg.embeddings, dist.group.WORLD, self.device)
         if self.rank == 0:
             _write_plan(self.tables.placements, run_dir / "plan.json")
-        model = UMask(cfg.model, self.spec, sparse_dim=pooled_dim(cfg.embeddings),
-                      gather_negatives=_other_ranks_rows if self.world_size > 1 else no_extra_negatives)
+        model = build_model(cfg.model, self.spec, sparse_dim=pooled_dim(cfg.embeddings),
+                            gather_negatives=_other_ranks_rows if self.world_size > 1 else no_extra_negatives)
         without_runtime_builds()  # no C++ compiled here, so no build lock to wait on
         _new_groups_time_out_after(cfg.ray.collective_timeout_s)
         self.engine, *_ = deepspeed.initialize(

@@ -6,10 +6,10 @@ def model_parameter_counts(cfg) -> dict[str, int]:
     import torch
 
     from embeddings.tables import pooled_dim
-    from umask.model import UMask
+    from umask.backbones import build_model
 
     with torch.device("meta"):
-        model = UMask(cfg.model, cfg.data.feature_spec(), sparse_dim=pooled_dim(cfg.embeddings))
+        model = build_model(cfg.model, cfg.data.feature_spec(), sparse_dim=pooled_dim(cfg.embeddings))
     counts = {f"dense.{k}": v for k, v in model.param_count().items()}
     for name, table in cfg.embeddings.tables().items():
         counts[f"table.{name}"] = table.num_embeddings * table.dim

@@ -116,7 +116,7 @@ def _dense_shape_problems(saved: dict, cfg: RunConfig, folder: Path, spec: Featu
     from safetensors import safe_open
 
     from embeddings.tables import pooled_dim
-    from umask.model import UMask
+    from umask.backbones import build_model
 
     dense_file = folder / "dense.safetensors"
     try:
@@ -125,7 +125,7 @@ def _dense_shape_problems(saved: dict, cfg: RunConfig, folder: Path, spec: Featu
     except Exception as err:  # noqa: BLE001 - OSError, or safetensors' SafetensorError
         raise UserError(f"{dense_file}: cannot read its header ({err})") from None
     with torch.device("meta"):
-        model = UMask(cfg.model, spec, sparse_dim=pooled_dim(cfg.embeddings))
+        model = build_model(cfg.model, spec, sparse_dim=pooled_dim(cfg.embeddings))
     shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     differing = sorted(key for key in saved_shapes.keys() | shapes.keys()
                        if saved_shapes.get(key) != shapes.get(key))
