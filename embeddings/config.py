@@ -24,6 +24,7 @@ class TableConfig:
     column_shard_dim: int = 0  # column-wise shard width (must divide dim); 0 = TorchRec's default
     compute_kernel: str = "fused"  # fused | fused_uvm_caching (GPU: rows in host memory, hot ones in HBM)
     cache_load_factor: float = 0.2  # fused_uvm_caching: the share of the table's rows the HBM cache holds
+    collision: str = "hash"  # raw id -> row: hash (splitmix64 mod rows) | zch (managed, GPU row_wise only)
 
     def problems(self) -> list[tuple[str, str]]:
         out = [(k, "must be positive") for k in ("num_embeddings", "dim") if getattr(self, k) <= 0]
@@ -41,6 +42,8 @@ class TableConfig:
                                           "(replicated) table keeps a dense weight"))
         if not 0.0 < self.cache_load_factor <= 1.0:
             out.append(("cache_load_factor", "must be in (0, 1]"))
+        if self.collision not in COLLISIONS:
+            out.append(("collision", f"must be one of {list(COLLISIONS)}"))
         return out
 
 
@@ -55,6 +58,13 @@ class EmbeddingsConfig:
     # Memory per rank the planner may fill: HBM on GPU, RAM on CPU; 0 = TorchRec's default.
     planner_memory_gb: float = 0.0
     planner_reserved_share: float = 0.15  # of it, left to activations and the dense model
+    # collision=zch: every this many training batches the managed-collision modules evict the
+    # rows of the least frequently seen ids (LFU, discounted by age) to make room for new ids
+    zch_eviction_interval: int = 1000
+
+    def zch(self) -> bool:
+        """Whether the tables use TorchRec's managed collisions (collision=zch on every table)."""
+        return all(table.collision == "zch" for table in self.tables().values())
 
     def tables(self) -> dict[str, TableConfig]:
         """The tables by name, in the order of their columns in the pooled output."""
@@ -74,4 +84,11 @@ class EmbeddingsConfig:
             out.append(("planner_memory_gb", "must be 0 (TorchRec's default) or positive"))
         if not 0.0 <= self.planner_reserved_share < 1.0:
             out.append(("planner_reserved_share", "must be in [0, 1)"))
+        if self.zch_eviction_interval <= 0:
+            out.append(("zch_eviction_interval", "must be positive"))
+        collisions = {name: table.collision for name, table in self.tables().items()}
+        if len(set(collisions.values())) > 1:  # TorchRec's MC collection manages every table it has
+            out.append(("app.collision", f"zch must be set on every table or none (got {collisions}): "
+                                         "TorchRec's ManagedCollisionEmbeddingBagCollection manages "
+                                         "each table of the collection"))
         return out

@@ -7,13 +7,20 @@ featurize, synth and the export bundle share. It runs on the host, where the loa
 already are, so no id ever reaches the lookup out of range (FBGEMM on GPU would silently patch
 such an id, on CPU it raises) and the device never waits on a host copy. Negative ids break
 the contract; they are hashed like any other id but counted, so the trainer can report them
-instead of crashing mid-run.
+instead of crashing mid-run. No map of the ids seen is kept anywhere: a row is a function of the id.
+
+With collision=zch (embeddings/tables.py) the lookup's managed-collision modules assign rows,
+so the ids are hashed over the whole int64 range instead (ZCH_ID_RANGE, the modules'
+input_hash_size): the same splitmix64, which spreads them evenly over the modules' per-rank
+buckets, with no reduction onto the table's rows.
 """
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings.config import EmbeddingsConfig
 from umask.spec import table_rows
+
+ZCH_ID_RANGE = 2**63 - 1  # MCHManagedCollisionModule's default input_hash_size
 
 
 def hash_rows(ids: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -32,7 +39,9 @@ class IdMapper:
     KEYS = ("app", "loc")
 
     def __init__(self, cfg: EmbeddingsConfig):
-        self.num_rows = {name: table.num_embeddings for name, table in cfg.tables().items()}
+        # what a key's ids are hashed onto: the table's rows, or for zch the modules' id range
+        self.num_rows = {name: ZCH_ID_RANGE if table.collision == "zch" else table.num_embeddings
+                         for name, table in cfg.tables().items()}
         self._negative: dict[str, torch.Tensor] = {}
 
     def to_kjt(self, app_values: torch.Tensor, app_lengths: torch.Tensor,

@@ -49,7 +49,17 @@ def check_sharding_types(cfg: EmbeddingsConfig, device_type: str) -> dict[str, l
                 f"embeddings.{name}.compute_kernel: fused_uvm_caching keeps the table in host memory "
                 f"and caches its hot rows in GPU memory (HBM); it needs CUDA GPUs (ray.use_gpu=true), "
                 f"and on {device_type} the whole shard is in host memory already: use fused")
+        if table.collision == "zch" and device_type != "cuda":
+            raise UserError(
+                f"embeddings.{name}.collision: zch (TorchRec's managed collisions) shards row_wise "
+                f"only, which TorchRec 1.8 offers on CUDA GPUs alone (ray.use_gpu=true); on "
+                f"{device_type} use collision=hash")
         requested = list(table.sharding_types) or available
+        if table.collision == "zch":  # TorchRec shards the managed-collision modules row-wise only
+            if table.sharding_types and "row_wise" not in table.sharding_types:
+                raise UserError(f"embeddings.{name}.sharding_types: {requested} with collision=zch; "
+                                f"managed-collision tables shard row_wise only")
+            requested = ["row_wise"]
         if table.compute_kernel == "fused_uvm_caching":  # a replicated table has no cache
             requested = [t for t in requested if t != "data_parallel"]
         missing = [t for t in requested if t not in available]
@@ -107,11 +117,17 @@ class PlannedTables:
 
 def sharders_for(cfg: EmbeddingsConfig) -> list[ModuleSharder]:
     """The sharders planning and DistributedModelParallel use: one EmbeddingBagCollectionSharder,
-    told to gather FBGEMM's UVM cache statistics when a table is UVM-cached."""
+    told to gather FBGEMM's UVM cache statistics when a table is UVM-cached; with collision=zch
+    TorchRec's managed-collision sharder around it."""
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 
     caching = any(t.compute_kernel == "fused_uvm_caching" for t in cfg.tables().values())
-    return [EmbeddingBagCollectionSharder(fused_params={"gather_uvm_cache_stats": True} if caching else None)]
+    tables = EmbeddingBagCollectionSharder(fused_params={"gather_uvm_cache_stats": True} if caching else None)
+    if not cfg.zch():
+        return [tables]
+    from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
+
+    return [ManagedCollisionEmbeddingBagCollectionSharder(ebc_sharder=tables)]
 
 
 def plan_tables(cfg: EmbeddingsConfig, world_size: int, device_type: str,
@@ -152,7 +168,7 @@ def plan_tables(cfg: EmbeddingsConfig, world_size: int, device_type: str,
     estimates = _estimate_stats()
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints, debug=False,
                                        storage_reservation=reservation, stats=[estimates])
-    module = build_tables(cfg, device="meta")
+    module = build_tables(cfg, device="meta", world_size=world_size)
     # Rank 0 plans and sends the plan, or its failure, to the others: like TorchRec's
     # collective_plan, but a failure must not leave the other ranks waiting for a plan.
     outcome: list = [None]

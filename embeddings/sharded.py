@@ -68,7 +68,8 @@ class ShardedTables(nn.Module):
 
     def __init__(self, cfg: EmbeddingsConfig, pg: dist.ProcessGroup, device: torch.device):
         super().__init__()
-        tables = build_tables(cfg, device="meta")  # materialised shard by shard on `device`
+        # materialised shard by shard on `device`: each rank allocates and initialises its own only
+        tables = build_tables(cfg, device="meta", world_size=dist.get_world_size(pg))
         # torch's (TorchRec 1.8 deprecates its own wrapper in favour of it); the sharder reads
         # the optimizer class and kwargs it leaves on each weight and fuses them.
         _apply_optimizer_in_backward(_OPTIMIZERS[cfg.optimizer], tables.parameters(),
@@ -87,7 +88,7 @@ class ShardedTables(nn.Module):
         # as submodules, so it is only reachable through the private `_lookups`.
         replicated = {name: param for name, param in self.dmp.named_parameters()
                       if not hasattr(param, "_in_backward_optimizers")}
-        for ddp in self.dmp.module._lookups:
+        for ddp in self._lookups():
             if not isinstance(ddp, DistributedDataParallel):
                 continue
             step = _ReplicatedStep(pg)
@@ -103,8 +104,36 @@ class ShardedTables(nn.Module):
             ddp.register_comm_hook(step, _allreduce_then_step)
         self.optimizer = CombinedOptimizer(keyed)
 
+    def _lookups(self) -> list[nn.Module]:
+        """The sharded collection's lookups (with collision=zch, those of the collection inside
+        the managed-collision one)."""
+        sharded = self.dmp.module
+        return getattr(sharded, "_embedding_module", sharded)._lookups
+
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        return self.dmp(kjt).values()  # [B*T, E_app + E_loc], app columns first
+        pooled = self.dmp(kjt)  # with collision=zch: (pooled, remapped ids or None)
+        pooled = pooled[0] if isinstance(pooled, tuple) else pooled
+        return pooled.values()  # [B*T, E_app + E_loc], app columns first
+
+    def uvm_cache_counts(self) -> dict[str, float]:
+        """This rank's UVM-cached (fused_uvm_caching) lookups since the start, from FBGEMM's
+        cache statistics: `uvm_cache_unique_ids` (distinct rows a batch asked for, summed over
+        batches) and `uvm_cache_unique_misses` (those not in the HBM cache); the hit rate is
+        1 - misses / ids. Empty when no table is UVM-cached (their kernels gather nothing)."""
+        if not self.planned.uvm_cache_stats:
+            return {}
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            SplitTableBatchedEmbeddingBagsCodegen, UVMCacheStatsIndex)
+
+        ids = misses = 0.0
+        for lookup in self._lookups():
+            for kernel in lookup.modules():
+                if (isinstance(kernel, SplitTableBatchedEmbeddingBagsCodegen)
+                        and kernel.gather_uvm_cache_stats and kernel.lxu_cache_weights.numel()):
+                    stats = kernel.get_uvm_cache_stats().tolist()
+                    ids += stats[UVMCacheStatsIndex.num_unique_indices]
+                    misses += stats[UVMCacheStatsIndex.num_unique_misses]
+        return {"uvm_cache_unique_ids": ids, "uvm_cache_unique_misses": misses}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor: `tables.<param>` and `optimizer.<param>.<slot>`, for DCP.

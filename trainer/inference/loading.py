@@ -102,6 +102,10 @@ def load_inference_model(path: str | Path) -> InferenceModel:
     from umask.backbones import build_model
 
     folder, state, cfg, spec = open_checkpoint(path)
+    if cfg.embeddings.zch():
+        raise UserError(f"{folder}: its tables use embeddings.*.collision=zch, whose id -> row map is the "
+                        "managed-collision modules' sharded state; eval, complete and export read "
+                        "hash tables only (collision=hash), so this checkpoint trains but does not export")
     model = build_model(cfg.model, spec, sparse_dim=pooled_dim(cfg.embeddings))
     dense_file = folder / "dense.safetensors"
     try:
