@@ -184,7 +184,7 @@ def featurize_events(batches: Iterable[pa.RecordBatch], spec: FeatureSpec, maps:
         reports.append(featurize_bucket(pieces, bucket, spec, maps, cfg.row_group_size, out))
         if on_progress is not None:
             on_progress(len(reports), cfg.num_shards)
-    save_spec(out / SPEC_DIR, spec, maps)
+    spec = save_spec(out / SPEC_DIR, spec, maps)
     return finish(out, reports, rows, spec, cfg, input_report() if input_report else None)
 
 
