@@ -152,6 +152,9 @@ class LossConfig:
     region_weight: float = 1.0  # the region-share channels
     activity_weight: float = 1.0
     volume_weight: float = 1.0
+    # The volume channel's error: "absolute" makes the x0 estimate the conditional median of a
+    # zero-inflated, skewed quantity, what volume MAE rewards; "squared" its mean (umask/losses.py).
+    volume_error: str = "absolute"
     consistency_weight: float = 0.1  # lambda of InfoNCE(z_short, z_long)
     infonce_temperature: float = 0.1
 
@@ -161,6 +164,8 @@ class LossConfig:
                if getattr(self, k) < 0]
         if self.infonce_temperature <= 0:
             out.append(("infonce_temperature", "must be positive"))
+        if self.volume_error not in ("absolute", "squared"):
+            out.append(("volume_error", "must be 'absolute' or 'squared'"))
         return out
 
 

@@ -129,10 +129,14 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion transformer over time slots, conditioned on the diffusion step and z_u.
 
-    With prior_residual the network's output is a correction added to the user's evidence
-    mean at the slot's hour of week: the zero-initialized final layer makes the untrained
-    model predict exactly what the hour_of_week baseline predicts, and training only has to
-    learn what the routine, the other users and the noisy slots add to it.
+    With prior_residual the network's output is a correction added to a base per channel f:
+    week_weight[f] * (user's evidence mean at the slot's hour of week) + day_weight[f] * (at its
+    hour of day), weights learned and starting at (1, 0): with the zero-initialized final
+    layer the untrained model predicts exactly what the hour_of_week baseline predicts, and
+    training learns which routine each channel follows (a slot's region may follow the hour of
+    day where its apps follow the user's week) and what the other users and the noisy slots
+    add. In normalised units (umask/normalization.py) 0 is the population's mean, so weights
+    below 1 shrink a user's noisy means toward it.
     """
 
     def __init__(self, channels: int, sparse_dim: int, user_dim: int, hidden: int, depth: int,
@@ -150,6 +154,9 @@ class DiT(nn.Module):
         self.user_embedder = nn.Linear(user_dim, hidden)
         self.blocks = nn.ModuleList([DiTBlock(hidden, heads, mlp_ratio, attention) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden, channels)
+        if prior_residual:  # per-channel weights of the prior's hour-of-week and hour-of-day blocks
+            self.prior_week_weight = nn.Parameter(torch.ones(channels))
+            self.prior_day_weight = nn.Parameter(torch.zeros(channels))
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -171,6 +178,11 @@ class DiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
+    def residual_base(self, prior: Tensor) -> Tensor:
+        """The prior_residual base [B,T,F] from hour_prior_features [B,T,2F+3] (class docstring)."""
+        f = self.channels
+        return self.prior_week_weight * prior[..., :f] + self.prior_day_weight * prior[..., f: 2 * f]
+
     def forward(self, x_t: Tensor, t: Tensor, z_u: Tensor, evidence_values: Tensor, evidence: Tensor,
                 time_of_week: Tensor, slot_sparse: Tensor) -> Tensor:
         """x_t, evidence_values [B,T,F]; t [B]; z_u [B,U]; evidence [B,T] bool;
@@ -186,5 +198,5 @@ class DiT(nn.Module):
             x = block(x, c, sorted_evidence)
         x = unpermute_tokens(self.final_layer(x, c), perm)  # [B,T,F]
         if self.prior_residual:
-            x = x + prior[..., : self.channels]  # the hour-of-week block of the prior
+            x = x + self.residual_base(prior)
         return x

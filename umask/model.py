@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from umask.config import ModelConfig
 from umask.diffusion import Diffusion
 from umask.dit import DiT
-from umask.losses import channel_weights, info_nce, reconstruction_loss
+from umask.losses import absolute_error_channels, channel_weights, info_nce, reconstruction_loss
 from umask.masking import MaskSample, sample_mask
 from umask.normalization import channel_normalization
 from umask.spec import FeatureSpec
@@ -46,6 +46,8 @@ class UMask(nn.Module):
         self.diffusion = Diffusion(cfg.diffusion)
         self.register_buffer("loss_weights", channel_weights(self.num_categories, self.num_regions, cfg.loss),
                              persistent=False)
+        self.register_buffer("absolute_error", absolute_error_channels(self.channels, spec.layout.volume, cfg.loss),
+                             persistent=False)
         # x_model = (x - channel_shift) / channel_scale, from the spec's train statistics
         # (umask/normalization.py), so every holder of the spec normalises alike.
         shift, scale = channel_normalization(spec)
@@ -78,7 +80,7 @@ class UMask(nn.Module):
         x_t = self.diffusion.add_noise(x0, t, noise)
         x0_hat = self.dit(x_t, t, z_long, scaled, mask.evidence, time_of_week, slot_sparse)
         scored = mask.target & observed
-        reconstruction = reconstruction_loss(x0_hat, scaled, scored, self.loss_weights)
+        reconstruction = reconstruction_loss(x0_hat, scaled, scored, self.loss_weights, self.absolute_error)
         consistency = info_nce(z_short, z_long, self.gather_negatives(z_long),
                                self.cfg.loss.infonce_temperature)
         loss = reconstruction + self.cfg.loss.consistency_weight * consistency

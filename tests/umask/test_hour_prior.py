@@ -123,3 +123,21 @@ def test_residual_without_the_prior_is_refused():
         ModelConfig(prior_residual=True).problems()
     with pytest.raises(ValueError, match="prior_residual needs hour_prior"):
         UMask(ModelConfig(prior_residual=True), SPEC, SPARSE_DIM)
+
+
+def test_the_residual_base_mixes_hour_of_week_and_hour_of_day_per_channel():
+    """With week weight 0 and day weight 1 the untrained model completes with the user's
+    evidence mean at the slot's hour of day; the weights are trained parameters."""
+    model = prior_model(prior_residual=True)
+    with torch.no_grad():
+        model.dit.prior_week_weight.zero_()
+        model.dit.prior_day_weight.fill_(1.0)
+    data = make_batch(seed=2)
+    mask = model.sample_mask(data.dense, data.observed, data.time_of_week, torch.Generator().manual_seed(0))
+    completed = model.complete(data.dense, mask.evidence, data.time_of_week, data.slot_sparse, steps=2,
+                               generator=torch.Generator().manual_seed(0))
+    by_hour_of_day = hour_of_week_frequency(data.dense, mask.evidence, data.time_of_week % SPEC.slots_per_day,
+                                            torch.zeros(data.dense.shape[-1]), SPEC.slots_per_day)
+    assert torch.allclose(completed, by_hour_of_day, atol=1e-5)
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {"dit.prior_week_weight", "dit.prior_day_weight"} <= names

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from umask.baselines import global_popularity, hour_of_week_frequency, last_observed, popularity_profile
-from umask.losses import info_nce, reconstruction_loss
+from umask.config import LossConfig
+from umask.losses import absolute_error_channels, info_nce, reconstruction_loss
 from umask.metrics import (bucket_labels, completion_metrics, completion_metrics_by_sparsity,
                            grouped_bootstrap_interval,
                            mean_absolute_error, mean_reciprocal_rank, recall_at_k,
@@ -117,6 +118,15 @@ def test_reconstruction_loss_by_hand():
     # slot 0: 0.25 * 1 + 0.75 * 4 = 3.25; slot 1: 9; the unscored slot 2 does not count
     assert reconstruction_loss(prediction, truth, scored, weights).item() == pytest.approx((3.25 + 9) / 2)
     assert reconstruction_loss(prediction, truth, torch.zeros_like(scored), weights).item() == 0.0
+    # channel 1 by absolute error: slot 0: 0.25 * 1 + 0.75 * 2 = 1.75; slot 1: 0.25 * 9 + 0.75 * 3 = 4.5
+    absolute = torch.tensor([False, True])
+    assert reconstruction_loss(prediction, truth, scored, weights, absolute).item() == pytest.approx((1.75 + 4.5) / 2)
+
+
+def test_volume_error_is_absolute_unless_configured_squared():
+    assert absolute_error_channels(6, 5, LossConfig()).tolist() == [False] * 5 + [True]
+    assert not absolute_error_channels(6, 5, LossConfig(volume_error="squared")).any()
+    assert dict(LossConfig(volume_error="l2").problems())["volume_error"] == "must be 'absolute' or 'squared'"
 
 
 def test_info_nce_by_hand():
