@@ -13,7 +13,8 @@ U-SCOPE and z_u, the InfoNCE term and the mask-guided attention (every token att
 token). What it shares with U-MASK, so that the comparison is about the backbone: the slot
 tokens (evidence values, the evidence bit, time of week, the slot's pooled app/loc embedding
 and, with model.hour_prior, the user's evidence means per hour), the normalisation by the
-spec's train statistics, the per-family weighted MSE on scored target slots, and, with
+spec's train statistics, the per-family weighted error on scored target slots (volume by
+absolute error), and, with
 model.prior_residual, the output as a correction to the prior's hour-of-week mean.
 """
 from dataclasses import replace
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from umask.config import ModelConfig
 from umask.hour_prior import hour_prior_features
-from umask.losses import channel_weights, reconstruction_loss
+from umask.losses import absolute_error_channels, channel_weights, reconstruction_loss
 from umask.masking import MaskSample, sample_mask
 from umask.normalization import channel_normalization
 from umask.spec import FeatureSpec
@@ -64,6 +65,8 @@ class MaskedAutoencoder(nn.Module):
             nn.init.zeros_(self.head.bias)
         self.register_buffer("loss_weights", channel_weights(self.num_categories, self.num_regions, cfg.loss),
                              persistent=False)
+        self.register_buffer("absolute_error", absolute_error_channels(channels, spec.layout.volume, cfg.loss),
+                             persistent=False)
         shift, scale = channel_normalization(spec)
         self.register_buffer("channel_shift", shift, persistent=False)
         self.register_buffer("channel_scale", scale, persistent=False)
@@ -85,7 +88,7 @@ class MaskedAutoencoder(nn.Module):
         scaled = self._normalise(dense)
         prediction = self.regress(scaled, mask.evidence, time_of_week, slot_sparse)
         scored = mask.target & observed
-        reconstruction = reconstruction_loss(prediction, scaled, scored, self.loss_weights)
+        reconstruction = reconstruction_loss(prediction, scaled, scored, self.loss_weights, self.absolute_error)
         return {"loss": reconstruction, "reconstruction": reconstruction.detach(),
                 "consistency": torch.zeros_like(reconstruction).detach(), "scored_slots": scored.sum(),
                 "evidence_slots": mask.evidence.sum()}
