@@ -249,7 +249,8 @@ def _add_train(commands) -> None:
                     "RAY_ADDRESS / ray.address. Shows a progress line every train.log_every steps (a "
                     "bar on a terminal) and ends with the checkpoint and the next commands. Rerunning "
                     "with the same ray.name resumes from its latest checkpoint.\n\n"
-                    "The run folder <ray.storage_path>/<ray.name> gets config.yaml, plan.json, "
+                    "The run folder <ray.storage_path>/<ray.name> gets config.yaml, plan.json and plan.txt "
+                    "(where each table went and why, as printed at the start), "
                     "metrics.csv, TensorBoard event files, loss.png, checkpoint_*/ and logs/rank-<r>.log "
                     "(the workers' and libraries' output).")
     add_config_arguments(parser)
@@ -271,7 +272,7 @@ def _train(args) -> int:
           f"{cfg.train.batch_size} examples on {'the Ray cluster at ' + address if address else 'an embedded Ray'}"
           + (f", resuming at step {resumed[1]}" if resumed else "") + f"; run folder {_shown(run_dir)}",
           flush=True)
-    display = TrainingDisplay(cfg.train.steps, resumed[1] if resumed else 0)
+    display = TrainingDisplay(cfg.train.steps, resumed[1] if resumed else 0, plan=run_dir / "plan.txt")
     started = time.perf_counter()
     try:
         train(cfg, verbose=args.verbose, on_row=display.row)  # Ray Train raises on failure
@@ -287,9 +288,27 @@ def _train(args) -> int:
         print(f"; no checkpoint in {_shown(run_dir)} yet")
         return 0
     print(f"; checkpoint {_shown(checkpoint[0])}")
+    for line in run_report(last):
+        print(line)
     for line in next_commands(args, cfg, run_dir, plot):
         print(line)
     return 0
+
+
+def run_report(last: dict[str, str]) -> list[str]:
+    """What the run's last metrics.csv row says about memory and ids: each worker's peak
+    resident memory and this driver's, and the off-contract (negative) ids seen, if any."""
+    from trainer.training.memory import GIB, peak_rss_bytes
+
+    workers = [f"rank {name.removeprefix('peak_rss_gb_rank')} {float(value):.2f}"
+               for name, value in last.items() if name.startswith("peak_rss_gb_rank") and value]
+    lines = [f"peak resident memory: {', '.join(workers) or 'workers not recorded'} GiB; "
+             f"driver {peak_rss_bytes() / GIB:.2f} GiB"]
+    negative = {key: float(last.get(f"out_of_contract_{key}") or 0) for key in ("app", "loc")}
+    if any(negative.values()):
+        lines.append(f"off-contract ids: app {negative['app']:.0f}, loc {negative['loc']:.0f} negative ids "
+                     "were hashed like any id (not dropped, not clipped); see out_of_contract_* in metrics.csv")
+    return lines
 
 
 def next_commands(args, cfg, run_dir: Path, plot: Path | None) -> list[str]:

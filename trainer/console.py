@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 
@@ -73,8 +74,12 @@ class TrainingDisplay:
     """The driver's view of rank 0's logged steps (metrics.csv rows): a bar with the loss on a
     terminal, else one line per logged step (trainer.training.progress.step_line)."""
 
-    def __init__(self, total_steps: int, start_step: int = 0, stream: TextIO | None = None):
+    def __init__(self, total_steps: int, start_step: int = 0, stream: TextIO | None = None,
+                 plan: Path | None = None):
+        """plan: the run's plan.txt (rank 0 writes it before the first step): shown before the
+        first row, so the run starts by saying where each table went and why."""
         self.total_steps = total_steps
+        self.plan = plan
         self.stream = stream or sys.stdout
         self.interactive = is_terminal(self.stream)
         self.bar = None
@@ -94,6 +99,8 @@ class TrainingDisplay:
         from trainer.training.progress import step_line
 
         self.rows += 1
+        if self.rows == 1 and self.plan is not None and self.plan.is_file():
+            self._print(self.plan.read_text().rstrip("\n"))
         step = int(float(row["step"]))
         off_contract = sum(float(row.get(k) or 0) for k in ("out_of_contract_app", "out_of_contract_loc"))
         if off_contract and not self.warned_ids:

@@ -47,6 +47,7 @@ class Trainer:
         import deepspeed
 
         from embeddings.ids import IdMapper
+        from embeddings.plan import plan_lines
         from embeddings.sharded import ShardedTables
         from embeddings.tables import pooled_dim
         from umask.backbones import build_model
@@ -66,6 +67,9 @@ class Trainer:
         self.tables = ShardedTables(cfg.embeddings, dist.group.WORLD, self.device)
         if self.rank == 0:
             _write_plan(self.tables.placements, run_dir / "plan.json")
+            lines = plan_lines(self.tables.planned, cfg.embeddings)
+            (run_dir / "plan.txt").write_text("\n".join(lines) + "\n")  # the driver prints it
+            print("\n".join(lines), flush=True)
         model = build_model(cfg.model, self.spec, sparse_dim=pooled_dim(cfg.embeddings),
                             gather_negatives=_other_ranks_rows if self.world_size > 1 else no_extra_negatives)
         without_runtime_builds()  # no C++ compiled here, so no build lock to wait on
@@ -251,8 +255,12 @@ class Trainer:
                 checkpoint = self.step % self.cfg.train.checkpoint_every == 0 or self.step == self.cfg.train.steps
                 if logged or checkpoint:  # the same steps on every rank: the all-reduce inside is collective
                     metrics = window.mean_over_ranks(totals={
-                        f"out_of_contract_{k}": v for k, v in self.ids.out_of_contract().items()})
+                        f"out_of_contract_{k}": v for k, v in self.ids.out_of_contract().items()}
+                        | self.tables.uvm_cache_counts(), per_rank=self.memory_peaks())
                     metrics["lr"] = float(self.engine.get_lr()[0])
+                    if "uvm_cache_unique_ids" in metrics:  # fused_uvm_caching tables (GPU)
+                        metrics["uvm_cache_hit_rate"] = 1.0 - (metrics.pop("uvm_cache_unique_misses")
+                                                               / max(metrics.pop("uvm_cache_unique_ids"), 1.0))
                 progress.step(self.step, examples_per_step, metrics if logged else None)
                 if logged:
                     window = MetricWindow()
@@ -265,6 +273,15 @@ class Trainer:
             if trackers is not None:
                 trackers.close(finished)
         return metrics
+
+    def memory_peaks(self) -> dict[str, float]:
+        """This rank's peak resident memory so far (and on GPU its peak allocated HBM), in GiB."""
+        from trainer.training.memory import GIB, peak_device_bytes, peak_rss_bytes
+
+        peaks = {"peak_rss_gb": peak_rss_bytes() / GIB}
+        if self.device.type == "cuda":
+            peaks["peak_hbm_gb"] = peak_device_bytes() / GIB
+        return peaks
 
     def trackers(self):
         """Rank 0's TensorBoard writer and MLflow run (cfg.tracking; trainer/training/tracking.py)."""
@@ -312,18 +329,26 @@ class MetricWindow:
         self.seconds += step.seconds
         self.waited += step.waited
 
-    def mean_over_ranks(self, totals: dict[str, float] | None = None) -> dict[str, float]:
+    def mean_over_ranks(self, totals: dict[str, float] | None = None,
+                        per_rank: dict[str, float] | None = None) -> dict[str, float]:
         """Each metric's mean over the window, and data_wait (the window's share of host time
-        spent waiting for the loader), each averaged over ranks; and each of `totals` (this
-        rank's counts) summed over ranks. One all-reduce for all of them."""
+        spent waiting for the loader), each averaged over ranks; each of `totals` (this
+        rank's counts) summed over ranks; and each of `per_rank` as one value per rank
+        (`<name>_rank<r>`). One all-reduce for all of them."""
         if self.sums is None:
             raise ValueError("no step in the window")
-        totals = totals or {}
+        totals, per_rank = totals or {}, per_rank or {}
+        world, rank = dist.get_world_size(), dist.get_rank()
         data_wait = torch.tensor([self.waited / max(self.seconds, 1e-9)], device=self.sums.device)
         counts = torch.tensor(list(totals.values()), dtype=torch.float32, device=self.sums.device)
+        # each rank fills its own slot of a [names, world] block, so the mean times world is every rank's value
+        slots = torch.zeros(len(per_rank), world, device=self.sums.device)
+        slots[:, rank] = torch.tensor(list(per_rank.values()), dtype=torch.float32)
         # a window of skipped steps only has no means: 0/0 gives NaN
-        means = _mean_over_ranks(torch.cat([self.sums / self.steps, data_wait, counts * dist.get_world_size()]))
-        return {**dict(zip([*self.names, "data_wait", *totals], means)),
+        means = _mean_over_ranks(torch.cat([self.sums / self.steps, data_wait, counts * world,
+                                            slots.flatten() * world]))
+        names = [f"{name}_rank{r}" for name in per_rank for r in range(world)]
+        return {**dict(zip([*self.names, "data_wait", *totals, *names], means)),
                 "skipped_steps": float(self.skipped["nonfinite"]),
                 "loss_scale_skips": float(self.skipped["loss_scale"])}
 
