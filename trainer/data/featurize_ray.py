@@ -197,9 +197,12 @@ def run(cfg: RunConfig, on_progress: Callable[[str, int, int], None] | None = No
     from trainer.training.cluster import check_cluster, cluster_address, join_cluster
     from trainer.training.launch import start_embedded_ray
 
-    data, out = cfg.data, Path(cfg.data.features).resolve()
-    check_limits(data)
+    check_limits(cfg.data)
     check_cluster(cfg)
+    # tasks run in other working directories, on other nodes: absolute paths only
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, source=str(Path(cfg.data.source).resolve()), features=str(Path(cfg.data.features).resolve())))
+    data, out = cfg.data, Path(cfg.data.features)
     dataset = open_dataset(data.source)
     units = plan_units(dataset.event_files, data.read_task_rows)
     _check_task_memory(data, units)
