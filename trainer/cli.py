@@ -361,10 +361,12 @@ def _add_eval(commands) -> None:
     parser = commands.add_parser(
         "eval", help="evaluate a checkpoint against the baselines (JSON + PNG)", formatter_class=HelpFormatter,
         description="Score a checkpoint on held-out users (--split test) or cold-start users (--split "
-                    "cold) against U-MASK with uniform masks, global popularity, the user's own "
-                    "hour-of-week frequency and the last observed value, per task (short, long, cold) "
+                    "cold) against U-MASK with uniform masks, the untrained model, the learned "
+                    "baseline (--baseline-checkpoint), global popularity, the user's own hour-of-week "
+                    "and hour-of-day means and the last observed value, per task (short, long, cold) "
                     "and sparsity bucket, all from the same evidence (docs/evaluation.md).\n\n"
-                    "Prints category MRR per task and method and a verdict per task; writes "
+                    "Prints category MRR per task and method and, per task, the methods U-MASK is not "
+                    "ahead of by the paired 95% intervals; writes "
                     "report.json (every metric, bucket, interval and finding), report.md and one PNG "
                     "per task into --out, and the scores to TensorBoard in the run folder.")
     parser.add_argument("--checkpoint", required=True,
@@ -379,6 +381,9 @@ def _add_eval(commands) -> None:
     parser.add_argument("--uniform-checkpoint",
                         help="a run trained with model.mask.family=uniform: it completes the "
                              "umask_uniform_mask row (default: the same weights as --checkpoint)")
+    parser.add_argument("--baseline-checkpoint",
+                        help="a run trained with model.backbone=mae on the same features: the "
+                             "learned baseline's row (mae)")
     parser.add_argument("--batches", type=int, help="evaluate at most this many batches")
     parser.add_argument("--batch-size", type=int, default=32, help="examples per batch")
     parser.add_argument("--seed", type=int, default=0, help="seeds the masks and the sampler")
@@ -401,7 +406,7 @@ def _eval(args) -> int:
                             popularity_batches=args.popularity_batches)
     with Progress("eval", "batches") as progress:
         report = evaluate_checkpoint(args.checkpoint, args.out, settings, args.data, args.uniform_checkpoint,
-                                     progress.update)
+                                     progress.update, args.baseline_checkpoint)
     out = Path(args.out)
     print("\n".join(headline(report)))
     print(f"wrote {_shown(out / 'report.json')} ({report['examples']} examples of {report['users']} users, "

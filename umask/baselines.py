@@ -29,6 +29,18 @@ def hour_of_week_frequency(dense: Tensor, evidence: Tensor, time_of_week: Tensor
     return _keep_evidence(dense, evidence, hour_mean)
 
 
+def hour_of_day_frequency(dense: Tensor, evidence: Tensor, time_of_week: Tensor,
+                          profile: Tensor, slots_per_day: int) -> Tensor:
+    """The user's own mean at the slot's hour of day (time_of_week % slots_per_day); at hours of
+    day without evidence the user's overall evidence mean; for users without evidence,
+    `profile` [F]. The hour-of-day block of the model's hour prior (umask/hour_prior.py) with
+    the population's mean slot for users without evidence: in a one-week window a target's hour
+    of week never holds evidence, so hour_of_week is the user's mean there, and this is the
+    routine heuristic the prior hands the model."""
+    hour_mean, _ = evidence_mean_by_hour(dense, evidence, time_of_week % slots_per_day, slots_per_day, profile)
+    return _keep_evidence(dense, evidence, hour_mean)
+
+
 def last_observed(dense: Tensor, evidence: Tensor, profile: Tensor) -> Tensor:
     """Each slot repeats the latest evidence slot at or before it; before any, `profile` [F]."""
     t = torch.arange(dense.shape[1], device=dense.device)

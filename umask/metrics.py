@@ -73,6 +73,22 @@ def grouped_bootstrap_interval(difference: Tensor, group: Tensor, draws: int = 2
     return float(sums.sum() / counts.sum()), float(low), float(high)
 
 
+def slot_scores(prediction: Tensor, truth: Tensor, num_categories: int, num_regions: int) -> dict[str, Tensor]:
+    """Per scored slot, what completion_metrics averages: category hit@1, category reciprocal
+    rank, region hit@1 and volume absolute error; prediction, truth [S,F] in the dense layout;
+    each value [S] float64. Their means over slots are completion_metrics' category_acc1,
+    category_mrr, region_acc1 and volume_mae, so paired differences of them over the same slots
+    are differences of those metrics (trainer/inference/evaluate.py, paired intervals)."""
+    categories = slice(0, num_categories + 1)
+    regions = slice(num_categories + 1, num_categories + num_regions + 2)
+    volume = num_categories + num_regions + 3
+    category_rank = true_rank(prediction[:, categories], truth[:, categories].argmax(1))
+    region_rank = true_rank(prediction[:, regions], truth[:, regions].argmax(1))
+    return {"category_acc1": (category_rank <= 1).double(), "category_mrr": 1.0 / category_rank.double(),
+            "region_acc1": (region_rank <= 1).double(),
+            "volume_mae": (prediction[:, volume] - truth[:, volume]).abs().double()}
+
+
 def sparsity_bucket(observed_share: Tensor, edges: tuple[float, ...] = SPARSITY_EDGES) -> Tensor:
     """Bucket index per user: 0 for share <= edges[0], ..., len(edges) above the last; [N]."""
     return torch.bucketize(observed_share, torch.tensor(edges, dtype=observed_share.dtype))

@@ -19,8 +19,9 @@ from umask.spec import DenseLayout, FeatureMaps, FeatureSpec, load_spec, save_sp
 from umask.errors import UserError
 from trainer.cli import main as cli_main
 from trainer.data.batch import Batch
-from trainer.inference.evaluate import (BASELINES, METHODS, MODEL, UNIFORM, EvalSettings, ScoredRows, app_recall,
-                              evaluate, findings, json_ready, uniform_evidence, used_apps)
+from trainer.inference.evaluate import (BASELINES, COMPARED, METHODS, MODEL, UNIFORM, UNTRAINED, EvalSettings,
+                                        ScoredRows, app_recall, evaluate, findings, json_ready, paired_intervals,
+                                        uniform_evidence, used_apps, verdict)
 from trainer.inference.loading import load_inference_model, resolve_checkpoint
 from umask.config import TASKS
 
@@ -108,33 +109,63 @@ def test_uniform_evidence_takes_the_budget_from_the_candidates_only():
     assert torch.allclose(hits[[0, 2, 3, 5]] / 400, torch.full((4,), 0.75), atol=0.07)
 
 
-def test_findings_say_plainly_when_the_model_loses():
-    def metrics(mrr):
-        return {"all": {"category_mrr": mrr, "slots": 5}, "[0, 0.05]": {"category_mrr": mrr, "slots": 5}}
-    tasks = {"cold": {MODEL: metrics(0.5), UNIFORM: metrics(0.6), "global_popularity": metrics(0.4),
-                      "hour_of_week": metrics(0.7), "last_observed": metrics(0.5)}}
-    lines = findings(tasks)
-    assert lines == [
-        "cold: umask category_mrr 0.5000 beats global_popularity; does NOT beat hour_of_week, last_observed",
-        "cold, sparsest bucket with slots [0, 0.05]: umask 0.5000 does NOT beat hour_of_week 0.7000",
-        "cold: adaptive masks do NOT beat uniform masks (0.5000 vs 0.6000; uniform: the same "
-        "weights, uniform evidence at inference only)",
-    ]
-    assert findings(tasks, uniform_trained=True)[-1].endswith("uniform: a model trained with uniform masks)")
-    margin = {"difference": -0.2, "low": -0.3, "high": -0.1, "users": 4}
-    intervals = {"cold": {label: {m: margin for m in (UNIFORM, *BASELINES)} for label in ("all", "[0, 0.05]")}}
-    with_intervals = findings(tasks, intervals=intervals)
-    assert with_intervals[1].endswith("hour_of_week 0.7000 (-0.2000, 95% interval [-0.3000, -0.1000] over 4 users)")
-    assert with_intervals[3].startswith("cold: umask minus each method on category_mrr, with 95% bootstrap "
-                                        "intervals over users: umask_uniform_mask (-0.2000, 95% interval")
-    assert len(with_intervals) == 4
-    # an interval that holds 0 is a tie within the noise, never a win or a loss
+def test_findings_say_ahead_or_behind_only_when_the_interval_excludes_0():
+    def metrics(value):
+        return {"all": {m: value for m in COMPARED} | {"slots": 5},
+                "[0, 0.05]": {m: value for m in COMPARED} | {"slots": 5}}
+    tasks = {"cold": {MODEL: metrics(0.5), UNIFORM: metrics(0.6), "hour_of_week": metrics(0.7)}}
+    ahead = {"difference": 0.2, "low": 0.1, "high": 0.3, "users": 4}
+    behind = {"difference": -0.2, "low": -0.3, "high": -0.1, "users": 4}
     noisy = {"difference": 0.05, "low": -0.03, "high": 0.16, "users": 9}
-    intervals = {"cold": {label: {m: noisy for m in (UNIFORM, *BASELINES)} for label in ("all", "[0, 0.05]")}}
-    tied = findings(tasks, intervals=intervals)
-    assert tied[1].startswith("cold, sparsest bucket with slots [0, 0.05]: umask 0.5000 is behind, within the "
-                              "noise, hour_of_week 0.7000 (+0.0500, 95% interval [-0.0300, +0.1600]")
-    assert tied[2].startswith("cold: adaptive masks are behind, within the noise, uniform masks")
+    margins = {UNIFORM: noisy, "hour_of_week": behind}
+    intervals = {"cold": {label: {m: margins for m in COMPARED} for label in ("all", "[0, 0.05]")}}
+    lines = findings(tasks, intervals)
+    assert len(lines) == len(COMPARED) + 2
+    assert lines[1] == ("cold: umask category_mrr 0.5000 is within noise of umask_uniform_mask (+0.0500, 95% "
+                        "interval [-0.0300, +0.1600] over 9 users); behind hour_of_week (-0.2000, 95% interval "
+                        "[-0.3000, -0.1000] over 4 users)")
+    assert lines[-2].startswith("cold, sparsest bucket with slots [0, 0.05]: umask category_mrr 0.5000 is within "
+                                "noise of umask_uniform_mask")
+    assert lines[-1].startswith("cold: adaptive masks are within noise of uniform masks on category_mrr "
+                                "(0.5000 vs 0.6000 (+0.0500")
+    assert lines[-1].endswith("uniform: the same weights, uniform evidence at inference only)")
+    assert findings(tasks, intervals, uniform_trained=True)[-1].endswith("uniform: a model trained with uniform masks)")
+    # volume MAE: lower is better, so a negative difference whose interval excludes 0 is ahead
+    assert verdict("volume_mae", behind) == "ahead of" and verdict("category_mrr", behind) == "behind"
+    assert verdict("volume_mae", ahead) == "behind" and verdict("region_acc1", ahead) == "ahead of"
+    assert verdict("app_recall10", noisy) == "within noise of"
+    assert verdict("category_acc1", {"difference": math.nan, "low": math.nan, "high": math.nan}) == "within noise of"
+
+
+def scored_rows(prediction_category: torch.Tensor, truth_category: torch.Tensor, volume: torch.Tensor,
+                recall: torch.Tensor, users: torch.Tensor) -> ScoredRows:
+    """One batch of one-slot user-weeks: category and region predicted as given, truth as given."""
+    rows = ScoredRows()
+    pred = torch.stack([one_hot_slot(int(c), int(c) % K, float(v)) for c, v in zip(prediction_category, volume)])
+    truth = torch.stack([one_hot_slot(int(c), int(c) % K, 1.0) for c in truth_category])
+    share = torch.full((len(users),), 0.9)
+    rows.add(pred[:, None], truth[:, None], torch.ones(len(users), 1, dtype=torch.bool), share, users)
+    rows.add_users(recall, share, users)
+    return rows
+
+
+def test_paired_intervals_exclude_0_for_a_known_difference_and_hold_it_for_identical_methods():
+    g = torch.Generator().manual_seed(0)
+    users = torch.arange(60)
+    truth = torch.randint(0, C, (60,), generator=g)
+    noise = torch.rand(60, generator=g)
+    good = scored_rows(truth, truth, 1.0 + 0.1 * noise, 0.5 + 0.3 * noise, users)  # right on every slot
+    wrong = torch.where(torch.rand(60, generator=g) < 0.5, truth, (truth + 1) % C)  # right on about half
+    bad = scored_rows(wrong, truth, 2.0 + noise, 0.2 * noise, users)
+    same = scored_rows(truth, truth, 1.0 + 0.1 * noise, 0.5 + 0.3 * noise, users)
+    out = paired_intervals({MODEL: [good], "bad": [bad], "same": [same]}, KNOWN_SPEC, seed=0)["all"]
+    for metric in COMPARED:
+        assert verdict(metric, out[metric]["bad"]) == "ahead of", metric
+        assert out[metric]["same"]["low"] <= 0 <= out[metric]["same"]["high"], metric
+        assert verdict(metric, out[metric]["same"]) == "within noise of"
+        assert out[metric]["bad"]["users"] == 60
+    assert out["volume_mae"]["bad"]["high"] < 0  # umask's error is the smaller one
+    assert out["category_acc1"]["bad"]["difference"] == pytest.approx(float((wrong != truth).float().mean()))
 
 
 # --- baselines on a dataset whose answers are known ----------------------------------------
@@ -210,6 +241,8 @@ def test_baselines_get_the_known_answers(inference, known_dataset):
         methods = report["tasks"][task]
         slots = methods[MODEL]["all"]["slots"]
         assert slots > 0 and all(methods[m]["all"]["slots"] == slots for m in METHODS)
+        # untrained with the prior residual (the tiny preset), the model completes as its hour prior
+        assert methods[UNTRAINED]["all"]["category_mrr"] == methods["hour_of_week"]["all"]["category_mrr"]
         assert {b for b in methods[MODEL] if methods[MODEL][b]["slots"]} == {"all", "(0.3, 0.5]", "(0.5, 1]"}
         popular = methods["global_popularity"]["all"]
         # the mean training slot ranks categories 9 (2.0), 2 (3/6 log 2), 5 (2/6), 7 (1/6): the
@@ -220,7 +253,7 @@ def test_baselines_get_the_known_answers(inference, known_dataset):
         # its top 10 apps: 1002, then 9 of the 12 category-9 apps (1/12 of 2.0 each beats
         # 2/6 log 2 of 1005 and 1/6 log 2 of 1007): neither app of a test user
         assert popular["app_recall10"] == 0.0
-        for own in ("hour_of_week", "last_observed"):  # the user's own evidence is the answer
+        for own in ("hour_of_week", "hour_of_day", "last_observed"):  # the user's own evidence is the answer
             m = methods[own]["all"]
             assert (m["category_acc1"], m["category_mrr"], m["region_acc1"]) == (1.0, 1.0, 1.0)
             assert m["volume_mae"] == pytest.approx(0.0, abs=1e-6)
@@ -228,11 +261,13 @@ def test_baselines_get_the_known_answers(inference, known_dataset):
             assert m["app_recall10"] == 0.5
         assert methods[MODEL]["all"]["app_users"] == methods["hour_of_week"]["all"]["app_users"] > 0
         assert all(math.isfinite(methods[m]["all"]["category_mrr"]) for m in (MODEL, UNIFORM))
-    assert len(report["findings"]) == 4 * len(TASKS)
+    assert len(report["findings"]) == (len(COMPARED) + 2) * len(TASKS)
     for task in TASKS:  # the baselines that know each user's answer: umask can only tie or lose
-        for own in ("hour_of_week", "last_observed"):
-            margin = report["intervals"][task]["all"][own]
+        for own in ("hour_of_week", "hour_of_day", "last_observed"):
+            margin = report["intervals"][task]["all"]["category_mrr"][own]
             assert 0 < margin["users"] <= 4 and margin["low"] <= margin["difference"] <= margin["high"] <= 0
+            error = report["intervals"][task]["all"]["volume_mae"][own]
+            assert error["low"] >= 0  # umask's volume error is at least theirs
 
 
 def test_evaluation_is_deterministic_under_its_seed(inference, known_dataset):
@@ -259,7 +294,7 @@ def test_the_uniform_row_comes_from_the_uniform_checkpoint(inference, known_data
     for task in TASKS:
         assert json_ready(ablated["tasks"][task][MODEL]) == json_ready(same["tasks"][task][MODEL])
         assert ablated["tasks"][task][UNIFORM]["all"] != same["tasks"][task][UNIFORM]["all"]
-    assert "a model trained with uniform masks" in ablated["findings"][2]
+    assert any("a model trained with uniform masks" in line for line in ablated["findings"])
     uniform.spec = dataclasses.replace(uniform.spec, slot_seconds=1800, slots=336)
     with pytest.raises(UserError, match=r"trained on features of another feature spec"):
         evaluate(inference, known_dataset, settings, uniform=uniform)
@@ -316,15 +351,16 @@ def test_eval_command_writes_report_and_plots(built_checkpoint, tmp_path, capsys
     assert report["step"] == 7 and report["examples"] == 8
     assert report["settings"]["samples"] == 2 and report["settings"]["steps"] == 2
     assert set(report["tasks"]) == set(TASKS)
-    assert set(report["tasks"]["short"]) == {MODEL, UNIFORM, *BASELINES}
+    assert set(report["tasks"]["short"]) == set(METHODS)
     for task in TASKS:
         assert (out / f"{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out.splitlines()
     # a few lines: category MRR per task and method, the verdicts, then where the rest went
-    assert printed[0].split() == ["category_mrr,", "test", MODEL, UNIFORM, *BASELINES] and len(printed) <= 9
+    assert printed[0].split() == ["category_mrr,", "test", *METHODS] and len(printed) <= 8
     assert [line.split()[0] for line in printed[1:4]] == ["short", "long", "cold"]
-    assert all(len(line.split()) == 6 for line in printed[1:4])
-    assert any("adaptive minus uniform masks: short " in line for line in printed)
+    assert all(len(line.split()) == 1 + len(METHODS) for line in printed[1:4])
+    assert [line.split(":")[0] for line in printed[4:7]] == ["short", "long", "cold"]
+    assert all(line.endswith("(95% intervals over users)") for line in printed[4:7])
     assert printed[-1].startswith(f"wrote {out / 'report.json'} (8 examples")
     assert (out / "report.md").read_text().startswith("| task |")
     # the run folder holds no config.yaml here (the checkpoint was built, not trained): the

@@ -9,8 +9,16 @@ evidence. Every method then completes the same batch from the same evidence:
                       --uniform-checkpoint (trained with model.mask.family=uniform: the
                       ablation of adaptive masking) or, without it, by the same model (an
                       ablation at inference only);
-  global_popularity, hour_of_week, last_observed   umask/baselines.py; popularity is the mean
-                      slot of the training split's observed slots (--popularity-batches).
+  mae                 with --baseline-checkpoint: the learned baseline (model.backbone=mae,
+                      umask/mae.py) trained on the same features, one deterministic pass;
+  umask_untrained     the checkpoint's config with freshly initialised dense weights (torch
+                      seed train.seed) and the checkpoint's tables: the model before training
+                      (with model.prior_residual, exactly its hour prior), so what training
+                      adds is visible;
+  global_popularity, hour_of_week, hour_of_day, last_observed   umask/baselines.py;
+                      popularity is the mean slot of the training split's observed slots
+                      (--popularity-batches); hour_of_day is the heuristic of the model's
+                      hour prior.
 Scored slots are the targets that hold a record. Metrics (umask/metrics.py, method section 6)
 are computed over all scored slots of the split, per sparsity bucket of the user's share of
 observed slots in the window, once per seed, then averaged over seeds.
@@ -23,13 +31,17 @@ training batches read for popularity. Apps never seen there cannot be ranked and
 misses. Categories come from the checkpoint's feature spec (its app-to-category map), so the
 training data need not be on disk. Sparsity buckets are the spec's edges.
 
-intervals (report.json): per task and per bucket, umask minus each other method on category
-MRR over the same scored slots, with a 95% bootstrap interval that resamples users.
+intervals (report.json): intervals[task][bucket][metric][method] is umask minus that method on
+each of COMPARED (category Acc@1 and MRR, region Acc@1, volume MAE over the same scored
+slots; app Recall@10 over the same user-weeks), the model's values averaged over its seeds,
+with a 95 % percentile bootstrap interval that resamples users (umask.metrics.
+grouped_bootstrap_interval). The findings call umask "ahead of" or "behind" a method only when
+that interval excludes 0 (on volume MAE, lower is better), "within noise of" it otherwise.
 
-Output in --out: report.json (every number), report.md (the table of the headline metrics)
-and one PNG per task (grouped bars: buckets x methods, one panel per metric). The scores over
-the whole split also go to TensorBoard, at the checkpoint's step, in the run folder the
-checkpoint belongs to (else in --out): eval_<split>/<task>/<method>/<metric>.
+Output in --out: report.json (every number), report.md (the tables, the intervals and the
+findings) and one PNG per task (grouped bars: buckets x methods, one panel per metric). The
+scores over the whole split also go to TensorBoard, at the checkpoint's step, in the run folder
+the checkpoint belongs to (else in --out): eval_<split>/<task>/<method>/<metric>.
 """
 from __future__ import annotations
 
@@ -48,14 +60,17 @@ from umask.errors import UserError
 from trainer.inference.loading import InferenceModel, load_inference_model
 from umask.spec import FeatureMaps, FeatureSpec, bucket_labels
 
-MODEL, UNIFORM = "umask", "umask_uniform_mask"
-BASELINES = ("global_popularity", "hour_of_week", "last_observed")
-METHODS = (MODEL, UNIFORM, *BASELINES)
+MODEL, UNIFORM, LEARNED, UNTRAINED = "umask", "umask_uniform_mask", "mae", "umask_untrained"
+BASELINES = ("global_popularity", "hour_of_week", "hour_of_day", "last_observed")
+METHODS = (MODEL, UNIFORM, UNTRAINED, *BASELINES)  # every report's; LEARNED with --baseline-checkpoint
+SAMPLED = (MODEL, UNIFORM, UNTRAINED)  # run once per sampler seed; the others are deterministic
 # metrics where lower is better; every other metric is higher-is-better
 LOWER_IS_BETTER = ("volume_mae", "volume_rmse")
 PLOTTED = ("category_acc1", "category_mrr", "region_acc1", "volume_mae", "app_recall10")
 COUNTS = ("slots", "app_users")  # per-bucket counts, the same in every seed
-HEADLINE = "category_mrr"  # the metric the findings compare methods on
+HEADLINE = "category_mrr"  # the metric printed per method and of the sparsest-bucket findings
+# the metrics with paired intervals and findings; app_recall10 is per user-week, the others per slot
+COMPARED = ("category_acc1", "category_mrr", "region_acc1", "volume_mae", "app_recall10")
 APP_K = 10  # app_recall@k
 # SeedSequence stream prefixes: the masks (with the ablation's uniform evidence) and the DDIM
 # noise draw from separate streams; the model and its ablation share each seed's noise
@@ -95,11 +110,15 @@ class ScoredRows:
         self.user: list[Tensor] = []
         self.app_recall: list[Tensor] = []
         self.user_share: list[Tensor] = []
+        self.recall_user: list[Tensor] = []
 
-    def add_users(self, app_recall: Tensor, share: Tensor) -> None:
-        """app_recall [B] (NaN for users without used apps in scored slots), share [B]."""
+    def add_users(self, app_recall: Tensor, share: Tensor, user: Tensor | None = None) -> None:
+        """app_recall [B] (NaN for users without used apps in scored slots), share [B], user [B]
+        (the user_id of each row; needed for paired intervals)."""
         self.app_recall.append(app_recall)
         self.user_share.append(share)
+        if user is not None:
+            self.recall_user.append(user)
 
     def add(self, prediction: Tensor, truth: Tensor, scored: Tensor, share: Tensor, user: Tensor) -> None:
         """prediction, truth [B,T,F]; scored [B,T] bool; share, user [B]."""
@@ -115,6 +134,16 @@ class ScoredRows:
         categories = slice(0, num_categories + 1)
         truth = torch.cat(self.truth)[:, categories].argmax(1)
         return reciprocal_rank(torch.cat(self.prediction)[:, categories], truth)
+
+    def slot_scores(self, spec: FeatureSpec) -> dict[str, Tensor]:
+        """Per scored slot [S]: category hit@1 and reciprocal rank, region hit@1, volume
+        absolute error (umask.metrics.slot_scores), and per user-week [U]: app_recall10."""
+        from umask.metrics import slot_scores
+
+        out = slot_scores(torch.cat(self.prediction), torch.cat(self.truth), spec.num_categories,
+                          spec.num_regions)
+        out[f"app_recall{APP_K}"] = torch.cat(self.app_recall).double()
+        return out
 
     def metrics(self, spec: FeatureSpec) -> dict[str, dict[str, float]]:
         """completion metrics per sparsity bucket of the spec, plus "all" and app recall."""
@@ -137,9 +166,9 @@ class ScoredRows:
 
 
 def seeds_of(method: str, settings: EvalSettings) -> range:
-    """The sampler seeds a method is run with: --samples for the model and its ablation, one
-    for the deterministic baselines."""
-    return range(settings.samples if method in (MODEL, UNIFORM) else 1)
+    """The sampler seeds a method is run with: --samples for the diffusion models (SAMPLED), one
+    for the deterministic ones."""
+    return range(settings.samples if method in SAMPLED else 1)
 
 
 def seed_of(*parts: int) -> int:
@@ -218,23 +247,55 @@ def check_uniform_model(inference: InferenceModel, uniform: InferenceModel) -> N
                         f"({inference.spec.digest[:12]}): train both on the same featurized data")
 
 
+def check_learned_model(inference: InferenceModel, learned: InferenceModel) -> None:
+    """The learned baseline must be a model.backbone=mae run on the same featurized data."""
+    if learned.cfg.model.backbone != "mae":
+        raise UserError(f"--baseline-checkpoint {learned.checkpoint} was trained with model.backbone="
+                        f"{learned.cfg.model.backbone}; the learned baseline is a model.backbone=mae run")
+    if learned.spec.digest != inference.spec.digest:
+        raise UserError(f"--baseline-checkpoint {learned.checkpoint} was trained on features of another "
+                        f"feature spec (digest {learned.spec.digest[:12]}) than the checkpoint "
+                        f"({inference.spec.digest[:12]}): train both on the same featurized data")
+
+
+def untrained_model(inference: InferenceModel) -> torch.nn.Module:
+    """The checkpoint's model as training starts it: its config, dense weights freshly drawn
+    under torch seed train.seed (the global RNG is left as it was), in eval mode. The trainer
+    draws its tables first, so these are not bit-for-bit its step-0 weights; with
+    model.prior_residual the zero-initialised output layer makes the completion the hour prior
+    whatever the other weights are."""
+    from embeddings.tables import pooled_dim
+    from umask.backbones import build_model
+
+    cfg = inference.cfg
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model, inference.spec, sparse_dim=pooled_dim(cfg.embeddings))
+    return model.eval().requires_grad_(False)
+
+
 def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
              on_batch: Callable[[int, int], None] | None = None,
-             uniform: InferenceModel | None = None) -> dict:
+             uniform: InferenceModel | None = None, learned: InferenceModel | None = None) -> dict:
     """The report (see the module docstring) as a JSON-ready dict; on_batch(done, total) after
     each batch; uniform: the model trained with uniform masks for the ablation row (default:
-    the same). The features must have the checkpoint's feature spec (a UserError otherwise)."""
+    the same); learned: the model.backbone=mae run of the `mae` row (default: no such row).
+    The features must have the checkpoint's feature spec (a UserError otherwise)."""
     from trainer.data.loader import ShardedLoader
     from umask.config import TASKS
 
     model = inference.model
     if uniform is not None:
         check_uniform_model(inference, uniform)
+    if learned is not None:
+        check_learned_model(inference, learned)
+    methods = [MODEL, UNIFORM, *([LEARNED] if learned is not None else []), UNTRAINED, *BASELINES]
+    untrained = untrained_model(inference)
     steps = settings.steps or inference.cfg.model.diffusion.sample_steps
     spec = inference.spec
     prior = training_prior(features, spec, inference.maps, settings.popularity_batches,
                            settings.batch_size, settings.seed)
-    rows = {(task, method, sample): ScoredRows() for task in TASKS for method in METHODS
+    rows = {(task, method, sample): ScoredRows() for task in TASKS for method in methods
             for sample in seeds_of(method, settings)}
     examples, users = 0, set()
     with ShardedLoader(features, 0, 1, settings.batch_size, settings.seed, splits=(settings.split,),
@@ -250,8 +311,11 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
                 break
             examples += len(batch)
             users.update(batch.user_id.tolist())
-            models = {MODEL: (model, inference.slot_sparse(batch))}  # slot_sparse [B,T,E]
+            slot_sparse = inference.slot_sparse(batch)  # [B,T,E]
+            models = {MODEL: (model, slot_sparse), UNTRAINED: (untrained, slot_sparse)}
             models[UNIFORM] = models[MODEL] if uniform is None else (uniform.model, uniform.slot_sparse(batch))
+            if learned is not None:
+                models[LEARNED] = (learned.model, learned.slot_sparse(batch))
             share = batch.observed.float().mean(1)  # [B] the user's share of observed slots
             for task_id, task in enumerate(TASKS):
                 _evaluate_task(models, batch, share, prior, task_id, index, steps, settings,
@@ -261,49 +325,58 @@ def evaluate(inference: InferenceModel, features: Path, settings: EvalSettings,
     if examples == 0:
         raise UserError(f"{features}: split '{settings.split}' gave no batch to evaluate")
     per_seed = {(task, method): [rows[(task, method, s)] for s in seeds_of(method, settings)]
-                for task in TASKS for method in METHODS}
+                for task in TASKS for method in methods}
     tasks = {task: {method: _mean_over_samples(
         [seed_rows.metrics(spec) for seed_rows in per_seed[(task, method)]])
-        for method in METHODS} for task in TASKS}
+        for method in methods} for task in TASKS}
     report = {
         "checkpoint": str(inference.checkpoint), "step": inference.step, "features": str(features),
         "settings": {**asdict(settings), "steps": steps,
-                     "uniform_checkpoint": None if uniform is None else str(uniform.checkpoint)},
+                     "uniform_checkpoint": None if uniform is None else str(uniform.checkpoint),
+                     "baseline_checkpoint": None if learned is None else str(learned.checkpoint)},
         "split_examples": split_examples,
         "examples": examples, "users": len(users),
-        "headline_metric": HEADLINE, "tasks": tasks,
+        "headline_metric": HEADLINE, "compared_metrics": list(COMPARED), "tasks": tasks,
     }
-    report["intervals"] = {task: headline_intervals(
-        {method: per_seed[(task, method)] for method in METHODS}, spec, settings.seed)
+    report["intervals"] = {task: paired_intervals(
+        {method: per_seed[(task, method)] for method in methods}, spec, settings.seed)
         for task in TASKS}
-    report["findings"] = findings(tasks, uniform_trained=uniform is not None,
-                                  intervals=report["intervals"])
+    report["findings"] = findings(tasks, report["intervals"], uniform_trained=uniform is not None)
     return report
 
 
-def headline_intervals(per_method: dict[str, list[ScoredRows]], spec: FeatureSpec,
-                       seed: int) -> dict[str, dict[str, dict[str, float]]]:
-    """umask minus each other method on category MRR, paired on the same scored slots (the
-    model's reciprocal ranks averaged over its seeds), with a 95 % bootstrap interval that
-    resamples users; {"all" or bucket: {method: {difference, low, high, users}}}."""
+def paired_intervals(per_method: dict[str, list[ScoredRows]], spec: FeatureSpec,
+                     seed: int) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """umask minus each other method on every metric of COMPARED, paired on the same scored
+    slots (app recall: the same user-weeks), the sampled methods' values averaged over their
+    seeds, with a 95 % bootstrap interval that resamples users:
+    {"all" or bucket: {metric: {method: {difference, low, high, users}}}}."""
     from umask.metrics import grouped_bootstrap_interval, sparsity_bucket
 
-    def reciprocal_ranks(method: str) -> Tensor:  # [S]
-        return torch.stack([r.category_reciprocal_ranks(spec.num_categories)
-                            for r in per_method[method]]).mean(0)
+    def mean_scores(method: str) -> dict[str, Tensor]:
+        seeds = [r.slot_scores(spec) for r in per_method[method]]
+        return {metric: torch.stack([s[metric] for s in seeds]).mean(0) for metric in seeds[0]}
 
-    model = reciprocal_ranks(MODEL)
-    differences = {method: model - reciprocal_ranks(method) for method in (UNIFORM, *BASELINES)}  # [S] each
-    users = torch.cat(per_method[MODEL][0].user)  # [S]
-    bucket = sparsity_bucket(torch.cat(per_method[MODEL][0].share), spec.sparsity_edges)  # [S]
+    first = per_method[MODEL][0]
+    slot_user, user_row = torch.cat(first.user), torch.cat(first.recall_user)  # [S], [U]
+    slot_bucket = sparsity_bucket(torch.cat(first.share), spec.sparsity_edges)  # [S]
+    row_bucket = sparsity_bucket(torch.cat(first.user_share), spec.sparsity_edges)  # [U]
+    model = mean_scores(MODEL)
+    others = {method: mean_scores(method) for method in per_method if method != MODEL}
     out = {}
     for index, label in enumerate(["all", *bucket_labels(spec.sparsity_edges)]):
-        rows = (bucket == index - 1) if index else torch.ones_like(users, dtype=torch.bool)
         out[label] = {}
-        for method, difference in differences.items():
-            mean, low, high = grouped_bootstrap_interval(difference[rows], users[rows], seed=seed)
-            out[label][method] = {"difference": mean, "low": low, "high": high,
-                                  "users": int(torch.unique(users[rows]).numel())}
+        for metric in COMPARED:
+            per_user_row = metric == f"app_recall{APP_K}"
+            group, bucket = (user_row, row_bucket) if per_user_row else (slot_user, slot_bucket)
+            rows = (bucket == index - 1) if index else torch.ones_like(group, dtype=torch.bool)
+            rows = rows & ~model[metric].isnan()
+            out[label][metric] = {}
+            for method, scores in others.items():
+                mean, low, high = grouped_bootstrap_interval((model[metric] - scores[metric])[rows],
+                                                             group[rows], seed=seed)
+                out[label][metric][method] = {"difference": mean, "low": low, "high": high,
+                                              "users": int(torch.unique(group[rows]).numel())}
     return out
 
 
@@ -312,11 +385,13 @@ def _evaluate_task(models: dict[str, tuple], batch: Batch, share: Tensor, prior:
                    rows: dict[tuple[str, int], ScoredRows]) -> None:
     """One task on one batch: one mask, every method completes from it, scored rows collected.
 
-    models: (UMask, slot_sparse [B,T,E]) for MODEL and for UNIFORM; MODEL's mask sampler
-    picks the target window and evidence for every method."""
-    from umask.baselines import global_popularity, hour_of_week_frequency, last_observed
+    models: (model, slot_sparse [B,T,E]) for MODEL, UNIFORM, UNTRAINED and (when evaluated)
+    LEARNED; MODEL's mask sampler picks the target window and evidence for every method."""
+    from umask.baselines import (global_popularity, hour_of_day_frequency, hour_of_week_frequency,
+                                 last_observed)
 
     model = models[MODEL][0]
+    spec = model.spec
     dense, observed, tow = batch.dense, batch.observed, batch.time_of_week
     generator = torch.Generator().manual_seed(seed_of(_MASK_STREAM, settings.seed, batch_index, task_id))
     task = torch.full((len(batch),), task_id, dtype=torch.long)
@@ -328,11 +403,15 @@ def _evaluate_task(models: dict[str, tuple], batch: Batch, share: Tensor, prior:
     relevant, total = used_apps(batch, scored, prior.app_ids)  # [B,V], [B]
     completions = {
         ("global_popularity", 0): global_popularity(dense, evidence, profile),
-        ("hour_of_week", 0): hour_of_week_frequency(dense, evidence, tow, profile, model.spec.slots_per_week),
+        ("hour_of_week", 0): hour_of_week_frequency(dense, evidence, tow, profile, spec.slots_per_week),
+        ("hour_of_day", 0): hour_of_day_frequency(dense, evidence, tow, profile, spec.slots_per_day),
         ("last_observed", 0): last_observed(dense, evidence, profile),
     }
+    if LEARNED in models:
+        completer, slot_sparse = models[LEARNED]
+        completions[(LEARNED, 0)] = completer.complete(dense, evidence, tow, slot_sparse)
     for sample in range(settings.samples):
-        for method, method_evidence in ((MODEL, evidence), (UNIFORM, uniform)):
+        for method, method_evidence in ((MODEL, evidence), (UNIFORM, uniform), (UNTRAINED, evidence)):
             noise = torch.Generator().manual_seed(
                 seed_of(_SAMPLE_STREAM, settings.seed, sample, batch_index, task_id))
             completer, slot_sparse = models[method]
@@ -343,7 +422,7 @@ def _evaluate_task(models: dict[str, tuple], batch: Batch, share: Tensor, prior:
         rows[key].add(completed, dense, scored, share, batch.user_id)
         usage = (completed[..., category] * mask.target[..., None]).sum(1)  # [B,C+1] over the window
         scores = usage[:, prior.app_category] * prior.app_share  # [B,V]
-        rows[key].add_users(app_recall(scores, relevant, total), share)
+        rows[key].add_users(app_recall(scores, relevant, total), share, batch.user_id)
 
 
 def _mean_over_samples(per_sample: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -361,47 +440,51 @@ def better(metric: str, a: float, b: float) -> bool:
     return a < b if metric in LOWER_IS_BETTER else a > b
 
 
-def findings(tasks: dict, uniform_trained: bool = False, intervals: dict | None = None) -> list[str]:
-    """Plain sentences: on the headline metric, whom the model beats per task, and the sparsest
-    bucket with slots; whether adaptive masks beat uniform ones (uniform_trained: the
-    uniform row is a model trained with uniform masks, else the same weights); and, given
-    headline_intervals per task, the model's margins with their intervals."""
+def verdict(metric: str, interval: dict[str, float]) -> str:
+    """"ahead of", "behind" or "within noise of": umask against a method on `metric`, from the
+    95 % interval of umask minus that method (lower is better on LOWER_IS_BETTER metrics). Only
+    an interval that excludes 0 says ahead or behind; one that holds 0, or none (no users),
+    is within the noise."""
+    low, high = interval["low"], interval["high"]
+    if math.isnan(low) or math.isnan(high) or low <= 0 <= high:
+        return "within noise of"
+    improves = high < 0 if metric in LOWER_IS_BETTER else low > 0
+    return "ahead of" if improves else "behind"
+
+
+def findings(tasks: dict, intervals: dict, uniform_trained: bool = False) -> list[str]:
+    """Plain sentences from the paired intervals (paired_intervals per task): per task and metric
+    of COMPARED, which methods umask is ahead of, within noise of and behind; per task the
+    same on the headline metric in the sparsest bucket with slots; and whether adaptive masks
+    are ahead of uniform ones on it (uniform_trained: the uniform row is a model trained with
+    uniform masks, else the same weights)."""
     ablation = ("a model trained with uniform masks" if uniform_trained
                 else "the same weights, uniform evidence at inference only")
     out = []
     for task, methods in tasks.items():
-        model_all = methods[MODEL]["all"][HEADLINE]
-        beaten = [b for b in BASELINES if better(HEADLINE, model_all, methods[b]["all"][HEADLINE])]
-        lost = [b for b in BASELINES if b not in beaten]
-        out.append(f"{task}: {MODEL} {HEADLINE} {model_all:.4f} beats {', '.join(beaten) or 'no baseline'}"
-                   + (f"; does NOT beat {', '.join(lost)}" if lost else ""))
+        for metric in COMPARED:
+            out.append(f"{task}: {MODEL} {metric} {methods[MODEL]['all'][metric]:.4f} "
+                       + _compared(metric, intervals[task]["all"][metric]))
         buckets = [b for b in methods[MODEL] if b != "all" and methods[MODEL][b]["slots"] > 0]
         if buckets:
             sparsest = buckets[0]
-            value = methods[MODEL][sparsest][HEADLINE]
-            other = methods["hour_of_week"][sparsest][HEADLINE]
-            margin = None if intervals is None else intervals[task][sparsest]["hour_of_week"]
-            verdict = _verdict(better(HEADLINE, value, other), margin, "beats", "does NOT beat")
-            out.append(f"{task}, sparsest bucket with slots {sparsest}: {MODEL} {value:.4f} {verdict} "
-                       f"hour_of_week {other:.4f}" + ("" if intervals is None else
-                                                      _margin(intervals[task][sparsest]["hour_of_week"])))
-        uniform = methods[UNIFORM]["all"][HEADLINE]
-        margin = None if intervals is None else intervals[task]["all"][UNIFORM]
-        verdict = _verdict(better(HEADLINE, model_all, uniform), margin, "beat", "do NOT beat", be="are")
-        out.append(f"{task}: adaptive masks {verdict} uniform masks ({model_all:.4f} vs {uniform:.4f}; "
-                   f"uniform: {ablation})")
-        if intervals is not None:
-            margins = intervals[task]["all"]
-            out.append(f"{task}: {MODEL} minus each method on {HEADLINE}, with 95% bootstrap intervals "
-                       "over users: " + "; ".join(f"{m}{_margin(v)}" for m, v in margins.items()))
+            out.append(f"{task}, sparsest bucket with slots {sparsest}: {MODEL} {HEADLINE} "
+                       f"{methods[MODEL][sparsest][HEADLINE]:.4f} "
+                       + _compared(HEADLINE, intervals[task][sparsest][HEADLINE]))
+        margin = intervals[task]["all"][HEADLINE][UNIFORM]
+        out.append(f"{task}: adaptive masks are {verdict(HEADLINE, margin)} uniform masks on {HEADLINE} ({methods[MODEL]['all'][HEADLINE]:.4f} vs "
+                   f"{methods[UNIFORM]['all'][HEADLINE]:.4f}{_margin(margin)}; uniform: {ablation})")
     return out
 
 
-def _verdict(ahead: bool, interval: dict[str, float] | None, win: str, loss: str, be: str = "is") -> str:
-    """`win` or `loss`; when the interval of the difference holds 0, a tie within the noise."""
-    if interval is not None and interval["low"] <= 0 <= interval["high"]:
-        return f"{be} {'ahead of' if ahead else 'behind'}, within the noise,"
-    return win if ahead else loss
+def _compared(metric: str, margins: dict[str, dict[str, float]]) -> str:
+    """'is ahead of A (...), B (...); within noise of C (...); behind D (...)'."""
+    groups = {}
+    for method, margin in margins.items():
+        groups.setdefault(verdict(metric, margin), []).append(f"{method}{_margin(margin)}")
+    parts = [f"{word} {', '.join(groups[word])}" for word in ("ahead of", "within noise of", "behind")
+             if word in groups]
+    return "is " + "; ".join(parts)
 
 
 def _margin(interval: dict[str, float]) -> str:
@@ -410,7 +493,8 @@ def _margin(interval: dict[str, float]) -> str:
 
 
 def markdown_table(report: dict) -> str:
-    """Headline metrics per task, bucket and method, as a Markdown table."""
+    """Every compared metric per task, bucket and method, then umask minus each method with its
+    95 % interval per task, metric and bucket, as Markdown tables."""
     lines = ["| task | users' observed share | slots | method | cat Acc@1 | cat Acc@5 | cat MRR "
              "| region Acc@1 | volume MAE | app R@10 |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for task, methods in report["tasks"].items():
@@ -418,39 +502,50 @@ def markdown_table(report: dict) -> str:
             slots = methods[MODEL][bucket]["slots"]
             if not slots:
                 continue
-            for method in METHODS:
-                m = methods[method][bucket]
+            for method, buckets in methods.items():
+                m = buckets[bucket]
                 lines.append(f"| {task} | {bucket} | {slots} | {method} | {m['category_acc1']:.3f} | "
                              f"{m['category_acc5']:.3f} | {m['category_mrr']:.3f} | "
                              f"{m['region_acc1']:.3f} | {m['volume_mae']:.3f} | {m['app_recall10']:.3f} |")
+    others = [m for m in next(iter(report["tasks"].values())) if m != MODEL]
+    lines += ["", f"{MODEL} minus each method, 95% bootstrap interval over users (volume MAE: "
+              "negative is better; * the interval excludes 0):", "",
+              "| task | bucket | metric | " + " | ".join(others) + " |", "|---|---|---|" + "---|" * len(others)]
+    for task, buckets in report["intervals"].items():
+        for bucket, metrics in buckets.items():
+            if not report["tasks"][task][MODEL][bucket]["slots"]:
+                continue
+            for metric, margins in metrics.items():
+                cells = [f"{v['difference']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]"
+                         + ("" if verdict(metric, v) == "within noise of" else "*")
+                         if not math.isnan(v["difference"]) else "-" for v in margins.values()]
+                lines.append(f"| {task} | {bucket} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def headline(report: dict) -> list[str]:
     """The few lines `u-mask eval` prints: the headline metric over the whole split per task and
-    method as an aligned table (the best of each row marked *), then the verdicts (report.md and
-    report.json have the rest: every metric, bucket, interval and finding)."""
+    method as an aligned table (the best of each row marked *), then per task whom umask is
+    not ahead of, by the paired intervals (report.md and report.json have the rest)."""
+    methods = list(next(iter(report["tasks"].values())))
     first = f"{HEADLINE}, {report['settings']['split']}"
     width = max(len(first), *(len(t) for t in report["tasks"]))
-    lines = [f"{first:<{width}}  " + "  ".join(f"{m:>{max(len(m), 6)}}" for m in METHODS)]
+    lines = [f"{first:<{width}}  " + "  ".join(f"{m:>{max(len(m), 6)}}" for m in methods)]
     for task, scores in report["tasks"].items():
-        values = {m: scores[m]["all"][HEADLINE] for m in METHODS}
+        values = {m: scores[m]["all"][HEADLINE] for m in methods}
         best = max((v for v in values.values() if not math.isnan(v)), default=math.nan)
         lines.append(f"{task:<{width}}  " + "  ".join(
             f"{(f'{v:.3f}*' if v == best else f'{v:.3f} '):>{max(len(m), 6)}}" for m, v in values.items()))
-    verdicts = []
-    for task, scores in report["tasks"].items():
-        model = scores[MODEL]["all"][HEADLINE]
-        lost = [b for b in BASELINES if not better(HEADLINE, model, scores[b]["all"][HEADLINE])]
-        verdicts.append((task, f"does NOT beat {', '.join(lost)}" if lost else ""))
-    adaptive = "adaptive minus uniform masks: " + ", ".join(
-        f"{task} {scores[MODEL]['all'][HEADLINE] - scores[UNIFORM]['all'][HEADLINE]:+.4f}"
-        for task, scores in report["tasks"].items())
-    if not any(verdict for _, verdict in verdicts):
-        lines.append(f"{MODEL} beats every baseline on every task; {adaptive}")
-    else:
-        lines += [f"{task}: {MODEL} {verdict or 'beats every baseline'}" for task, verdict in verdicts]
-        lines.append(adaptive)
+    for task, buckets in report["intervals"].items():
+        short = []
+        for metric, margins in buckets["all"].items():
+            for word in ("within noise of", "behind"):
+                names = [m for m, v in margins.items() if verdict(metric, v) == word]
+                if names:
+                    short.append(f"{word} {', '.join(names)} on {metric}")
+        lines.append(f"{task}: {MODEL} " + ("; ".join(short) if short else
+                                             "is ahead of every method on every metric")
+                     + " (95% intervals over users)")
     return lines
 
 
@@ -478,16 +573,17 @@ def plot_task(task: str, methods: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     buckets = list(methods[MODEL])
+    names = list(methods)
     x = np.arange(len(buckets))
-    width = 0.8 / len(METHODS)
+    width = 0.8 / len(names)
     columns = 3
     rows = -(-(len(PLOTTED) + 1) // columns)  # one more panel for the legend
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
     panels = axes.reshape(-1)
     for ax, metric in zip(panels, PLOTTED):
-        for i, method in enumerate(METHODS):
+        for i, method in enumerate(names):
             values = [methods[method][b][metric] for b in buckets]
-            ax.bar(x + (i - (len(METHODS) - 1) / 2) * width, values, width, label=method)
+            ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=method)
         ax.set_xticks(x, buckets, rotation=30, fontsize=8)
         ax.set_title(f"{metric} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)", fontsize=10)
     legend = panels[len(PLOTTED)]
@@ -523,10 +619,12 @@ def json_ready(value):
 
 def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, settings: EvalSettings,
                         data: str | Path | None = None, uniform_checkpoint: str | Path | None = None,
-                        on_batch: Callable[[int, int], None] | None = None) -> dict:
+                        on_batch: Callable[[int, int], None] | None = None,
+                        baseline_checkpoint: str | Path | None = None) -> dict:
     """What `u-mask eval` does: evaluates the checkpoint (a checkpoint or run folder) on
     `settings.split` of `data` (default: the checkpoint config's data.features), with the
-    uniform-mask run's model for the ablation row when given, and writes report.json, report.md
+    uniform-mask run's model for the ablation row and the learned baseline's run (model.backbone=mae)
+    for the mae row when given, and writes report.json, report.md
     and the plots into `out`, and the scores to TensorBoard (report["tensorboard"]: the run
     folder of the checkpoint, else `out`). Returns the report."""
     inference = load_inference_model(checkpoint)
@@ -534,8 +632,9 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, settings: EvalS
         raise UserError(f"--steps {settings.steps}: at most model.diffusion.train_steps="
                         f"{inference.cfg.model.diffusion.train_steps}")
     uniform = None if uniform_checkpoint is None else load_inference_model(uniform_checkpoint)
+    learned = None if baseline_checkpoint is None else load_inference_model(baseline_checkpoint)
     features = Path(data or inference.cfg.data.features)
-    report = evaluate(inference, features, settings, on_batch, uniform)
+    report = evaluate(inference, features, settings, on_batch, uniform, learned)
     run_dir = inference.checkpoint.parent
     report["tensorboard"] = str(run_dir if (run_dir / "config.yaml").is_file() else Path(out))
     write_report(report, Path(out))
