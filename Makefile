@@ -24,8 +24,9 @@ demo: setup clean-demo
 
 # The evaluation tables of README and docs/evaluation.md, one per data source (configs/quality.yaml:
 # the personas generator; configs/quality-metro.yaml: the independently written metro generator):
-# U-MASK trained with adaptive masks, its ablation trained with uniform masks, both scored against
-# the baselines on held-out and cold-start users (docs/evaluation.md); starts afresh each time
+# U-MASK trained with adaptive masks, its ablation trained with uniform masks and the learned
+# baseline (model.backbone=mae), each 400 steps, scored with the untrained model and the heuristics
+# on held-out and cold-start users, with paired intervals (docs/evaluation.md); starts afresh each time
 quality: setup clean-quality
 	$(U_MASK) data synth --out data/quality/raw --users 2000 --days 28 --seed 0
 	$(U_MASK) data synth --generator metro --out data/quality-metro/raw --users 2000 --days 28 --seed 0
@@ -33,9 +34,11 @@ quality: setup clean-quality
 	  $(U_MASK) data featurize --config configs/$$source.yaml || exit 1; \
 	  $(U_MASK) train --config configs/$$source.yaml ray.name=$$source-adaptive || exit 1; \
 	  $(U_MASK) train --config configs/$$source.yaml ray.name=$$source-uniform model.mask.family=uniform || exit 1; \
+	  $(U_MASK) train --config configs/$$source.yaml ray.name=$$source-mae model.backbone=mae || exit 1; \
 	  for split in test cold; do \
 	    $(U_MASK) eval --checkpoint runs/$$source-adaptive --uniform-checkpoint runs/$$source-uniform \
-	      --split $$split --samples 4 --out data/$$source/report-$$split || exit 1; done; done
+	      --baseline-checkpoint runs/$$source-mae --split $$split --samples 2 \
+	      --out data/$$source/report-$$split || exit 1; done; done
 
 test: setup
 	$(PY) -m pytest
@@ -47,4 +50,4 @@ clean-demo:
 	@rm -rf $(DEMO) runs/demo
 
 clean-quality:
-	rm -rf $(foreach s,$(QUALITY_SOURCES),data/$(s) runs/$(s)-adaptive runs/$(s)-uniform)
+	rm -rf $(foreach s,$(QUALITY_SOURCES),data/$(s) runs/$(s)-adaptive runs/$(s)-uniform runs/$(s)-mae)
