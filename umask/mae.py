@@ -14,8 +14,8 @@ token). What it shares with U-MASK, so that the comparison is about the backbone
 tokens (evidence values, the evidence bit, time of week, the slot's pooled app/loc embedding
 and, with model.hour_prior, the user's evidence means per hour), the normalisation by the
 spec's train statistics, the per-family weighted error on scored target slots (volume by
-absolute error), and, with
-model.prior_residual, the output as a correction to the prior's hour-of-week mean.
+absolute error), and, with model.prior_residual, the output as a correction to the same
+learned per-channel mix of the prior's hour-of-week and hour-of-day means (umask/dit.py).
 """
 from dataclasses import replace
 
@@ -63,6 +63,9 @@ class MaskedAutoencoder(nn.Module):
         if cfg.prior_residual:  # the untrained model predicts the prior, as U-MASK's DiT does
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+        if cfg.prior_residual:  # the base's per-channel mix of the hour-of-week and hour-of-day means
+            self.prior_week_weight = nn.Parameter(torch.ones(channels))
+            self.prior_day_weight = nn.Parameter(torch.zeros(channels))
         self.register_buffer("loss_weights", channel_weights(self.num_categories, self.num_regions, cfg.loss),
                              persistent=False)
         self.register_buffer("absolute_error", absolute_error_channels(channels, spec.layout.volume, cfg.loss),
@@ -116,8 +119,9 @@ class MaskedAutoencoder(nn.Module):
             prior = hour_prior_features(values, evidence, time_of_week, self.spec.slots_per_day)
             tokens = tokens + self.hour_prior(prior)
         out = self.head(self.encoder(tokens))  # [B,T,F]
-        if self.cfg.prior_residual:
-            out = out + prior[..., : self.channels]
+        if self.cfg.prior_residual:  # as U-MASK's DiT.residual_base: starts at the hour-of-week mean
+            f = self.channels
+            out = out + self.prior_week_weight * prior[..., :f] + self.prior_day_weight * prior[..., f: 2 * f]
         return out
 
     def param_count(self) -> dict[str, int]:
