@@ -14,7 +14,7 @@ Per core = events / CPU seconds of the process (Arrow's threads included), so th
 other load and core count do not flatter either side. Before timing, both run on a 50,000
 event sample and must produce the same examples. Prints one JSON line; ratio = ours / pandas.
 
-    .venv/bin/python bench/featurize_bench.py [--events 4000000] [--users 2000]
+    .venv/bin/python bench/featurize_core_bench.py [--events 4000000] [--users 2000]
 """
 import argparse
 import json

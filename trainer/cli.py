@@ -178,15 +178,23 @@ def _add_featurize(commands) -> None:
 
 
 def _featurize(args) -> int:
+    import contextlib
+
     from trainer.console import Progress
     from trainer.data.featurize import featurize
     from trainer.training.cluster import require_absolute_under_job
 
     cfg = config_from_args(args)
     require_absolute_under_job(**{"data.features": cfg.data.features})
-    with Progress("featurize: read", "events") as reading, Progress("featurize", "events") as making:
-        bars = {"read": reading, "featurize": making}
-        manifest = featurize(cfg, on_progress=lambda phase, done, total: bars[phase].update(done, total))
+    with contextlib.ExitStack() as stack:
+        bars = {}  # one per phase, started with it, so that its rate and ETA are the phase's own
+
+        def on_progress(phase: str, done: int, total: int) -> None:
+            if phase not in bars:
+                bars[phase] = stack.enter_context(Progress(f"featurize ({phase})", "events"))
+            bars[phase].update(done, total)
+
+        manifest = featurize(cfg, on_progress=on_progress)
     examples, users, events = manifest["examples"], manifest["users"], manifest["events"]
     print(f"featurized {events['featurized']} events ({events['duplicates_dropped']} duplicates "
           f"dropped, {manifest['quarantine']['rows_quarantined']} rows quarantined) into "

@@ -13,7 +13,9 @@ Every file is renamed into place once complete, and a task's report is written l
 report marks finished work. A rerun with the same inputs and settings (run.json's key) skips
 the shares and buckets that have reports: an interrupted run (driver or task killed) resumes.
 A task whose worker dies is retried (data.task_retries); outputs depend only on inputs and
-settings, so a retry or a resumed run writes the same bytes on any number of nodes.
+settings, so a retry or a resumed run writes the same bytes on any number of nodes. An input
+that fits one read task runs the same tasks in the driver's process when no Ray is up and no
+ray.address is set (a Ray start would cost more than such a job).
 
 Memory: each task reserves data.task_memory_mb (Ray's `memory` resource, so a node runs only
 as many as fit), read buffers are sized from it, and a bucket whose events would not fit is
@@ -113,7 +115,8 @@ def _task_facts(started: float) -> dict:
     """What a task reports of itself: peak RSS in MB since _task_start, node, pid, seconds."""
     import ray
 
-    return {"peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1), "node": ray.get_runtime_context().get_node_id(),
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "driver"
+    return {"peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1), "node": node,
             "pid": os.getpid(), "seconds": round(time.perf_counter() - started, 3)}
 
 
@@ -191,7 +194,11 @@ def featurize_task(bucket: int, pieces: list[str], spec, maps, row_group_size: i
 def run(cfg: RunConfig, on_progress: Callable[[str, int, int], None] | None = None,
         verbose: bool = False) -> dict:
     """Both phases on Ray into data.features; returns the manifest. on_progress(phase, events
-    done, events) as tasks finish, phase "read" (phase 1) or "featurize" (phase 2)."""
+    done, events) as tasks finish, phase "read" (phase 1) or "featurize" (phase 2).
+
+    An input that fits one read task (data.read_task_rows) with no Ray running and no
+    ray.address runs the same tasks in this process: Ray's start-up (10-20 s) would cost more
+    than the work, and the output is the same bytes."""
     import ray
 
     from trainer.training.cluster import check_cluster, cluster_address, join_cluster
@@ -210,44 +217,73 @@ def run(cfg: RunConfig, on_progress: Callable[[str, int, int], None] | None = No
     staging = out / STAGING
     if not prepare_output(out, key):
         staging.mkdir(parents=True, exist_ok=True)
-        _write_json(staging / "run.json", {"resume_key": key, "config_hash": config_hash(data)})
+        _write_json(staging / RUN_FILE, {"resume_key": key, "config_hash": config_hash(data)})
+    joined = cluster_address(cfg.ray.address)
+    if not ray.is_initialized() and joined is None and sum(u.rows for u in units) <= data.read_task_rows:
+        return _run_tasks(cfg, dataset, units, out, on_progress, _InProcess())
     started_ray = not ray.is_initialized()
     if started_ray:
-        joined = cluster_address(cfg.ray.address)
         if joined:
             join_cluster(*joined, log_to_driver=verbose)
         else:
             start_embedded_ray(data.featurize_workers, verbose)
     try:
-        return _run_tasks(cfg, dataset, units, out, on_progress)
+        return _run_tasks(cfg, dataset, units, out, on_progress, _RayTasks(data))
     finally:
         if started_ray:
             ray.shutdown()
 
 
+class _RayTasks:
+    """Runs featurize's tasks as Ray tasks: data.task_memory_mb reserved, data.task_retries
+    retries of a dead worker, spread over the nodes."""
+
+    def __init__(self, data):
+        from trainer.training.faults import ENV as FAULTS
+
+        self.options = dict(num_cpus=1, memory=data.task_memory_mb * 2**20, max_retries=data.task_retries,
+                            scheduling_strategy="SPREAD")
+        if os.environ.get(FAULTS):  # fire drills and the fault tests (trainer/training/faults.py)
+            self.options["runtime_env"] = {"env_vars": {FAULTS: os.environ[FAULTS]}}
+
+    def spec(self, *args):
+        """(spec, a handle on the maps that the featurize tasks take): the maps stay in the object store."""
+        import ray
+
+        spec_ref, maps_ref = ray.remote(spec_task).options(num_returns=2, **self.options).remote(*args)
+        return _get(spec_ref, "reading the side tables (apps.parquet, locations.parquet)"), maps_ref
+
+    def map(self, function, jobs: dict, describe: Callable):
+        """(key, result) of function(*jobs[key]) for every key, as they finish."""
+        import ray
+
+        remote = ray.remote(function).options(**self.options)
+        yield from _as_completed({remote.remote(*args): key for key, args in jobs.items()}, describe)
+
+
+class _InProcess:
+    """The same tasks, one after another in this process."""
+
+    def spec(self, *args):
+        return spec_task(*args)
+
+    def map(self, function, jobs: dict, describe: Callable):
+        for key, args in jobs.items():
+            yield key, function(*args)
+
+
 def _run_tasks(cfg: RunConfig, dataset: ContractDataset, units: list[Unit], out: Path,
-               on_progress: Callable[[str, int, int], None] | None) -> dict:
-    import ray
-
+               on_progress: Callable[[str, int, int], None] | None, runner) -> dict:
     data, staging = cfg.data, out / STAGING
-    options = dict(num_cpus=1, memory=data.task_memory_mb * 2**20, max_retries=data.task_retries,
-                   scheduling_strategy="SPREAD")
-    from trainer.training.faults import ENV as FAULTS
-
-    if os.environ.get(FAULTS):  # fire drills and the fault tests (trainer/training/faults.py)
-        options["runtime_env"] = {"env_vars": {FAULTS: os.environ[FAULTS]}}
-    spec_ref, maps_ref = ray.remote(spec_task).options(num_returns=2, **options).remote(
-        str(data.source), data, str(staging / SPEC_DIR))
-    spec = _get(spec_ref, "reading the side tables (apps.parquet, locations.parquet)")
+    spec, maps = runner.spec(str(data.source), data, str(staging / SPEC_DIR))
 
     # phase 1
     buffer_rows = max(1 << 16, data.task_memory_mb * 2**20 // 2 // PHASE1_BYTES_PER_ROW)
     done_units = {u.index: _read_json(staging / "units" / f"unit-{u.index:06d}.json") for u in units}
-    todo = {ray.remote(partition_task).options(**options).remote(
-        u, str(dataset.root), data, str(staging), buffer_rows): u for u in units if done_units[u.index] is None}
+    todo = {u: (u, str(dataset.root), data, str(staging), buffer_rows) for u in units if done_units[u.index] is None}
     total_rows = sum(u.rows for u in units)
     done_rows = sum(u.rows for u in units if done_units[u.index] is not None)
-    for unit, report in _as_completed(todo, lambda u: f"reading {u.where()}"):
+    for unit, report in runner.map(partition_task, todo, lambda u: f"reading {u.where()}"):
         done_units[unit.index] = report
         done_rows += unit.rows
         if on_progress:
@@ -263,12 +299,11 @@ def _run_tasks(cfg: RunConfig, dataset: ContractDataset, units: list[Unit], out:
             pieces[int(bucket)].append(str(staging / f"bucket={int(bucket):05d}" / f"unit-{report['unit']:06d}.parquet"))
     _check_bucket_memory(data, bucket_rows)
     done_shards = {b: _read_json(staging / "shards" / f"shard-{b:05d}.json") for b in range(data.num_shards)}
-    todo = {ray.remote(featurize_task).options(**options).remote(
-        b, pieces[b], spec, maps_ref, data.row_group_size, str(out)): b
-        for b in range(data.num_shards) if done_shards[b] is None}
+    todo = {b: (b, pieces[b], spec, maps, data.row_group_size, str(out))
+            for b in range(data.num_shards) if done_shards[b] is None}
     total_events = sum(bucket_rows)
     done_events = sum(bucket_rows[b] for b in range(data.num_shards) if done_shards[b] is not None)
-    for bucket, report in _as_completed(todo, lambda b: f"featurizing bucket {b} ({len(pieces[b])} pieces "
+    for bucket, report in runner.map(featurize_task, todo, lambda b: f"featurizing bucket {b} ({len(pieces[b])} pieces "
                                                         f"in {staging / f'bucket={b:05d}'})"):
         done_shards[bucket] = report
         done_events += bucket_rows[bucket]
