@@ -5,7 +5,7 @@ DEMO := data/demo
 QUALITY_SOURCES := quality quality-metro
 U_MASK := $(VENV)/bin/u-mask
 
-.PHONY: setup demo quality test bench clean-demo clean-quality
+.PHONY: setup demo quality test bench gpu-check clean-demo clean-quality
 
 setup: $(VENV)/.umask-installed
 
@@ -45,6 +45,12 @@ test: setup
 
 bench: setup
 	$(PY) -m bench
+
+# On a machine with a CUDA GPU: every `-m gpu` test and the GPU benchmarks (attention, tables),
+# a report in bench/results/gpu-check (under 8 minutes on one H100/H200; docs/kernels.md).
+# Without a GPU it says so and fails at once.
+gpu-check: setup
+	$(PY) bench/gpu_check.py
 
 clean-demo:
 	@rm -rf $(DEMO) runs/demo

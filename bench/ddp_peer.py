@@ -150,7 +150,8 @@ def _train_rank(cfg: RunConfig, warmup_steps: int) -> dict | None:
             "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"]}
 
 
-def _rank_main(rank: int, world_size: int, port: int, rank_fn, args: tuple, out_dir: str) -> None:
+def _rank_main(rank: int, world_size: int, port: int, rank_fn, args: tuple, out_dir: str,
+               backend: str = "gloo") -> None:
     # stdout is the benchmark's JSON lines; a rank's chatter (DeepSpeed's op build, compilers) goes to stderr
     os.dup2(2, 1)
     torch.set_num_threads(1)  # as a Ray Train worker with cpus_per_worker=1 runs
@@ -160,7 +161,7 @@ def _rank_main(rank: int, world_size: int, port: int, rank_fn, args: tuple, out_
     # the trainer's all-gather is the same deprecated call; Adagrad's sparse path warns once per rank
     warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message="Sparse invariant checks", category=UserWarning)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         result = rank_fn(*args)
         if rank == 0:
@@ -178,14 +179,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn_ranks(world_size: int, rank_fn, args: tuple, timeout_s: float = 600.0) -> dict:
-    """Runs rank_fn(*args) on world_size new processes joined by gloo on 127.0.0.1, one torch
-    thread each; returns rank 0's result (JSON-able). rank_fn must be a module-level function.
+def spawn_ranks(world_size: int, rank_fn, args: tuple, timeout_s: float = 600.0, backend: str = "gloo") -> dict:
+    """Runs rank_fn(*args) on world_size new processes joined by `backend` (gloo; nccl for one
+    GPU per rank) on 127.0.0.1, one torch thread each; returns rank 0's result (JSON-able).
+    rank_fn must be a module-level function.
     The processes are ended, by their own handles, on any failure or timeout."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bench-ranks-") as out_dir:
         port = _free_port()
-        procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, rank_fn, args, out_dir))
+        procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, rank_fn, args, out_dir, backend))
                  for rank in range(world_size)]
         try:
             for proc in procs:
