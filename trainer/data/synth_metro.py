@@ -189,8 +189,9 @@ def _chunk(rng: np.random.Generator, catalog: _Catalog, n: int, days: int, start
     odd_taste = rng.dirichlet(np.full(NUM_CATEGORIES, 0.5), n)
     weights = np.where(in_odd[user, at][:, None], odd_taste[user], user_taste[user])
     category = _draw_rows(rng, weights)
-    # app: a popularity rank within the category (Zipf), offset by the user's own favourite
-    favourite = rng.integers(0, 1 << 30, (n, NUM_CATEGORIES))
+    # app: a popularity rank within the category (Zipf), shifted by the user's own favourite
+    # (geometric, mostly 0-2): the popular apps are everyone's, with a personal tail
+    favourite = rng.geometric(0.4, (n, NUM_CATEGORIES)) - 1
     rank = (rng.zipf(1.8, events) - 1 + favourite[user, category]) % catalog.app_count[category]
     app = catalog.apps_sorted[catalog.app_start[category] + rank]
     # region by the kind's place rule; work hours of fixed users in the work region
