@@ -53,8 +53,8 @@ class Progress:
         elapsed = now - self.started
         if total:
             eta = elapsed / max(done, 1) * (total - done)
-            print(f"{self.label}: {done}/{total} {self.unit} ({100 * done / total:.0f}%, "
-                  f"{done / max(elapsed, 1e-9):,.0f} {self.unit}/s), {elapsed:.0f}s elapsed, eta {eta:.0f}s",
+            print(f"{self.label}: {done}/{total} {self.unit} ({100 * done / total:.0f}%), "
+                  f"{done / max(elapsed, 1e-9):,.0f} {self.unit}/s, {elapsed:.0f}s elapsed, eta {eta:.0f}s",
                   file=self.stream, flush=True)
         else:
             print(f"{self.label}: {done} {self.unit}, {elapsed:.0f}s elapsed", file=self.stream, flush=True)
