@@ -58,6 +58,10 @@ class EmbeddingsConfig:
     # Memory per rank the planner may fill: HBM on GPU, RAM on CPU; 0 = TorchRec's default.
     planner_memory_gb: float = 0.0
     planner_reserved_share: float = 0.15  # of it, left to activations and the dense model
+    # A table with no sharding_types asked for, whose rows and optimizer state take at most
+    # this many MB, is replicated on every rank (data_parallel): no all-to-all, but a dense
+    # all-reduce and optimizer step of the whole table per step (embeddings.plan.replicated).
+    replicate_max_mb: float = 2.0
     # collision=zch: every this many training batches the managed-collision modules evict the
     # rows of the least frequently seen ids (LFU, discounted by age) to make room for new ids
     zch_eviction_interval: int = 1000
@@ -84,6 +88,8 @@ class EmbeddingsConfig:
             out.append(("planner_memory_gb", "must be 0 (TorchRec's default) or positive"))
         if not 0.0 <= self.planner_reserved_share < 1.0:
             out.append(("planner_reserved_share", "must be in [0, 1)"))
+        if self.replicate_max_mb < 0:
+            out.append(("replicate_max_mb", "must be 0 (never replicate on its own) or positive"))
         if self.zch_eviction_interval <= 0:
             out.append(("zch_eviction_interval", "must be positive"))
         collisions = {name: table.collision for name, table in self.tables().items()}

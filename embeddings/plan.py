@@ -60,6 +60,8 @@ def check_sharding_types(cfg: EmbeddingsConfig, device_type: str) -> dict[str, l
                 raise UserError(f"embeddings.{name}.sharding_types: {requested} with collision=zch; "
                                 f"managed-collision tables shard row_wise only")
             requested = ["row_wise"]
+        if not table.sharding_types and name in replicated(cfg):
+            requested = ["data_parallel"]
         if table.compute_kernel == "fused_uvm_caching":  # a replicated table has no cache
             requested = [t for t in requested if t != "data_parallel"]
         missing = [t for t in requested if t not in available]
@@ -70,6 +72,35 @@ def check_sharding_types(cfg: EmbeddingsConfig, device_type: str) -> dict[str, l
                 + (". Row-wise sharding needs CUDA GPUs." if device_type == "cpu" else ""))
         allowed[name] = requested
     return allowed
+
+
+def table_bytes(cfg: EmbeddingsConfig, name: str) -> int:
+    """Bytes of one whole table: fp32 rows plus the optimizer's state (one fp32 per row for
+    row-wise Adagrad, one per element for Adagrad)."""
+    table = cfg.tables()[name]
+    state = table.num_embeddings * (1 if cfg.optimizer == "row_wise_adagrad" else table.dim)
+    return 4 * (table.num_embeddings * table.dim + state)
+
+
+def replicated(cfg: EmbeddingsConfig) -> list[str]:
+    """The tables planned data_parallel (a whole copy on every rank) by the size rule.
+
+    A table is replicated when it asks for no sharding type, is hashed (zch shards row-wise)
+    with the fused kernel (a UVM cache needs a sharded table), and its rows and optimizer
+    state take at most embeddings.replicate_max_mb MB and at most the memory each rank offers
+    the planner (planner_memory_gb less planner_reserved_share, when set). Why: a sharded
+    table costs three all-to-alls per step whatever its size (ids, pooled vectors, their
+    gradients), each a rendezvous of all ranks; a replicated one costs a dense all-reduce and a
+    dense optimizer step of the whole table, proportional to its size (0.4 ms for a 0.26 MB
+    all-reduce on 2 gloo ranks here, 30 ms for 25.6 MB, and 190 ms for a row-wise Adagrad step
+    of 200,000 x 32 rows under load; docs/training.md). Small tables are cheaper replicated.
+    """
+    limit = cfg.replicate_max_mb * 2**20
+    if cfg.planner_memory_gb:
+        limit = min(limit, cfg.planner_memory_gb * 2**30 * (1 - cfg.planner_reserved_share))
+    return [name for name, table in cfg.tables().items()
+            if not table.sharding_types and table.collision == "hash" and table.compute_kernel == "fused"
+            and table_bytes(cfg, name) <= limit]
 
 
 @dataclass(frozen=True)

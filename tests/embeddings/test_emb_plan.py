@@ -9,7 +9,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 
 from embeddings.config import SHARDING_TYPES, EmbeddingsConfig, TableConfig
 from embeddings.plan import (AVAILABLE_SHARDING_TYPES, check_sharding_types, describe_plan, plan_lines,
-                             plan_tables, sharders_for)
+                             plan_tables, replicated, sharders_for, table_bytes)
 from embeddings.tables import build_tables
 from trainer.config import ConfigError, load_config
 from umask.errors import UserError
@@ -33,9 +33,33 @@ def test_row_wise_on_cpu_fails_early_naming_table_request_and_offer():
 
 
 def test_row_wise_is_allowed_on_cuda_and_empty_means_any():
-    allowed = check_sharding_types(cfg_with([], ["row_wise", "table_row_wise"]), "cuda")
+    never_replicate = cfg_with([], ["row_wise", "table_row_wise"])
+    never_replicate.replicate_max_mb = 0
+    allowed = check_sharding_types(never_replicate, "cuda")
     assert allowed == {"app": list(SHARDING_TYPES), "loc": ["row_wise", "table_row_wise"]}
-    assert check_sharding_types(cfg_with([], []), "cpu")["app"] == list(AVAILABLE_SHARDING_TYPES["cpu"])
+    anything = cfg_with([], [])
+    anything.replicate_max_mb = 0
+    assert check_sharding_types(anything, "cpu")["app"] == list(AVAILABLE_SHARDING_TYPES["cpu"])
+
+
+def test_small_tables_that_ask_for_nothing_are_replicated_by_size():
+    # 64 x 16 fp32 rows + 64 row-wise Adagrad sums = 4,352 bytes; a 2^16 x 16 table is 4.25 MiB
+    cfg = cfg_with([], [])
+    assert table_bytes(cfg, "app") == 4 * (64 * 16 + 64)
+    assert replicated(cfg) == ["app", "loc"]
+    assert check_sharding_types(cfg, "cpu") == {"app": ["data_parallel"], "loc": ["data_parallel"]}
+    planned = plan_tables(cfg, 2, "cpu", [EmbeddingBagCollectionSharder()]).placements
+    assert {p.sharding_type for p in planned.values()} == {"data_parallel"}
+    cfg.loc.num_embeddings = 2**16
+    assert replicated(cfg) == ["app"]  # above replicate_max_mb = 2: the planner shards it
+    cfg.replicate_max_mb = 5
+    assert replicated(cfg) == ["app", "loc"]
+    cfg.planner_memory_gb = 4 / 1024  # 4 MiB per rank, 15 % reserved: 3.4 MiB offered
+    assert replicated(cfg) == ["app"]
+    cfg.planner_memory_gb, cfg.optimizer = 0.0, "adagrad"  # a sum per element: 8 MiB
+    assert replicated(cfg) == ["app"]
+    asked = cfg_with(["table_wise"], [], compute_kernel="fused_uvm_caching")
+    assert replicated(asked) == []  # what a table asks for wins, and a cache needs a shard
 
 
 def test_unknown_device_type_is_a_user_error():
