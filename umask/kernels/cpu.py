@@ -1,12 +1,14 @@
 """CPU path of mask-guided attention: PyTorch's fused CPU flash kernel on compacted tokens.
 
 Measured on this kind of machine (docs/kernels.md): a boolean mask never makes CPU SDPA
-skip work, so from COMPACTION_MIN_TOKENS tokens on each mode is rewritten so the fused
-kernel only sees allowed pairs (below it, one masked kernel call is faster):
+skip work, so each mode is rewritten so the fused kernel only sees allowed pairs (below
+COMPACTION_MIN_TOKENS tokens, where gathers cost more than they save, one masked kernel
+call instead, unless evidence_keys's evidence is already evidence-first):
 
-- evidence_keys: gather the evidence keys (padded to the batch's largest count) and attend
-  to them; a target's own key is merged in afterwards as one extra softmax term using the
-  kernel's log-sum-exp, so the self key costs O(N*D) instead of a dense mask.
+- evidence_keys: take the evidence keys (padded to the batch's largest count; a slice of K
+  and V in evidence-first order, a gather otherwise) and attend to them; a target's own key
+  is merged in afterwards as one extra softmax term using the kernel's log-sum-exp, so the
+  self key costs O(N*D) instead of a dense mask.
 - evidence_causal: evidence queries attend to gathered evidence keys, target queries attend
   to every key, as two kernel calls on gathered queries (work N^2 (1 - rho + rho^2)).
 - bias: the per-head key bias rides in one extra head-dim channel (q gets a 1, k gets
