@@ -57,7 +57,7 @@ def test_two_nodes_share_the_tasks_and_write_the_one_process_bytes(loopback_clus
     args = [f"data.{k}={v}" for k, v in SETTINGS.items()]
     done = subprocess.run([str(Path(sys.executable).parent / "u-mask"), "data", "featurize", "--config", "configs/tiny.yaml",
                            f"data.source={raw}", f"data.features={features}", f"ray.address={loopback_cluster.gcs}",
-                           f"ray.storage_path={tmp_path / 'runs'}", *args],
+                           *args],
                           env=loopback_cluster.env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:] + loopback_cluster.logs()
     run = json.loads((features / "manifest.json").read_text())["run"]

@@ -20,6 +20,7 @@ from umask.errors import UserError
 from umask.spec import WEEK_SECONDS, WINDOW_ORIGIN, file_sha256
 
 START = WINDOW_ORIGIN + 2900 * WEEK_SECONDS
+pytestmark = pytest.mark.slow  # one Ray start (10-50 s with the machine busy) and new workers for the faults
 
 
 @pytest.fixture(scope="module")

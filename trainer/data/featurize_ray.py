@@ -205,7 +205,9 @@ def run(cfg: RunConfig, on_progress: Callable[[str, int, int], None] | None = No
     from trainer.training.launch import start_embedded_ray
 
     check_limits(cfg.data)
-    check_cluster(cfg)
+    # the cluster answers and takes our token, and data.features is absolute (featurize writes
+    # nothing under ray.storage_path, so that key is not asked to be)
+    check_cluster(dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, storage_path="/")))
     # tasks run in other working directories, on other nodes: absolute paths only
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, source=str(Path(cfg.data.source).resolve()), features=str(Path(cfg.data.features).resolve())))
