@@ -60,17 +60,27 @@ def grouped_bootstrap_interval(difference: Tensor, group: Tensor, draws: int = 2
     Whole groups (group [S], e.g. the user of each slot) are resampled with replacement, not
     slots: a user's slots are not independent of each other. Returns (mean, low, high).
     """
-    if not len(difference):
-        return (float("nan"),) * 3
+    return grouped_bootstrap_intervals(difference[None], group, draws, level, seed)[0]
+
+
+def grouped_bootstrap_intervals(differences: Tensor, group: Tensor, draws: int = 2000,
+                                level: float = 0.95, seed: int = 0) -> list[tuple[float, float, float]]:
+    """grouped_bootstrap_interval for M comparisons on the same slots at once: differences
+    [M,S], group [S]; one resampling of the groups (the same for every row, as `seed` makes
+    it for separate calls) serves all M. Returns (mean, low, high) per row; NaN when S = 0."""
+    if not differences.shape[1]:
+        return [(float("nan"),) * 3] * differences.shape[0]
     _, member = torch.unique(group, return_inverse=True)  # [S] group index of each slot
     groups = int(member.max()) + 1
-    sums = torch.zeros(groups, dtype=torch.float64).index_add_(0, member, difference.double())
-    counts = torch.bincount(member, minlength=groups).double()
+    sums = torch.zeros(differences.shape[0], groups, dtype=torch.float64).index_add_(
+        1, member, differences.double())  # [M,G]
+    counts = torch.bincount(member, minlength=groups).double()  # [G]
     picks = torch.randint(groups, (draws, groups), generator=torch.Generator().manual_seed(seed))
-    resampled = sums[picks].sum(1) / counts[picks].sum(1)  # [draws]
-    low, high = torch.quantile(resampled, torch.tensor([(1 - level) / 2, (1 + level) / 2],
-                                                       dtype=torch.float64))
-    return float(sums.sum() / counts.sum()), float(low), float(high)
+    resampled = sums[:, picks].sum(-1) / counts[picks].sum(-1)  # [M,draws]
+    quantiles = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    bounds = torch.quantile(resampled, quantiles, dim=1)  # [2,M]
+    means = sums.sum(1) / counts.sum()
+    return [(float(m), float(lo), float(hi)) for m, lo, hi in zip(means, bounds[0], bounds[1])]
 
 
 def slot_scores(prediction: Tensor, truth: Tensor, num_categories: int, num_regions: int) -> dict[str, Tensor]:

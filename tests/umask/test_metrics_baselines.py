@@ -156,3 +156,27 @@ def test_grouped_bootstrap_interval_resamples_users_not_slots():
     mean, low, high = grouped_bootstrap_interval(gains, users, seed=3)
     assert 0 < low < mean < high and (mean, low, high) == grouped_bootstrap_interval(gains, users, seed=3)
     assert all(math.isnan(v) for v in grouped_bootstrap_interval(torch.zeros(0), torch.zeros(0)))
+
+
+def test_grouped_bootstrap_intervals_of_several_rows_are_those_of_separate_calls():
+    from umask.metrics import grouped_bootstrap_intervals
+
+    g = torch.Generator().manual_seed(1)
+    differences, group = torch.randn(3, 40, generator=g), torch.randint(0, 9, (40,), generator=g)
+    together = grouped_bootstrap_intervals(differences, group, seed=4)
+    for row, interval in zip(differences, together):
+        assert interval == pytest.approx(grouped_bootstrap_interval(row, group, seed=4))
+    assert all(math.isnan(v) for v in grouped_bootstrap_intervals(differences[:, :0], group[:0])[1])
+
+
+def test_hour_of_day_frequency_is_the_users_mean_at_that_hour_of_day():
+    from umask.baselines import hour_of_day_frequency
+
+    slots, per_day = 48, 24
+    tow = torch.arange(slots)[None]  # two days
+    dense = (tow % per_day).float()[..., None].repeat(1, 1, 2)  # [1,48,2]: the hour of day
+    evidence = (tow < per_day) & (tow % 2 == 0)  # even hours of day 1 only
+    filled = hour_of_day_frequency(dense, evidence, tow, torch.zeros(2), per_day)
+    assert torch.equal(filled[0, 24 + 6], torch.tensor([6.0, 6.0]))  # day 2, 06:00: day 1's 06:00
+    assert torch.allclose(filled[0, 24 + 7], torch.full((2,), 11.0))  # no evidence at 07: the mean of 0, 2, ..., 22
+    assert torch.equal(filled[0, 4], dense[0, 4])  # evidence slots are kept

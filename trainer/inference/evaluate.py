@@ -351,7 +351,7 @@ def paired_intervals(per_method: dict[str, list[ScoredRows]], spec: FeatureSpec,
     slots (app recall: the same user-weeks), the sampled methods' values averaged over their
     seeds, with a 95 % bootstrap interval that resamples users:
     {"all" or bucket: {metric: {method: {difference, low, high, users}}}}."""
-    from umask.metrics import grouped_bootstrap_interval, sparsity_bucket
+    from umask.metrics import grouped_bootstrap_intervals, sparsity_bucket
 
     def mean_scores(method: str) -> dict[str, Tensor]:
         seeds = [r.slot_scores(spec) for r in per_method[method]]
@@ -371,12 +371,11 @@ def paired_intervals(per_method: dict[str, list[ScoredRows]], spec: FeatureSpec,
             group, bucket = (user_row, row_bucket) if per_user_row else (slot_user, slot_bucket)
             rows = (bucket == index - 1) if index else torch.ones_like(group, dtype=torch.bool)
             rows = rows & ~model[metric].isnan()
-            out[label][metric] = {}
-            for method, scores in others.items():
-                mean, low, high = grouped_bootstrap_interval((model[metric] - scores[metric])[rows],
-                                                             group[rows], seed=seed)
-                out[label][metric][method] = {"difference": mean, "low": low, "high": high,
-                                              "users": int(torch.unique(group[rows]).numel())}
+            differences = torch.stack([model[metric] - scores[metric] for scores in others.values()])
+            intervals = grouped_bootstrap_intervals(differences[:, rows], group[rows], seed=seed)
+            users = int(torch.unique(group[rows]).numel())
+            out[label][metric] = {method: {"difference": mean, "low": low, "high": high, "users": users}
+                                  for method, (mean, low, high) in zip(others, intervals)}
     return out
 
 
