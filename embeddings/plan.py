@@ -258,6 +258,10 @@ def plan_lines(planned: PlannedTables, cfg: EmbeddingsConfig) -> list[str]:
     what each rank offers it (embeddings.planner_memory_gb, less planner_reserved_share).
     """
     gib = 2**30
+
+    def size(nbytes: int) -> str:
+        return f"{nbytes / 2**20:.2f} MiB" if nbytes < gib / 10 else f"{nbytes / gib:.2f} GiB"
+
     memory = "HBM" if planned.device_type == "cuda" else "RAM"
     source = (f"embeddings.planner_memory_gb={cfg.planner_memory_gb:g}" if cfg.planner_memory_gb
               else "TorchRec's default, embeddings.planner_memory_gb=0")
@@ -270,20 +274,22 @@ def plan_lines(planned: PlannedTables, cfg: EmbeddingsConfig) -> list[str]:
     for name, p in planned.placements.items():
         table = cfg.tables()[name]
         shards = ", ".join(
-            f"rank {rank}: {rows:,} x {dims}, ~{device / gib:.2f} GiB"
-            + (f" {memory} + {host / gib:.2f} GiB host" if planned.device_type == "cuda" and host else "")
+            f"rank {rank}: {rows:,} x {dims}, ~{size(device)}"
+            + (f" {memory} + {size(host)} host" if planned.device_type == "cuda" and host else "")
             for rank, rows, dims, device, host in zip(p.ranks, p.shard_rows, p.shard_dims,
                                                       p.shard_device_bytes, p.shard_host_bytes))
         if p.sharding_type == "data_parallel":
-            shards = f"a copy on each of ranks {list(p.ranks)}, ~{p.shard_device_bytes[0] / gib:.2f} GiB each" \
-                if p.shard_device_bytes else f"a copy on each of ranks {list(p.ranks)}"
+            shards = f"a copy on each of ranks {list(p.ranks)}" + (
+                f", ~{size(p.shard_device_bytes[0])} each" if p.shard_device_bytes else "")
+            if name in replicated(cfg):
+                shards += f" (replicated by size: at most embeddings.replicate_max_mb={cfg.replicate_max_mb:g} MB)"
         for rank, device in zip(p.ranks, p.shard_device_bytes):
             per_rank[rank] = per_rank.get(rank, 0) + device
         lines.append(f"  {name} ({table.num_embeddings:,} x {table.dim}): {p.sharding_type}, "
                      f"kernel {p.compute_kernel}; {shards}")
     if per_rank:
         fullest = max(per_rank, key=per_rank.get)
-        lines.append(f"  fullest rank {fullest}: ~{per_rank[fullest] / gib:.2f} of "
+        lines.append(f"  fullest rank {fullest}: ~{size(per_rank[fullest])} of "
                      f"{planned.rank_available_bytes / gib:.2f} GiB "
                      f"({per_rank[fullest] / max(planned.rank_available_bytes, 1):.0%})")
     return lines

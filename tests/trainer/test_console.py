@@ -50,6 +50,27 @@ def test_training_shows_plain_lines_off_a_terminal_and_a_bar_on_one():
     assert "step 10/40" not in screen  # a bar, not the lines
 
 
+def test_the_plan_comes_before_the_first_step_and_the_run_ends_with_memory_and_ids(tmp_path):
+    from trainer.cli import run_report
+
+    plan = tmp_path / "plan.txt"
+    plan.write_text("embedding plan: each cpu rank offers ...\n  app (4,096 x 16): table_wise\n")
+    lines = io.StringIO()
+    display = TrainingDisplay(40, stream=lines, plan=plan)
+    display.row(ROW)
+    display.row({**ROW, "step": "20"})
+    shown = lines.getvalue().splitlines()
+    assert shown[:2] == ["embedding plan: each cpu rank offers ...", "  app (4,096 x 16): table_wise"]
+    assert [line.split()[1] for line in shown[2:]] == ["10/40", "20/40"]  # the plan once, first
+
+    report = run_report({**ROW, "peak_rss_gb_rank0": "3.431526", "peak_rss_gb_rank1": "3.385258",
+                         "out_of_contract_app": "2", "out_of_contract_loc": "0"})
+    assert report[0].startswith("peak resident memory: rank 0 3.43, rank 1 3.39 GiB; driver ")
+    assert report[1] == ("off-contract ids: app 2, loc 0 negative ids were hashed like any id (not dropped, "
+                         "not clipped); see out_of_contract_* in metrics.csv")
+    assert len(run_report(ROW)) == 1  # no off-contract id: no line for them
+
+
 def test_off_contract_ids_are_reported_once():
     lines = io.StringIO()
     display = TrainingDisplay(40, stream=lines)

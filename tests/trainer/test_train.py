@@ -37,6 +37,12 @@ def test_two_workers_shard_tables_and_learn(tmp_path, tiny_config, embedded_ray)
     assert plan["app"]["sharding_type"] == "table_wise" and len(plan["app"]["ranks"]) == 1
     assert plan["loc"]["sharding_type"] == "column_wise" and sorted(set(plan["loc"]["ranks"])) == [0, 1]
 
+    # the plan as printed, and each worker's peak memory, each rank's own
+    assert "app (4,096 x 16): table_wise" in (run_dir / "plan.txt").read_text()
+    with (run_dir / "metrics.csv").open() as f:
+        last = list(csv.DictReader(f))[-1]
+    assert all(0.2 < float(last[f"peak_rss_gb_rank{r}"]) < 16 for r in (0, 1)), last
+
     losses = _losses(run_dir)
     assert sorted(losses) == list(range(1, 31))
     first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(26, 31)) / 5

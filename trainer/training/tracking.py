@@ -12,7 +12,8 @@ window means of trainer/training/progress.py) go to
   environment variables (tokens, MLFLOW_ALLOW_FILE_STORE, ...) are passed on to the workers.
 
 Scalar names: train/{loss,reconstruction,consistency,grad_norm,lr}, perf/{examples_per_s,
-data_wait}, data/out_of_contract_{app,loc} (negative ids seen so far, all ranks).
+data_wait,uvm_cache_hit_rate}, data/out_of_contract_{app,loc} (negative ids seen so far, all
+ranks), memory/peak_{rss,hbm}_gb_rank<r> (each worker's peak so far; HBM on GPU only).
 """
 from __future__ import annotations
 
@@ -26,12 +27,15 @@ SCALARS = {
     "grad_norm": "train/grad_norm", "lr": "train/lr",
     "examples_per_s": "perf/examples_per_s", "data_wait": "perf/data_wait",
     "out_of_contract_app": "data/out_of_contract_app", "out_of_contract_loc": "data/out_of_contract_loc",
+    "uvm_cache_hit_rate": "perf/uvm_cache_hit_rate",
 }
 NOT_SCALARS = ("step", "elapsed_s", "eta_s")
 MLFLOW_FILE = "mlflow.json"
 
 
 def scalar_name(column: str) -> str:
+    if column.startswith("peak_"):  # peak_rss_gb_rank<r>, peak_hbm_gb_rank<r>: each worker's memory
+        return f"memory/{column}"
     return SCALARS.get(column, f"train/{column}")
 
 
