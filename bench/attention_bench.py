@@ -14,7 +14,7 @@ backward 3.5x that (2 forward matmuls + 5 backward ones, with recompute); dense 
 counted on all N^2 pairs. One JSON line per N (its rho values inside) and a summary line
 checking the issue's target (>= 2x sdpa_mask forward+backward at rho=0.25, N >= 672).
 
-    .venv/bin/python -m bench.attention_bench [--sizes 168 672 2688] [--rounds 7] [--no-flex]
+    .venv/bin/python -m bench.attention_bench [--sizes 168 672 2688] [--rounds 7] [--no-flex] [--threads 1]
 """
 import argparse
 import json
@@ -153,7 +153,11 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[168, 672, 2688])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention (its compile is slow)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's; a training worker "
+                                                    "with 1 CPU runs 1)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     flex_compiled = None if args.no_flex else torch.compile(flex_attention)
     records = []

@@ -14,8 +14,10 @@ x SLOTS slots, every slot a bag of ids drawn from a Zipf law over 10^9 raw ids (
 ids per bag), hashed onto the rows; loss = sum(pooled * a fixed random tensor). Reported per
 (rows, workers, method): examples/s (user-weeks over all workers) over the timed steps, peak
 resident memory of each worker (ru_maxrss) and its resident memory before the tables were
-built (the interpreter, torch and TorchRec), and on CUDA the peak allocated device memory.
-Then a summary line with ours / peer ratios and the memory the peers' replicas cost.
+built (the interpreter, torch and TorchRec), each worker's CPU time per step (process time:
+other processes on the machine skew it far less than wall time, but it leaves out time spent
+waiting for the other worker), and on CUDA the peak allocated device memory. Then a summary
+line with ours / peer ratios and the memory the peers' replicas cost.
 
     .venv/bin/python bench/tables_bench.py [--rows 100000 1000000 10000000] [--workers 1 2]
         [--dim 16] [--steps 20] [--warmup 3] [--device cpu|cuda]
@@ -119,21 +121,23 @@ def _rank(method: str, rows: int, dim: int, steps: int, warmup: int, device_type
     started = time.perf_counter()
     forward, step, zero_grad, _keep = _build(method, rows, dim, device)
     build_s = time.perf_counter() - started
-    times = []
+    times, cpu_times = [], []
     for batch in work:
         if zero_grad:
             zero_grad()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         (forward(batch) * weights).sum().backward()  # ours: the tables step inside backward
         if step:
             step()
         if device_type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
     seconds = sum(times[warmup:])
+    cpu_ms = sum(cpu_times[warmup:]) * 1e3 / (steps - warmup)
     figures = torch.tensor([peak_rss_mb(), before, seconds,
-                            torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda" else 0.0],
-                           dtype=torch.float64)
+                            torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda" else 0.0,
+                            cpu_ms], dtype=torch.float64)
     gathered = [torch.zeros_like(figures) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, figures.to(device) if device_type == "cuda" else figures)
     gathered = [g.cpu() for g in gathered]
@@ -142,6 +146,7 @@ def _rank(method: str, rows: int, dim: int, steps: int, warmup: int, device_type
     out = {"examples_per_s": round((steps - warmup) * BATCH * world / slowest, 1),
            "peak_rss_mb": [round(float(g[0])) for g in gathered],
            "rss_before_tables_mb": [round(float(g[1])) for g in gathered],
+           "cpu_ms_per_step": [round(float(g[4]), 2) for g in gathered],
            "build_s": round(build_s, 2)}
     if device_type == "cuda":
         out["peak_device_mb"] = [round(float(g[3])) for g in gathered]
@@ -162,6 +167,9 @@ def measure(rows: int, workers: int, dim: int, steps: int, warmup: int, device_t
     if all("error" not in line[m] for m in METHODS):
         line["ours_over"] = {m: round(line["ours"]["examples_per_s"] / line[m]["examples_per_s"], 2)
                              for m in METHODS[1:]}
+        # the same from each worker's CPU time per step (what load from other processes skews least)
+        line["ours_over_by_cpu_time"] = {
+            m: round(max(line[m]["cpu_ms_per_step"]) / max(line["ours"]["cpu_ms_per_step"]), 2) for m in METHODS[1:]}
         # what holding the whole tables on every worker costs, beyond our shard: per worker, MB
         line["peer_extra_mb_per_worker"] = {
             m: round(max(line[m]["peak_rss_mb"]) - max(line["ours"]["peak_rss_mb"])) for m in METHODS[1:]}
@@ -188,6 +196,8 @@ def main(argv=None) -> int:
             print(json.dumps(lines[-1]), flush=True)
     print(json.dumps({"bench": "tables_summary", "ours_over": {
         f"{line['rows']}_{line['workers']}w": line.get("ours_over") for line in lines},
+        "ours_over_by_cpu_time": {
+        f"{line['rows']}_{line['workers']}w": line.get("ours_over_by_cpu_time") for line in lines},
         "failed": [f"{line['rows']}_{line['workers']}w_{m}" for line in lines for m in METHODS
                    if "error" in line[m]]}), flush=True)
     return 1 if any("error" in line[m] for line in lines for m in METHODS) else 0
