@@ -66,3 +66,23 @@ def test_missing_or_resized_tables_are_user_errors(saved, tmp_path):
     resized = replace(CFG, loc=replace(CFG.loc, num_embeddings=2 * ROWS["loc"]))
     with pytest.raises(UserError, match="does not fit"):
         load_full_tables(resized, path)
+
+
+def test_one_rank_holding_both_column_shards_saves_both(tmp_path):
+    """A safetensors header keys tensors by name, so a rank's second chunk of one tensor goes
+    to a file of its own (embeddings.checkpoint._one_chunk_per_name); before, one worker holding
+    both loc column shards, as a resharded run to fewer workers plans it, saved only one."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(5)
+        module = ShardedTables(CFG, dist.group.WORLD, torch.device("cpu"))
+        shards = module.dmp.state_dict()["embedding_bags.loc.weight"].local_shards()
+        assert len(shards) == 2  # both column shards on the one rank
+        save_sharded(module, tmp_path / "tables")
+        loc = torch.cat([s.tensor.detach() for s in sorted(shards, key=lambda s: s.metadata.shard_offsets[1])], 1)
+    finally:
+        dist.destroy_process_group()
+    assert len(list((tmp_path / "tables").glob("*.safetensors"))) == 2
+    assert torch.equal(load_full_tables(CFG, tmp_path / "tables").embedding_bags["loc"].weight, loc)
