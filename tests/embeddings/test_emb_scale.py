@@ -3,8 +3,8 @@ UVM-cached options are planned and refused where the hardware cannot run them, a
 they train and checkpoint through the real sharded path.
 
 The CPU tests plan in this process (planning needs no process group) or run 2 real gloo ranks;
-the `-m gpu` tests run 2 ranks over nccl on 2 GPUs (row-wise sharding and FBGEMM's UVM cache
-need CUDA), and are skipped here.
+the `-m gpu` tests run one rank per GPU (up to 2) over nccl (row-wise sharding and FBGEMM's
+UVM cache need CUDA), and are skipped here.
 """
 import pytest
 import torch
@@ -137,9 +137,8 @@ def _zch_and_uvm_on_gpu(rank, pg, kind, path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["zch", "uvm"])
 def test_zch_and_uvm_tables_train_and_checkpoint_on_gpus(kind, tmp_path):
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 CUDA GPUs")
-    results = run_two_ranks(_zch_and_uvm_on_gpu, kind, str(tmp_path / "tables"), backend="nccl")
+    results = run_two_ranks(_zch_and_uvm_on_gpu, kind, str(tmp_path / "tables"), backend="nccl",
+                            timeout=600, world_size=min(torch.cuda.device_count(), 2))
     for out in results:
         assert out["moved"] and out["restored"]
         if kind == "uvm":
