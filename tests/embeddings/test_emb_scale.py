@@ -38,16 +38,22 @@ def local_table_bytes(rank, pg):
                    *(t for lookup in module._lookups() for t in [*lookup.parameters(), *lookup.buffers()])]:
         storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
     mine = [t for t, p in module.placements.items() if rank in p.ranks]
-    return sum(storages.values()), mine
+    (weights,) = [shard.tensor for key, value in module.dmp.state_dict().items() if key.endswith(f"{mine[0]}.weight")
+                  for shard in value.local_shards()]
+    return sum(storages.values()), mine, weights.clone()
 
 
 def test_each_rank_allocates_only_its_own_shard():
     results = run_two_ranks(local_table_bytes)
     table_bytes = ROWS * DIM * 4
-    for held, mine in results:
+    bound = (1 / ROWS) ** 0.5  # TorchRec's default init: uniform in [-sqrt(1/rows), sqrt(1/rows)]
+    for held, mine, weights in results:
         assert len(mine) == 1  # table_wise: one table per rank
         # its one table (plus row-wise Adagrad's ROWS accumulators and small buffers), not two
         assert table_bytes <= held < 1.5 * table_bytes
+        # initialised where it was allocated, with the unsharded table's distribution
+        assert weights.shape == (ROWS, DIM) and float(weights.abs().max()) <= bound
+        assert float(weights.std()) == pytest.approx(bound / 3**0.5, rel=0.02)
 
 
 def test_zch_must_be_on_every_table_or_none():
