@@ -43,11 +43,13 @@ def _allreduce_then_step(state: _ReplicatedStep,
     DDP's own optimizer-in-backward hook needs an accelerator stream, so this one does the same
     synchronously; the all-reduce blocks inside backward, which every rank runs alike. The
     gradient is used up by the step, so the bucket (which DDP copies into .grad) is zeroed and
-    the next backward starts from nothing, as a fused table's does.
+    the next backward starts from nothing, as a fused table's does. On one rank there is
+    nothing to average, and no collective is issued.
     """
     buffer = bucket.buffer()
-    dist.all_reduce(buffer, group=state.pg)
-    buffer.div_(dist.get_world_size(state.pg))
+    if dist.get_world_size(state.pg) > 1:
+        dist.all_reduce(buffer, group=state.pg)
+        buffer.div_(dist.get_world_size(state.pg))
     for flat, grad in zip(bucket.parameters(), bucket.gradients()):
         flat.grad = grad
         state.optimizers[flat].step()
