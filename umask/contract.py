@@ -311,7 +311,7 @@ class EventReader:
         """One events file's batches; row_groups [first, end) reads only those row groups (a
         featurize task's share of a large file), with rows still numbered from the file's start
         in errors and quarantine files. A share that starts past row group 0 does not count
-        the file again in the report, and quarantines to its own file (`<name>.rg<first>-<end>`)."""
+        the file again in the report, and quarantines to its own file (`<name>.rg<first>-<end>.parquet`)."""
         parquet = _open_parquet(path)
         first_group = 0 if row_groups is None else row_groups[0]
         if parquet.metadata.num_rows == 0:  # valid whatever its columns' types
@@ -356,9 +356,9 @@ class EventReader:
             relative = path.resolve().relative_to(self.ds.root.resolve())
         except ValueError:
             relative = Path(path.name)
-        name = "__".join(relative.parts)
-        if row_groups is not None:
-            name += f".rg{row_groups[0]:05d}-{row_groups[1]:05d}"
+        name = Path("__".join(relative.parts))
+        if row_groups is not None:  # part.parquet -> part.rg00002-00004.parquet
+            name = name.with_name(f"{name.stem}.rg{row_groups[0]:05d}-{row_groups[1]:05d}{name.suffix}")
         return self.quarantine_dir / name
 
     def _quarantined(self, path: Path, batch: pa.RecordBatch, checks: list[_RowCheck],

@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-SETTINGS = dict(slots=24, num_categories=4, num_regions=3, num_shards=4, row_group_size=64, read_task_rows=1200)
+# task_memory_mb: the tiny data needs little, and each node must hold it whatever the machine has free
+SETTINGS = dict(slots=24, num_categories=4, num_regions=3, num_shards=4, row_group_size=64, read_task_rows=1200,
+                task_memory_mb=256)
 
 
 def write_dataset(root: Path, users: int = 60, events: int = 4000) -> Path:
@@ -49,8 +51,8 @@ def outputs(features: Path) -> dict[str, str]:
 
 def test_two_nodes_share_the_tasks_and_write_the_one_process_bytes(loopback_cluster, tmp_path):
     raw = write_dataset(tmp_path / "raw")
-    loopback_cluster.start_head("--num-cpus", "1")
-    loopback_cluster.add_node("--num-cpus", "1")
+    loopback_cluster.start_head("--num-cpus", "1", "--memory", str(2**31))
+    loopback_cluster.add_node("--num-cpus", "1", "--memory", str(2**31))
     loopback_cluster.wait_for_nodes(2)
 
     features = tmp_path / "features"

@@ -160,3 +160,9 @@ def test_a_bad_row_is_named_with_its_file_and_row(ray_cluster, dataset, tmp_path
     with pytest.raises(UserError, match=r"part-1.parquet row groups 2-3: .*part-1.parquet: row 1234, "
                                         r"column 'user_id': negative user_id"):
         featurize(config(bad, tmp_path / "features", invalid_rows="strict"))
+    # quarantined by the read task of its share, into a file of that share's own
+    manifest = featurize(config(bad, tmp_path / "quarantined", invalid_rows="quarantine"))
+    [path] = manifest["quarantine"]["quarantine_files"]
+    assert Path(path).name == "events__part-1.rg00002-00004.parquet"
+    assert pq.read_table(path).column("row").to_pylist() == [1234]
+    assert manifest["events"]["read"] == 1999 and manifest["quarantine"]["rows_quarantined"] == 1
