@@ -153,3 +153,23 @@ def test_zch_and_uvm_tables_train_and_checkpoint_on_gpus(kind, tmp_path):
             assert 0 <= out["uvm"]["uvm_cache_unique_misses"] <= out["uvm"]["uvm_cache_unique_ids"]
         else:
             assert out["placements"]["app"].sharding_type == "row_wise"
+
+
+def test_a_zch_checkpoint_is_refused_by_eval_complete_and_export(tmp_path):
+    # A whole, verified checkpoint (every file in its manifest) whose config says zch: the
+    # refusal comes before any tensor file is read, so empty stand-ins are enough here.
+    from trainer.config import save_config
+    from trainer.inference.loading import open_checkpoint
+    from trainer.training.checkpoint import write_manifest, write_state
+
+    folder = tmp_path / "checkpoint_1"
+    (folder / "spec").mkdir(parents=True)
+    (folder / "spec" / "spec.json").write_text("{}")
+    (folder / "dense.safetensors").write_bytes(b"")
+    save_config(load_config([], ["ray.name=zch", "embeddings.app.collision=zch",
+                                 "embeddings.loc.collision=zch"]), folder / "config.yaml")
+    write_state(folder, step=1, world_size=1, run_name="zch")
+    write_manifest(folder, rank=0, run_name="zch")
+    with pytest.raises(UserError, match=r"checkpoint_1: its tables use embeddings\.\*\.collision=zch, .* "
+                                        r"this checkpoint trains but does not export"):
+        open_checkpoint(folder)

@@ -88,10 +88,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def open_checkpoint(path: str | Path) -> tuple[Path, dict, RunConfig, FeatureSpec]:
     """The checkpoint at `path` (see resolve_checkpoint) once verify_checkpoint passed, with its
-    state.json, config and feature spec; no tensor file is opened."""
+    state.json, config and feature spec; no tensor file is opened. A checkpoint whose tables
+    use collision=zch is a UserError: eval, complete and export map ids by hashing."""
     folder = resolve_checkpoint(path)
     state = verify_checkpoint(folder, _state(folder).get("run"))
-    return folder, state, load_config([str(folder / "config.yaml")]), load_spec(folder / SPEC_DIR)
+    cfg = load_config([str(folder / "config.yaml")])
+    if cfg.embeddings.zch():
+        raise UserError(f"{folder}: its tables use embeddings.*.collision=zch, whose id -> row map is the "
+                        "managed-collision modules' sharded state; eval, complete and export read "
+                        "hash tables only (collision=hash), so this checkpoint trains but does not export")
+    return folder, state, cfg, load_spec(folder / SPEC_DIR)
 
 
 def load_inference_model(path: str | Path) -> InferenceModel:
@@ -102,10 +108,6 @@ def load_inference_model(path: str | Path) -> InferenceModel:
     from umask.backbones import build_model
 
     folder, state, cfg, spec = open_checkpoint(path)
-    if cfg.embeddings.zch():
-        raise UserError(f"{folder}: its tables use embeddings.*.collision=zch, whose id -> row map is the "
-                        "managed-collision modules' sharded state; eval, complete and export read "
-                        "hash tables only (collision=hash), so this checkpoint trains but does not export")
     model = build_model(cfg.model, spec, sparse_dim=pooled_dim(cfg.embeddings))
     dense_file = folder / "dense.safetensors"
     try:
