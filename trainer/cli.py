@@ -201,10 +201,11 @@ def _featurize(args) -> int:
           f"{sum(examples.values())} examples of {sum(users.values())} users ("
           + ", ".join(f"{s} {n}" for s, n in examples.items()) + f") in {cfg.data.features}")
     run, tasks = manifest["run"], manifest["run"]["tasks"]
-    print(f"peak RSS: driver {run['driver_peak_rss_mb']:.0f} MB; tasks at most "
-          f"{max(t['peak_rss_mb'] for t in tasks['read']):.0f} MB reading, "
-          f"{max(t['peak_rss_mb'] for t in tasks['featurize']):.0f} MB featurizing "
-          f"(data.task_memory_mb={run['task_memory_mb']}; every task's in manifest.json)")
+    if run["on_ray"]:  # a small input ran in this process: its memory is not news
+        print(f"peak RSS: driver {run['driver_peak_rss_mb']:.0f} MB; tasks at most "
+              f"{max(t['peak_rss_mb'] for t in tasks['read']):.0f} MB reading, "
+              f"{max(t['peak_rss_mb'] for t in tasks['featurize']):.0f} MB featurizing "
+              f"(data.task_memory_mb={run['task_memory_mb']}; every task's in manifest.json)")
     return 0
 
 

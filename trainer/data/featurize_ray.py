@@ -319,7 +319,8 @@ def _run_tasks(cfg: RunConfig, dataset: ContractDataset, units: list[Unit], out:
     out_spec.mkdir(exist_ok=True)
     for name in (APP_CATEGORIES, LOC_REGIONS):
         shutil.copyfile(staging / SPEC_DIR / name, out_spec / name)
-    run = {"task_memory_mb": data.task_memory_mb, "driver_peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1),
+    run = {"on_ray": isinstance(runner, _RayTasks), "task_memory_mb": data.task_memory_mb,
+           "driver_peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1),
            "nodes": len({t["node"] for phase in tasks.values() for t in phase}), "tasks": tasks}
     return finish(out, reports, sum(r["rows"] for r in unit_reports), spec, data,
                   _merged_read_reports([r["read"] for r in unit_reports]), run)
