@@ -15,7 +15,7 @@ two nodes, both `ray start` nodes) every 0.2 s:
 Prints one JSON line: per contender events/s, seconds, peak RSS of the largest process and of
 all together (MB), and ours / each peer.
 
-    .venv/bin/python bench/featurize_bench.py [--events 10000000] [--only floor,ours,...] [--work DIR]
+    .venv/bin/python bench/featurize_bench.py [--events 10000000] [--only floor,ours,...] [--timeout S] [--work DIR]
 """
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ def stop_nodes(nodes: list[subprocess.Popen]) -> None:
         node.wait()
 
 
-def measure(name: str, source: Path, work: Path, events: int) -> dict:
+def measure(name: str, source: Path, work: Path, events: int, timeout_s: float) -> dict:
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     nodes, address = [], None
     if name == "ours_2_nodes":
@@ -215,9 +215,14 @@ def measure(name: str, source: Path, work: Path, events: int) -> dict:
         child = subprocess.Popen([sys.executable, __file__, "--contender", name, "--source", str(source),
                                   "--features", str(features), "--events", str(events)]
                                  + (["--address", address] if address else []),
-                                 env=env, stdout=subprocess.PIPE, text=True)
+                                 env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
         sampler = TreeSampler([child.pid, *(n.pid for n in nodes)])
-        out, _ = child.communicate()
+        try:
+            out, _ = child.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:  # it and its embedded Ray, by its own session
+            stop_nodes([child])
+            return {"unfinished_after_s": timeout_s, "events_per_s_below": round(events / timeout_s),
+                    **sampler.finish()}
         memory = sampler.finish()
         if child.returncode:
             return {"failed": child.returncode}
@@ -233,6 +238,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--only", default=",".join(CONTENDERS))
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds a contender may run")
     parser.add_argument("--work", type=Path, help="folder for the dataset (kept) and outputs (removed)")
     parser.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
@@ -249,7 +255,7 @@ def main() -> None:
         source = work / f"events-{args.events}"
         if not source.exists():
             write_dataset(source, args.events, max(1, args.events // 2000), max(2, args.events // 5_000_000))
-        results = {name: measure(name, source, work, args.events) for name in args.only.split(",")}
+        results = {name: measure(name, source, work, args.events, args.timeout) for name in args.only.split(",")}
     ours = results.get("ours", {}).get("events_per_s")
     ratios = {f"ours/{k}": round(ours / v["events_per_s"], 3) for k, v in results.items()
               if ours and k != "ours" and "events_per_s" in v}
