@@ -6,7 +6,8 @@ with --device cuda), one torch thread per worker on CPU:
 - ours:        embeddings.sharded.ShardedTables (TorchRec, the planner's plan, FBGEMM's fused
                row-wise Adagrad stepping inside backward);
 - sparse_adam: nn.EmbeddingBag(sparse=True) stepped by torch.optim.SparseAdam, in
-               DistributedDataParallel (a whole copy of every table on every worker);
+               DistributedDataParallel (a whole copy of every table on every worker; on one
+               GPU without DDP, whose nccl backend has no sparse all-reduce);
 - ddp_peer:    bench/ddp_peer.py's table path (nn.EmbeddingBag(sparse=True) with TorchRec's
                initial range, ids hashed by embeddings.ids.hash_rows, sparse Adagrad), in DDP.
 Both tables (app and loc) of ROWS x DIM each; a step is one batch per worker of BATCH user-weeks
@@ -103,7 +104,9 @@ def _build(method: str, rows: int, dim: int, device: torch.device):
         def forward(step):
             return tables(ids.to_kjt(*step["app"], *step["loc"]).to(device))
         return forward, None, None, tables
-    model = nn.parallel.DistributedDataParallel(Replicated(rows, dim, device))
+    model = Replicated(rows, dim, device)
+    if dist.get_backend() == "gloo" or dist.get_world_size() > 1:  # nccl has no sparse all-reduce
+        model = nn.parallel.DistributedDataParallel(model)
     params = list(model.parameters())
     optimizer = (torch.optim.SparseAdam(params, lr=LR) if method == "sparse_adam"
                  else torch.optim.Adagrad(params, lr=LR, eps=EPS))
