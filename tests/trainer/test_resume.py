@@ -50,7 +50,8 @@ def test_the_same_config_resumes(tiny_config, tiny_dataset, run_with_checkpoint)
     ("deepspeed.gradient_accumulation_steps=2", "train.steps=500", "train.checkpoint_every=7"),
     ("model.loss.consistency_weight=0.5", "model.mask.family=uniform", "embeddings.lr=0.1"),
     ("embeddings.app.sharding_types=[table_wise]", "ray.cpus_per_worker=2"),
-], ids=["optimizer hyperparameters", "schedule", "loss and mask", "placement"])
+    ("ray.num_workers=2",),
+], ids=["optimizer hyperparameters", "schedule", "loss and mask", "placement", "world size"])
 def test_what_may_change_on_resume(tiny_config, tiny_dataset, run_with_checkpoint, overrides):
     assert _check(tiny_config, tiny_dataset, run_with_checkpoint, *overrides) is not None
 
@@ -61,11 +62,12 @@ def test_what_may_change_on_resume(tiny_config, tiny_dataset, run_with_checkpoin
     (["deepspeed.precision=bf16"], {}, r"deepspeed\.precision: 'fp32' in the checkpoint, 'bf16' in this run"),
     (["embeddings.app.num_embeddings=8192"], {}, r"embeddings\.app\.num_embeddings: 4096 in the checkpoint, 8192"),
     (["embeddings.optimizer=adagrad"], {}, r"embeddings\.optimizer: 'row_wise_adagrad' in the checkpoint"),
-    (["ray.num_workers=2"], {}, r"ray\.num_workers: the checkpoint was written by 1 workers, this run has 2"),
+    (["ray.num_workers=2", "deepspeed.zero_stage=3"], {"deepspeed.zero_stage": 3},
+     r"ray\.num_workers: the checkpoint was written by 1 workers, this run has 2; under ZeRO-3"),
     (["train.batch_size=16"], {}, r"train\.batch_size: 8 in the checkpoint, 16"),
     (["model.hidden=128"], {}, r"the dense model's shapes differ .* keys changed: model\.hidden"),
     (["embeddings.loc.dim=8"], {}, r"(?s)embeddings\.loc\.dim: 16 in the checkpoint, 8 .* keys changed: embeddings\.loc\.dim"),
-], ids=["zero 0->3", "zero 2->0", "precision", "table rows", "table optimizer", "world size", "batch size",
+], ids=["zero 0->3", "zero 2->0", "precision", "table rows", "table optimizer", "world size under zero 3", "batch size",
         "model width", "table width"])
 def test_what_may_not_change_is_refused_naming_the_key(tiny_config, tiny_dataset, run_with_checkpoint,
                                                       overrides, saved, named):

@@ -16,9 +16,19 @@ How an epoch is cut, from footers alone and identically on every rank (no commun
 
 Resuming: `state_dict()` records (epoch, batches yielded in the epoch). The next batch starts at
 row batches*batch_size of the rank's stream, so `load_state_dict` reads only the window holding
-that row, never the earlier ones. A checkpoint is bound to its world size, batch size, splits,
-shuffle settings and dataset; resuming with any of them changed is a UserError, since the
-position would then name other examples (start a new run to change them).
+that row, never the earlier ones. A checkpoint is bound to its batch size, splits, shuffle
+settings and dataset; resuming with any of them changed is a UserError, since the position
+would then name other examples (start a new run to change them).
+
+Resuming at another world size (`load_resharded_state`): an epoch's deal is per world size, so
+the examples N ranks had not yet read of an epoch are not a position in M ranks' deal of it.
+The rule: a checkpoint on an epoch boundary (none of an epoch's batches yielded, or all of
+them) continues at the first batch of the epoch not yet read, dealt for M ranks, losing and
+repeating nothing; one inside an epoch skips the rest of that epoch and continues at the next
+epoch's first batch.
+Those examples are left out once, never read twice; `load_resharded_state` returns how many
+(the driver's log says it), and a run resharded at a checkpoint on an epoch boundary
+(train.checkpoint_every a multiple of the batches per epoch) loses none.
 
 Reading: only the EXAMPLES columns, lists decoded through their offsets and flat values (no
 per-row Python), one window prefetched in a background thread so I/O overlaps the step.
@@ -155,6 +165,12 @@ def deal_row_groups(sizes: np.ndarray, order: np.ndarray, world_size: int) -> li
     return dealt
 
 
+def _batches_per_rank(sizes_and_order: tuple[np.ndarray, np.ndarray], world_size: int, batch_size: int) -> int:
+    """The batches every rank yields in an epoch dealt over `world_size` ranks (step 2 of the scheme)."""
+    sizes, order = sizes_and_order
+    return min(int(sizes[d].sum()) for d in deal_row_groups(sizes, order, world_size)) // batch_size
+
+
 def _list_column(table: pa.Table, name: str, per_row: int | np.ndarray, where: str) -> pa.Array:
     """The flat values of list column `name`, after checking every row holds `per_row` values."""
     column = table.column(name).combine_chunks()
@@ -270,11 +286,7 @@ class ShardedLoader:
         return self.plan(epoch).num_batches
 
     def _make_plan(self, epoch: int) -> EpochPlan:
-        sizes = np.array([ref.num_rows for ref in self.row_groups], dtype=np.int64)
-        if self.shuffle:
-            order = np.random.default_rng([_DEAL_STREAM, self.seed, epoch]).permutation(len(sizes))
-        else:
-            order = np.arange(len(sizes))
+        sizes, order = self._deal_inputs(epoch)
         dealt = deal_row_groups(sizes, order, self.world_size)
         rank_rows = [int(sizes[d].sum()) for d in dealt]
         num_batches = min(rank_rows) // self.batch_size
@@ -381,6 +393,39 @@ class ShardedLoader:
                             f"{state['epoch']} has {self.plan(state['epoch']).num_batches} batches")
         self._epoch, self._batch = state["epoch"], state["batches_in_epoch"]
         self._block, self._pending = None, None
+
+    def load_resharded_state(self, state: dict) -> int:
+        """Continues a position saved by a loader of another world size (any saved rank's state:
+        they are the same but for rank) by the module docstring's rule: at the first batch of
+        the epoch after the saved one, or of the saved epoch itself when none of its batches was
+        yielded. Returns the number of the saved epoch's examples left unread (0 on a boundary).
+        UserError when any other setting of the position differs, as in load_state_dict."""
+        for key, current in self._identity().items():
+            if key in ("world_size", "rank"):
+                continue
+            if state.get(key) != current:
+                raise UserError(
+                    f"loader state: saved with {key}={state.get(key)!r} but this run has {key}={current!r}; "
+                    f"the saved position would name other examples, so resume with the same {key} "
+                    f"(and dataset) or start a new run")
+        for key in ("epoch", "batches_in_epoch", "world_size"):
+            if not isinstance(state.get(key), int) or state[key] < 0:
+                raise UserError(f"loader state: key '{key}' must be an integer >= 0, found {state.get(key)!r}")
+        epoch, batches, saved_world = state["epoch"], state["batches_in_epoch"], state["world_size"]
+        saved_batches = _batches_per_rank(self._deal_inputs(epoch), saved_world, self.batch_size)
+        if batches > saved_batches:
+            raise UserError(f"loader state: batches_in_epoch={batches} but epoch {epoch} has {saved_batches} "
+                            f"batches at the {saved_world} ranks that saved it")
+        self._epoch, self._batch = (epoch, 0) if batches == 0 else (epoch + 1, 0)
+        self._block, self._pending = None, None
+        return 0 if batches == 0 else (saved_batches - batches) * self.batch_size * saved_world
+
+    def _deal_inputs(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows per row group, the epoch's deal order of them), as _make_plan uses them."""
+        sizes = np.array([ref.num_rows for ref in self.row_groups], dtype=np.int64)
+        if self.shuffle:
+            return sizes, np.random.default_rng([_DEAL_STREAM, self.seed, epoch]).permutation(len(sizes))
+        return sizes, np.arange(len(sizes))
 
     # ---- lifetime -------------------------------------------------------------------------
 

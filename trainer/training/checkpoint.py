@@ -23,10 +23,15 @@ files missing and never published; `latest_checkpoint` (the driver's checks, eva
 such folders, and every load verifies before it reads. When the ranks load, each one hashes the
 files of its own manifest only, and they agree before anyone reads (one all-reduce), so the
 hashing is spread over the ranks instead of every rank reading every rank's files.
+
+At another world size (resharding: M ranks load what N wrote) the N manifests are dealt over the
+M ranks for hashing (saved rank s to rank s % M); then the tables move with DCP, the engine as
+trainer/training/reshard.py says, and the loader by ShardedLoader.load_resharded_state's rule.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import shutil
@@ -62,15 +67,21 @@ def save_checkpoint(folder: Path, *, rank: int, world_size: int, run_name: str, 
         save_file(dense, str(folder / "dense.safetensors"))
     _write_json(folder / f"loader-rank{rank}.json", loader_state)
     if rank == 0:
-        write_state(folder, step=step, world_size=world_size, run_name=run_name)
+        write_state(folder, step=step, world_size=world_size, run_name=run_name,
+                    tables_plan={name: dataclasses.asdict(p) for name, p in tables.placements.items()})
         (folder / "config.yaml").write_text(config_yaml)
         shutil.copytree(spec_dir, folder / SPEC_DIR)
     write_manifest(folder, rank=rank, run_name=run_name)
 
 
-def write_state(folder: Path, *, step: int, world_size: int, run_name: str) -> None:
-    """state.json: the step the checkpoint holds, and the world and run that wrote it."""
-    _write_json(Path(folder) / "state.json", {"step": step, "world_size": world_size, "run": run_name})
+def write_state(folder: Path, *, step: int, world_size: int, run_name: str, tables_plan: dict | None = None) -> None:
+    """state.json: the step the checkpoint holds, and the world and run that wrote it; with
+    `tables_plan`, where each table was (embeddings.plan.TablePlacement as a dict), which a
+    resume at another world size names when a table's optimizer state cannot move."""
+    state = {"step": step, "world_size": world_size, "run": run_name}
+    if tables_plan is not None:
+        state["tables_plan"] = tables_plan
+    _write_json(Path(folder) / "state.json", state)
 
 
 def write_manifest(folder: Path, *, rank: int, run_name: str) -> None:
@@ -83,34 +94,45 @@ def write_manifest(folder: Path, *, rank: int, run_name: str) -> None:
 
 
 def load_checkpoint(folder: Path, *, rank: int, world_size: int, run_name: str, engine, tables) -> tuple[int, dict]:
-    """Verifies, then restores engine, tables and loader; returns (step, this rank's loader state)."""
+    """Verifies, then restores engine and tables; returns (step, the saved loader state to continue).
+
+    The loader state is this rank's when the checkpoint's world size is this run's, and rank 0's
+    otherwise (every rank's epoch and batch count are the same); the caller tells them apart by
+    its world_size (ShardedLoader.load_state_dict or load_resharded_state). A UserError names
+    whatever cannot move to this world size (trainer/training/reshard.py)."""
     from embeddings.checkpoint import load_sharded
 
     folder = Path(folder)
-    state = _verify_together(folder, run_name, rank)
-    if state["world_size"] != world_size:
-        raise UserError(
-            f"{folder}: written by {state['world_size']} workers, this run has {world_size}; "
-            "resume with ray.num_workers=" f"{state['world_size']} (resharding is not supported yet)")
-    load_path, _ = engine.load_checkpoint(str(folder / "engine"), tag=ENGINE_TAG)
-    if load_path is None:
-        raise UserError(f"{folder / 'engine'}: DeepSpeed found no engine checkpoint to load")
-    load_sharded(tables, folder / "tables")
-    loader_state = json.loads((folder / f"loader-rank{rank}.json").read_text())
-    return state["step"], loader_state
+    state = _verify_together(folder, run_name, rank, world_size)
+    saved_world_size = state["world_size"]
+    if saved_world_size == world_size:
+        load_path, _ = engine.load_checkpoint(str(folder / "engine"), tag=ENGINE_TAG)
+        if load_path is None:
+            raise UserError(f"{folder / 'engine'}: DeepSpeed found no engine checkpoint to load")
+        load_sharded(tables, folder / "tables")
+        return state["step"], json.loads((folder / f"loader-rank{rank}.json").read_text())
+    from trainer.training.reshard import load_engine_resharded
+
+    load_engine_resharded(engine, folder / "engine", ENGINE_TAG, saved_world_size)
+    load_sharded(tables, folder / "tables", saved_plan=state.get("tables_plan"))
+    # the ranks stepped in lockstep: rank 0's position is every rank's epoch and batch count
+    return state["step"], json.loads((folder / "loader-rank0.json").read_text())
 
 
-def _verify_together(folder: Path, run_name: str, rank: int) -> dict:
-    """verify_checkpoint of the whole structure and of this rank's files, on every rank at once
-    (collective); returns state.json. Every rank raises if any rank found a problem, so no rank
-    reads a file another rank has not vouched for."""
+def _verify_together(folder: Path, run_name: str, rank: int, world_size: int) -> dict:
+    """verify_checkpoint of the whole structure and of the saved ranks' files dealt to this rank
+    (saved rank s to rank s % world_size: its own when the world size is the checkpoint's), on
+    every rank at once (collective); returns state.json. Every rank raises if any rank found a
+    problem, so no rank reads a file another rank has not vouched for."""
     import torch
     import torch.distributed as dist
 
     error: UserError | None = None
     state: dict = {}
     try:
-        state = verify_checkpoint(folder, run_name, ranks=[rank])
+        saved_world_size = verify_checkpoint(folder, run_name, ranks=[])["world_size"]
+        state = verify_checkpoint(folder, run_name,
+                                  ranks=[s for s in range(saved_world_size) if s % world_size == rank])
     except UserError as err:
         error = CheckpointDamaged(str(err))
     failed = torch.zeros(dist.get_world_size(), dtype=torch.float32)

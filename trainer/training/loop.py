@@ -219,13 +219,22 @@ class Trainer:
 
     def load_checkpoint(self, folder: Path) -> None:
         """Continues from the checkpoint in `folder` (collective): verified first, then engine,
-        tables, loader position and step."""
+        tables, loader position and step; at another world size than the checkpoint's too
+        (trainer/training/checkpoint.py: resharding)."""
         from trainer.training.checkpoint import load_checkpoint
 
         self.step, loader_state = load_checkpoint(
             folder, rank=self.rank, world_size=self.world_size, run_name=self.cfg.ray.name,
             engine=self.engine, tables=self.tables)
-        self.loader.load_state_dict(loader_state)
+        if loader_state.get("world_size") == self.world_size:
+            self.loader.load_state_dict(loader_state)
+        else:
+            unread = self.loader.load_resharded_state(loader_state)
+            if self.rank == 0:
+                print(f"resharded {folder} from {loader_state.get('world_size')} workers to {self.world_size}: "
+                      f"the data continues at epoch {self.loader.state_dict()['epoch']}, batch 0"
+                      + (f" ({unread} examples of epoch {loader_state['epoch']} left unread)" if unread else ""),
+                      flush=True)
         self.micro_step = self.step * self.engine.gradient_accumulation_steps()
         for group in self.engine.optimizer.param_groups:  # the checkpoint brought its own; the config's win
             group["lr"], group["weight_decay"] = self.cfg.deepspeed.lr, self.cfg.deepspeed.weight_decay
