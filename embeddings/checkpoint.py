@@ -179,14 +179,14 @@ def _layout_problems(saved: dict, planned: dict, saved_plan: dict | None, plan: 
         return f" ({placement['sharding_type']} on ranks {tuple(placement['ranks'])}{shards})"
 
     out = []
-    for table in plan:
+    for table, placement in plan.items():
         was, now = layout(saved, table), layout(planned, table)
         if was != now:
             kind = (saved_plan or {}).get(table, {}).get("sharding_type")
             keep = (f"; set embeddings.{table}.sharding_types=[{kind}] (and its column_shard_dim) to keep it"
                     if kind else "")
             out.append(f"table '{table}' saved {shown(was)}{where((saved_plan or {}).get(table))}, planned "
-                       f"now as {shown(now)}{where(plan[table])}{keep}")
+                       f"now as {shown(now)}{where(placement)}{keep}")
     return out
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import STRAIGHT
 from gloo_ranks import run_ranks, values
+
 from trainer.training.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def _config(base, stage: int, precision: str, tables: str):
 
 
 def _trainer(cfg, run_dir: Path):
-    import trainer.training.loop as loop
+    from trainer.training import loop
 
     class Local(loop.Trainer):
         """The real Trainer, without Ray Train around save and restore."""
@@ -162,8 +162,8 @@ def resharded(tmp_path_factory, tiny_dataset):
 
 def _assert_equal(got: dict, want: dict, where: str) -> None:
     assert got.keys() == want.keys(), where
-    for key in want:
-        assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key]), f"{where}: {key}"
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and np.array_equal(got[key], value), f"{where}: {key}"
 
 
 @pytest.mark.parametrize("name", [c[0] for c in COMBOS])

@@ -31,8 +31,6 @@ from pathlib import Path
 from umask.errors import UserError
 
 
-
-
 def load_engine_resharded(engine, engine_dir: Path, tag: str, saved_world_size: int) -> None:
     """Loads the engine checkpoint `engine_dir`/`tag`, written by `saved_world_size` ranks, into
     `engine` running at another world size (collective: every rank calls it).
