@@ -261,20 +261,6 @@ def test_shards_are_disjoint_by_user_and_deterministic(tmp_path):
         assert pq.read_table(path).equals(pq.read_table(again / path.relative_to(out)))
 
 
-def test_worker_processes_give_the_same_output(tmp_path):
-    rows = random_events(n=600)
-    outputs = []
-    for workers in (1, 2):
-        out = tmp_path / f"w{workers}"
-        prepare_output(out)
-        manifest = featurize_tables(batches_of(rows, 100), APPS, None,
-                                    small_config(num_shards=3, featurize_workers=workers), out)
-        outputs.append((manifest, read_examples(out)))
-    assert outputs[0][0]["shards"] == outputs[1][0]["shards"]
-    assert outputs[0][0]["spec_digest"] == outputs[1][0]["spec_digest"]  # statistics included
-    assert outputs[0][1] == outputs[1][1]
-
-
 def test_statistics_of_each_split_match_the_written_examples(tmp_path):
     """The spec's statistics (merged from the buckets) equal numpy over the examples read back."""
     cfg = small_config(num_shards=3, slots=24, row_group_size=16, val_fraction=0.3, test_fraction=0.2)
