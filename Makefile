@@ -37,7 +37,7 @@ quality: setup clean-quality
 	  $(U_MASK) train --config configs/$$source.yaml ray.name=$$source-mae model.backbone=mae || exit 1; \
 	  for split in test cold; do \
 	    $(U_MASK) eval --checkpoint runs/$$source-adaptive --uniform-checkpoint runs/$$source-uniform \
-	      --baseline-checkpoint runs/$$source-mae --split $$split --samples 2 \
+	      --baseline-checkpoint runs/$$source-mae --split $$split \
 	      --out data/$$source/report-$$split || exit 1; done; done
 
 test: setup
