@@ -11,7 +11,7 @@ full state, independently of the checkpoint code: each table and optimizer accum
 AdamW step. After a load they must equal those before the save bit for bit. The combos cover
 a fused table-wise table with a replicated (data_parallel) one, a column-wise table whose
 row-wise Adagrad keeps an accumulator per column shard, and the default plan; ZeRO-0 (loaded
-as saved), ZeRO-1 and ZeRO-2 (through DeepSpeed's universal checkpoint), fp32 and bf16.
+as saved), ZeRO-1, 2 and 3 (through DeepSpeed's universal checkpoint), fp32 and bf16.
 Then `u-mask train` through embedded Ray resumes the 2-worker straight_run on 1 worker.
 """
 import dataclasses
@@ -35,7 +35,7 @@ TABLES = {
     "planner's": (),
 }
 COMBOS = [("zero0-fp32", 0, "fp32", "fused+replicated"), ("zero1-fp32", 1, "fp32", "column-wise"),
-          ("zero2-bf16", 2, "bf16", "planner's")]
+          ("zero2-bf16", 2, "bf16", "planner's"), ("zero3-fp32", 3, "fp32", "planner's")]
 
 
 def _config(base, stage: int, precision: str, tables: str):

@@ -113,7 +113,7 @@ def load_checkpoint(folder: Path, *, rank: int, world_size: int, run_name: str, 
         return state["step"], json.loads((folder / f"loader-rank{rank}.json").read_text())
     from trainer.training.reshard import load_engine_resharded
 
-    load_engine_resharded(engine, folder / "engine", ENGINE_TAG, saved_world_size)
+    load_engine_resharded(engine, folder / "engine", ENGINE_TAG)
     load_sharded(tables, folder / "tables", saved_plan=state.get("tables_plan"))
     # the ranks stepped in lockstep: rank 0's position is every rank's epoch and batch count
     return state["step"], json.loads((folder / "loader-rank0.json").read_text())

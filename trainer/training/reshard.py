@@ -17,8 +17,9 @@ this module moves the DeepSpeed engine's state:
   test_reshard.py compares every weight and moment bit for bit). Each rank converts into a
   temporary folder of its own (no file system shared between nodes is assumed): each reads
   the whole optimizer state once, which the universal load does anyway.
-- ZeRO-3 is refused: its parameters are partitioned too, and resume.py refuses a ZeRO-3
-  checkpoint at another world size before any worker starts.
+- ZeRO-3: the parameters are partitioned too; ds_to_universal's stage-3 path merges them with
+  their optimizer state into the same per-parameter files, and the stage-3 engine's universal
+  loader partitions them anew.
 """
 from __future__ import annotations
 
@@ -31,18 +32,13 @@ from pathlib import Path
 from umask.errors import UserError
 
 
-def load_engine_resharded(engine, engine_dir: Path, tag: str, saved_world_size: int) -> None:
-    """Loads the engine checkpoint `engine_dir`/`tag`, written by `saved_world_size` ranks, into
-    `engine` running at another world size (collective: every rank calls it).
+def load_engine_resharded(engine, engine_dir: Path, tag: str) -> None:
+    """Loads the engine checkpoint `engine_dir`/`tag`, written by another number of ranks, into
+    `engine` (collective: every rank calls it).
 
-    Raises UserError for ZeRO-3, and when DeepSpeed's conversion or load fails, naming the folder.
+    Raises UserError when DeepSpeed's conversion or load fails, naming the folder.
     """
-    stage = engine.zero_optimization_stage()
-    if stage == 3:
-        raise UserError(f"{engine_dir}: a ZeRO-3 engine cannot resume at another world size (its "
-                        f"parameters are partitioned over the {saved_world_size} ranks that wrote it); "
-                        f"resume with ray.num_workers={saved_world_size}")
-    if stage == 0:  # the optimizer state is whole in every rank's file
+    if engine.zero_optimization_stage() == 0:  # the optimizer state is whole in every rank's file
         _load(engine, str(engine_dir), tag)
         return
     with tempfile.TemporaryDirectory(prefix="umask-universal-") as scratch:

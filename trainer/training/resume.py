@@ -8,15 +8,14 @@ DCP or the loader (and Ray Train restarting them ray.max_failures times to fail 
 
 May change: learning rates, weight decay, clipping, accumulation, loss and mask settings,
 steps, logging and checkpoint intervals, sharding types (DCP places the saved rows under the
-new plan), Ray resources, and ray.num_workers under ZeRO-0, 1 and 2 (resharding: trainer/
-training/checkpoint.py; the tables move with DCP, the engine through DeepSpeed's universal
-checkpoint, the loader continues at an epoch boundary, trainer/data/loader.py). The run's config
+new plan), Ray resources, and ray.num_workers (resharding: trainer/training/checkpoint.py; the
+tables move with DCP, the engine through DeepSpeed's universal checkpoint, the loader continues
+at an epoch boundary, trainer/data/loader.py). The run's config
 wins for every hyperparameter (trainer/training/loop.py sets the dense optimizer's lr and weight
 decay after loading).
 May not change:
-- ray.num_workers when the checkpoint's or this run's ZeRO stage is 3: its parameters are
-  partitioned per rank (trainer/training/reshard.py); and a table's optimizer-state layout, which
-  the planner on the workers decides (embeddings/checkpoint.py names the table there);
+- a table's optimizer-state layout, which the planner on the workers decides (embeddings/
+  checkpoint.py refuses there, naming the table);
 - deepspeed.zero_stage, except between 1 and 2, whose checkpoints are the same files: the run
   continues with the same losses, and weights equal up to float32 rounding (ZeRO-2 sums the
   gradients in another order; tests/trainer/test_engines.py). DeepSpeed cannot continue a
@@ -84,12 +83,7 @@ def resume_problems(saved: dict, cfg: RunConfig, folder: Path, spec: FeatureSpec
         if was != now:
             out.append(f"{key}: {was!r} in the checkpoint, {now!r} in this run; {why}")
 
-    written_by = _state(folder).get("world_size")  # what wrote it, whatever its config said
     was_stage, stage = _get(saved, "deepspeed.zero_stage"), cfg.deepspeed.zero_stage
-    if written_by != cfg.ray.num_workers and 3 in (was_stage, stage):
-        out.append(f"ray.num_workers: the checkpoint was written by {written_by} workers, this run has "
-                   f"{cfg.ray.num_workers}; under ZeRO-3 (deepspeed.zero_stage {was_stage!r} in the checkpoint, "
-                   f"{stage!r} in this run) the parameters are partitioned per rank and cannot be resharded")
     if was_stage != stage and not any({was_stage, stage} <= pair for pair in _INTERCHANGEABLE_STAGES):
         out.append(f"deepspeed.zero_stage: {was_stage!r} in the checkpoint, {stage!r} in this run; "
                    "DeepSpeed continues a checkpoint under another ZeRO stage only between 1 and 2")
@@ -171,13 +165,6 @@ def _get(tree: dict, dotted: str) -> Any:
             return None
         node = node.get(part)
     return node
-
-
-def _state(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "state.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _saved_precision(saved: dict) -> str:
