@@ -379,3 +379,28 @@ def test_eval_command_rejects_bad_arguments(built_checkpoint, tmp_path, capsys):
     assert "--samples must be positive" in capsys.readouterr().err
     assert run_eval("--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path)) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+# --- the learned baseline, trained through `u-mask train`'s path -----------------------------
+
+@pytest.mark.slow
+def test_the_learned_baseline_trains_on_ray_and_gets_its_row(built_checkpoint, tiny_config, embedded_ray,
+                                                             tmp_path, tiny_dataset):
+    from trainer.training.launch import train
+    from umask.mae import MaskedAutoencoder
+
+    result = train(tiny_config("ray.name=mae", "ray.num_workers=1", "train.steps=3", "train.log_every=1",
+                               "train.checkpoint_every=3", "model.backbone=mae"))
+    assert result.error is None and result.metrics["step"] == 3
+    learned = load_inference_model(tmp_path / "runs" / "mae")
+    assert isinstance(learned.model, MaskedAutoencoder) and learned.step == 3
+    inference = load_inference_model(built_checkpoint[1])
+    report = evaluate(inference, tiny_dataset / "features", EvalSettings(batches=1, batch_size=4, steps=2),
+                      learned=learned)
+    assert report["settings"]["baseline_checkpoint"] == str(learned.checkpoint)
+    for task in TASKS:
+        scores = report["tasks"][task]["mae"]["all"]
+        assert scores["slots"] == report["tasks"][task][MODEL]["all"]["slots"] > 0
+        assert math.isfinite(scores["category_mrr"]) and "mae" in report["intervals"][task]["all"]["volume_mae"]
+    with pytest.raises(UserError, match="the learned baseline is a model.backbone=mae run"):
+        evaluate(inference, tiny_dataset / "features", EvalSettings(batches=1, batch_size=4), learned=inference)
