@@ -126,6 +126,9 @@ class DiffusionConfig:
     linear_beta_start: float = 1e-4
     linear_beta_end: float = 0.02
     sample_steps: int = 20  # DDIM steps at inference
+    # Draw training steps only from the ones DDIM visits with sample_steps (with 1 step: the
+    # pure-noise step alone), instead of uniformly from all train_steps.
+    train_on_sample_steps: bool = False
 
     def problems(self) -> list[tuple[str, str]]:
         out = []

@@ -56,7 +56,12 @@ class Diffusion:
         return self._abar_on_device[device]
 
     def training_steps(self, batch: int, generator: torch.Generator, device: torch.device) -> Tensor:
-        """Training steps t ~ U{0..train_steps-1} on `device`; [B] int64."""
+        """Training steps t ~ U{0..train_steps-1} on `device`, or, with cfg.train_on_sample_steps,
+        uniform over ddim_timesteps(cfg.sample_steps); [B] int64."""
+        if self.cfg.train_on_sample_steps:
+            steps = torch.tensor(self.ddim_timesteps(self.cfg.sample_steps))
+            pick = torch.randint(0, len(steps), (batch,), generator=generator, device=generator.device)
+            return steps[pick.cpu()].to(device)
         return torch.randint(0, self.cfg.train_steps, (batch,), generator=generator,
                              device=generator.device).to(device)
 

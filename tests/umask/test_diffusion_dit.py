@@ -114,3 +114,14 @@ def test_evidence_keys_mode_hides_other_generated_slots_from_a_target():
     out2 = dit(x_t2, t, z, dense, evidence, tow, sparse)
     torch.testing.assert_close(out2[0, first], out[0, first])
     assert not torch.allclose(out2[0, other], out[0, other])
+
+
+def test_training_steps_can_be_the_samplers_own():
+    generator = torch.Generator().manual_seed(0)
+    one = Diffusion(DiffusionConfig(sample_steps=1, train_on_sample_steps=True))
+    assert one.training_steps(16, generator, torch.device("cpu")).tolist() == [199] * 16
+    three = Diffusion(DiffusionConfig(sample_steps=3, train_on_sample_steps=True))
+    drawn = three.training_steps(64, generator, torch.device("cpu"))
+    assert set(drawn.tolist()) == set(three.ddim_timesteps(3)) == {0, 100, 199}
+    everywhere = Diffusion(DiffusionConfig(sample_steps=1)).training_steps(256, generator, torch.device("cpu"))
+    assert len(set(everywhere.tolist())) > 100
