@@ -444,8 +444,8 @@ def verdict(metric: str, interval: dict[str, float]) -> str:
     95 % interval of umask minus that method (lower is better on LOWER_IS_BETTER metrics). Only
     an interval that excludes 0 says ahead or behind; one that holds 0, or none (no users),
     is within the noise."""
-    low, high = interval["low"], interval["high"]
-    if math.isnan(low) or math.isnan(high) or low <= 0 <= high:
+    low, high = interval["low"], interval["high"]  # None: NaN read back from report.json
+    if low is None or high is None or math.isnan(low) or math.isnan(high) or low <= 0 <= high:
         return "within noise of"
     improves = high < 0 if metric in LOWER_IS_BETTER else low > 0
     return "ahead of" if improves else "behind"
@@ -524,8 +524,9 @@ def markdown_table(report: dict) -> str:
 
 def headline(report: dict) -> list[str]:
     """The few lines `u-mask eval` prints: the headline metric over the whole split per task and
-    method as an aligned table (the best of each row marked *), then per task whom umask is
-    not ahead of, by the paired intervals (report.md and report.json have the rest)."""
+    method as an aligned table (the best of each row marked *), then one line: whom umask is
+    behind on which metric, by the paired intervals, and on how many task-metrics some method
+    is within noise of it (report.md and report.json have the rest)."""
     methods = list(next(iter(report["tasks"].values())))
     first = f"{HEADLINE}, {report['settings']['split']}"
     width = max(len(first), *(len(t) for t in report["tasks"]))
@@ -535,16 +536,16 @@ def headline(report: dict) -> list[str]:
         best = max((v for v in values.values() if not math.isnan(v)), default=math.nan)
         lines.append(f"{task:<{width}}  " + "  ".join(
             f"{(f'{v:.3f}*' if v == best else f'{v:.3f} '):>{max(len(m), 6)}}" for m, v in values.items()))
+    behind, noisy = [], 0
     for task, buckets in report["intervals"].items():
-        short = []
         for metric, margins in buckets["all"].items():
-            for word in ("within noise of", "behind"):
-                names = [m for m, v in margins.items() if verdict(metric, v) == word]
-                if names:
-                    short.append(f"{word} {', '.join(names)} on {metric}")
-        lines.append(f"{task}: {MODEL} " + ("; ".join(short) if short else
-                                             "is ahead of every method on every metric")
-                     + " (95% intervals over users)")
+            words = [(m, verdict(metric, v)) for m, v in margins.items()]
+            behind += [f"{task}: {m} on {metric}" for m, word in words if word == "behind"]
+            noisy += any(word == "within noise of" for _, word in words)
+    cells = len(report["intervals"]) * len(COMPARED)
+    lines.append(f"{MODEL} is behind " + ("; ".join(behind) if behind else "no method on any metric")
+                 + f" (95% intervals over users); within noise of some method on {noisy} of {cells} "
+                 "task-metrics (report.md)")
     return lines
 
 
