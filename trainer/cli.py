@@ -374,8 +374,8 @@ def _add_eval(commands) -> None:
                     "baseline (--baseline-checkpoint), global popularity, the user's own hour-of-week "
                     "and hour-of-day means and the last observed value, per task (short, long, cold) "
                     "and sparsity bucket, all from the same evidence (docs/evaluation.md).\n\n"
-                    "Prints category MRR per task and method and, per task, the methods U-MASK is not "
-                    "ahead of by the paired 95% intervals; writes "
+                    "Prints category MRR per task and method and a line naming each method and metric "
+                    "U-MASK is behind by the paired 95% intervals over users; writes "
                     "report.json (every metric, bucket, interval and finding), report.md and one PNG "
                     "per task into --out, and the scores to TensorBoard in the run folder.")
     parser.add_argument("--checkpoint", required=True,
