@@ -124,8 +124,13 @@ def load_sharded(module: ShardedTables, path: str | Path, pg: dist.ProcessGroup 
     held = [None] * dist.get_world_size(pg)
     dist.all_gather_object(held, {key: _shape(value) for key, value in state.items()}, group=pg)
     planned = {key: shape for rank_held in held for key, shape in rank_held.items()}
-    problems = _layout_problems({key: _shape(value) for key, value in
-                                 reader.read_metadata().state_dict_metadata.items()}, planned, saved_plan,
+    saved = {key: _shape(value) for key, value in reader.read_metadata().state_dict_metadata.items()}
+    resized = [f"{key} saved {list(shape)}, configured now {list(planned[key])}" for key, shape in saved.items()
+               if not key.startswith("optimizer.") and key in planned and planned[key] != shape]
+    if resized:
+        raise UserError(f"embeddings checkpoint {path} does not fit these tables (were embeddings.* "
+                        f"sizes changed?): {'; '.join(resized)}")
+    problems = _layout_problems(saved, planned, saved_plan,
                                 {name: dataclasses.asdict(p) for name, p in module.placements.items()})
     if problems:
         raise UserError(f"embeddings checkpoint {path}: the tables' optimizer state cannot move to this "
