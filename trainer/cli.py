@@ -291,13 +291,14 @@ def _train(args) -> int:
     plot = plot_losses(run_dir / "metrics.csv", run_dir / "loss.png")
     checkpoint = latest_checkpoint(run_dir)
     last = rows[-1] if rows else {}
+    memory, *report = run_report(last)
     print(f"done in {time.perf_counter() - started:.0f} s: step {last.get('step', '?')}/{cfg.train.steps}, "
           f"loss {float(last['loss']):.4f}" if last.get("loss") else "done: no step was logged", end="")
     if checkpoint is None:
-        print(f"; no checkpoint in {_shown(run_dir)} yet")
+        print(f"; no checkpoint in {_shown(run_dir)} yet; {memory}")
         return 0
-    print(f"; checkpoint {_shown(checkpoint[0])}")
-    for line in run_report(last):
+    print(f"; checkpoint {_shown(checkpoint[0])}; {memory}")
+    for line in report:
         print(line)
     for line in next_commands(args, cfg, run_dir, plot):
         print(line)
