@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from umask.config import ModelConfig
 from umask.hour_prior import hour_prior_features
-from umask.losses import absolute_error_channels, channel_weights, reconstruction_loss
+from umask.losses import reconstruction_loss
 from umask.masking import MaskSample, sample_mask
-from umask.normalization import channel_normalization
+from umask.normalization import register_channel_buffers
 from umask.spec import FeatureSpec
 
 
@@ -66,13 +66,7 @@ class MaskedAutoencoder(nn.Module):
         if cfg.prior_residual:  # the base's per-channel mix of the hour-of-week and hour-of-day means
             self.prior_week_weight = nn.Parameter(torch.ones(channels))
             self.prior_day_weight = nn.Parameter(torch.zeros(channels))
-        self.register_buffer("loss_weights", channel_weights(self.num_categories, self.num_regions, cfg.loss),
-                             persistent=False)
-        self.register_buffer("absolute_error", absolute_error_channels(channels, spec.layout.volume, cfg.loss),
-                             persistent=False)
-        shift, scale = channel_normalization(spec)
-        self.register_buffer("channel_shift", shift, persistent=False)
-        self.register_buffer("channel_scale", scale, persistent=False)
+        register_channel_buffers(self, spec, cfg.loss)  # as U-MASK scores and scales its channels
 
     def sample_mask(self, dense: Tensor, observed: Tensor, time_of_week: Tensor,
                     generator: torch.Generator, task: Tensor | None = None) -> MaskSample:

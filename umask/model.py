@@ -11,9 +11,9 @@ from torch import Tensor, nn
 from umask.config import ModelConfig
 from umask.diffusion import Diffusion
 from umask.dit import DiT
-from umask.losses import absolute_error_channels, channel_weights, info_nce, reconstruction_loss
+from umask.losses import info_nce, reconstruction_loss
 from umask.masking import MaskSample, sample_mask
-from umask.normalization import channel_normalization
+from umask.normalization import register_channel_buffers
 from umask.spec import FeatureSpec
 from umask.uscope import UScope
 
@@ -44,15 +44,9 @@ class UMask(nn.Module):
         self.dit = DiT(self.channels, sparse_dim, cfg.user_dim, cfg.hidden, cfg.depth, cfg.heads,
                        cfg.mlp_ratio, cfg.attention, spec.slots_per_day, cfg.hour_prior, cfg.prior_residual)
         self.diffusion = Diffusion(cfg.diffusion)
-        self.register_buffer("loss_weights", channel_weights(self.num_categories, self.num_regions, cfg.loss),
-                             persistent=False)
-        self.register_buffer("absolute_error", absolute_error_channels(self.channels, spec.layout.volume, cfg.loss),
-                             persistent=False)
-        # x_model = (x - channel_shift) / channel_scale, from the spec's train statistics
-        # (umask/normalization.py), so every holder of the spec normalises alike.
-        shift, scale = channel_normalization(spec)
-        self.register_buffer("channel_shift", shift, persistent=False)
-        self.register_buffer("channel_scale", scale, persistent=False)
+        # loss weights, and x_model = (x - channel_shift) / channel_scale from the spec's train
+        # statistics (umask/normalization.py), so every holder of the spec normalises alike
+        register_channel_buffers(self, spec, cfg.loss)
 
     def sample_mask(self, dense: Tensor, observed: Tensor, time_of_week: Tensor,
                     generator: torch.Generator, task: Tensor | None = None) -> MaskSample:

@@ -18,8 +18,10 @@ from a config alone to count parameters) gets shift 0 and scale 1: the values as
 writes them (log1p counts and bytes, region shares), the model's input before statistics.
 """
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from umask.config import LossConfig
+from umask.losses import absolute_error_channels, channel_weights
 from umask.spec import FeatureSpec
 from umask.statistics import train_channels
 
@@ -56,3 +58,18 @@ def channel_normalization(spec: FeatureSpec) -> tuple[Tensor, Tensor]:
         pooled = std[family].pow(2).mean().sqrt()
         scale[family] = pooled if pooled > MIN_SCALE else 1.0
     return mean.float(), scale.float()
+
+
+def register_channel_buffers(module: nn.Module, spec: FeatureSpec, loss: LossConfig) -> None:
+    """The [F] buffers a network of spec's channels scores and scales them with, registered on
+    `module` (not persistent: they follow from the spec and the config, which travel with it):
+    loss_weights and absolute_error (umask/losses.py), channel_shift and channel_scale
+    (x_model = (x - channel_shift) / channel_scale, `channel_normalization`)."""
+    layout = spec.layout
+    module.register_buffer("loss_weights", channel_weights(spec.num_categories, spec.num_regions, loss),
+                           persistent=False)
+    module.register_buffer("absolute_error", absolute_error_channels(layout.num_channels, layout.volume, loss),
+                           persistent=False)
+    shift, scale = channel_normalization(spec)
+    module.register_buffer("channel_shift", shift, persistent=False)
+    module.register_buffer("channel_scale", scale, persistent=False)
