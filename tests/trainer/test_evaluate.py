@@ -19,7 +19,7 @@ from umask.spec import DenseLayout, FeatureMaps, FeatureSpec, load_spec, save_sp
 from umask.errors import UserError
 from trainer.cli import main as cli_main
 from trainer.data.batch import Batch
-from trainer.inference.evaluate import (BASELINES, COMPARED, METHODS, MODEL, UNIFORM, UNTRAINED, EvalSettings,
+from trainer.inference.evaluate import (COMPARED, METHODS, MODEL, UNIFORM, UNTRAINED, EvalSettings,
                                         ScoredRows, app_recall, evaluate, findings, json_ready, paired_intervals,
                                         uniform_evidence, used_apps, verdict)
 from trainer.inference.loading import load_inference_model, resolve_checkpoint

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import numpy as np
 from safetensors.numpy import load_file
 
 from trainer.inference.loading import load_inference_model
@@ -17,7 +18,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
         return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f)}
 
 
-def _tables(checkpoint: Path) -> dict[str, "np.ndarray"]:
+def _tables(checkpoint: Path) -> dict[str, np.ndarray]:
     tensors = {}
     for path in sorted((checkpoint / "tables").glob("*.safetensors")):
         tensors.update({f"{path.name}:{k}": v for k, v in load_file(path).items()})
