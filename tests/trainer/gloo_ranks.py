@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import queue
+import time
 import socket
 import traceback
 
@@ -42,8 +43,10 @@ def run_ranks(fn, world: int, *args, env: dict | None = None, collective_timeout
               wait_s: float = 900.0) -> dict[int, tuple]:
     """fn(rank, *args) on `world` gloo ranks -> {rank: (error or None, value)}.
 
-    error is (exception type name, message, traceback). A rank that gives no result within
-    wait_s counts as an error ("no result"): the test fails instead of waiting forever.
+    error is (exception type name, message, traceback). A rank that exits without a result
+    (it could not import fn's module, or init failed: its stderr says why) counts as an error
+    once every silent rank has exited, and one that gives none within wait_s counts as a
+    timeout: the test fails instead of waiting.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -54,15 +57,24 @@ def run_ranks(fn, world: int, *args, env: dict | None = None, collective_timeout
     for proc in procs:
         proc.start()
     out: dict[int, tuple] = {}
+    deadline = time.monotonic() + wait_s
     try:
-        for _ in range(world):
+        while len(out) < world and time.monotonic() < deadline:
             try:
-                rank, error, value = results.get(timeout=wait_s)
+                rank, error, value = results.get(timeout=5)
             except queue.Empty:
-                break
+                # a rank that died before reporting (it could not unpickle fn, or init failed)
+                # never will: stop waiting once every silent rank has exited
+                if all(procs[r].exitcode is not None for r in range(world) if r not in out):
+                    _drain(results, out)  # what an exiting rank flushed just now
+                    break
+                continue
             out[rank] = (error, value)
         for rank in range(world):
-            out.setdefault(rank, (("Timeout", f"rank {rank} gave no result within {wait_s} s", ""), None))
+            code = procs[rank].exitcode
+            why = (f"rank {rank} exited with code {code} before giving a result (its stderr says why)"
+                   if code is not None else f"rank {rank} gave no result within {wait_s} s")
+            out.setdefault(rank, (("Timeout" if code is None else "Died", why, ""), None))
         return out
     finally:
         for proc in procs:
@@ -70,6 +82,16 @@ def run_ranks(fn, world: int, *args, env: dict | None = None, collective_timeout
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+
+
+def _drain(results, out: dict[int, tuple]) -> None:
+    """Moves what is left in the results queue into out."""
+    while True:
+        try:
+            rank, error, value = results.get(timeout=2)
+        except queue.Empty:
+            return
+        out[rank] = (error, value)
 
 
 def values(out: dict[int, tuple]) -> dict[int, object]:

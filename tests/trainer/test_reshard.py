@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import STRAIGHT
 from gloo_ranks import run_ranks, values
 
 from trainer.training.checkpoint import latest_checkpoint
@@ -253,6 +252,10 @@ def test_u_mask_train_resumes_a_two_worker_run_on_one(tmp_path, tiny_config, str
 
     run = tmp_path / "runs" / "straight"
     shutil.copytree(straight_run, run, ignore=shutil.ignore_patterns("logs"))
+    # imported here, not at the top: the spawned ranks unpickle _phase by importing this module,
+    # and their sys.path may find another tests/*/conftest.py first
+    from conftest import STRAIGHT
+
     result = train(tiny_config("ray.name=straight", "ray.num_workers=1", *STRAIGHT[1:], "train.steps=10"))
     assert result.error is None and result.metrics["step"] == 10
     log = (run / "logs" / "rank-0.log").read_text()
