@@ -99,3 +99,10 @@ def straight_run(tmp_path_factory, tiny_dataset, embedded_ray):
 
 
 STRAIGHT = ("train.steps=8", "train.log_every=1", "train.checkpoint_every=4")
+
+
+@pytest.fixture
+def straight_overrides() -> tuple[str, ...]:
+    """straight_run's train.* overrides, for modules that must not `import conftest` (a spawned
+    rank unpickling their functions may find another tests/*/conftest.py first)."""
+    return STRAIGHT

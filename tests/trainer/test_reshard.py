@@ -245,18 +245,15 @@ def test_the_unread_examples_of_the_interrupted_epoch_are_counted(tiny_dataset):
             two[0].state_dict())
 
 
-def test_u_mask_train_resumes_a_two_worker_run_on_one(tmp_path, tiny_config, straight_run):
+def test_u_mask_train_resumes_a_two_worker_run_on_one(tmp_path, tiny_config, straight_run, straight_overrides):
     """The whole path through embedded Ray: the driver's checks let the new world size through,
     the one worker verifies all of the 2 ranks' files, reshards and trains on."""
     from trainer.training.launch import train
 
     run = tmp_path / "runs" / "straight"
     shutil.copytree(straight_run, run, ignore=shutil.ignore_patterns("logs"))
-    # imported here, not at the top: the spawned ranks unpickle _phase by importing this module,
-    # and their sys.path may find another tests/*/conftest.py first
-    from conftest import STRAIGHT
-
-    result = train(tiny_config("ray.name=straight", "ray.num_workers=1", *STRAIGHT[1:], "train.steps=10"))
+    result = train(tiny_config("ray.name=straight", "ray.num_workers=1", *straight_overrides[1:],
+                               "train.steps=10"))
     assert result.error is None and result.metrics["step"] == 10
     log = (run / "logs" / "rank-0.log").read_text()
     assert "resumed at step 8" in log
