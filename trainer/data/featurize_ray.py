@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import resource
@@ -35,7 +36,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow.parquet as pq
 
@@ -238,13 +239,21 @@ def run(cfg: RunConfig, on_progress: Callable[[str, int, int], None] | None = No
 
 class _RayTasks:
     """Runs featurize's tasks as Ray tasks: data.task_memory_mb reserved, data.task_retries
-    retries of a dead worker, spread over the nodes."""
+    retries of a dead worker, dealt out over the nodes.
+
+    Placement: Ray's SPREAD is best effort, and a core worker reuses a leased worker for the
+    next task of the same kind, so short tasks can all land on the first node that answers.
+    The tasks of a phase are therefore dealt round-robin over the alive nodes, each node
+    weighted by how many tasks it can run at once (its CPUs, and its memory over
+    data.task_memory_mb), with a soft node affinity: a node that dies or cannot take the task
+    any more hands it to another. A cluster with no node that can take a task yet (an
+    autoscaling one at zero workers) gets SPREAD, so that the demand scales it up."""
 
     def __init__(self, data):
         from trainer.training.faults import ENV as FAULTS
 
-        self.options = dict(num_cpus=1, memory=data.task_memory_mb * 2**20, max_retries=data.task_retries,
-                            scheduling_strategy="SPREAD")
+        self.task_memory = data.task_memory_mb * 2**20
+        self.options = dict(num_cpus=1, memory=self.task_memory, max_retries=data.task_retries)
         if os.environ.get(FAULTS):  # fire drills and the fault tests (trainer/training/faults.py)
             self.options["runtime_env"] = {"env_vars": {FAULTS: os.environ[FAULTS]}}
 
@@ -252,15 +261,37 @@ class _RayTasks:
         """(spec, a handle on the maps that the featurize tasks take): the maps stay in the object store."""
         import ray
 
-        spec_ref, maps_ref = ray.remote(spec_task).options(num_returns=2, **self.options).remote(*args)
+        spec_ref, maps_ref = ray.remote(spec_task).options(num_returns=2, scheduling_strategy="SPREAD",
+                                                           **self.options).remote(*args)
         return _get(spec_ref, "reading the side tables (apps.parquet, locations.parquet)"), maps_ref
 
     def map(self, function, jobs: dict, describe: Callable):
         """(key, result) of function(*jobs[key]) for every key, as they finish."""
         import ray
 
-        remote = ray.remote(function).options(**self.options)
-        yield from _as_completed({remote.remote(*args): key for key, args in jobs.items()}, describe)
+        remote, placements = ray.remote(function), self.placements()
+        refs = {remote.options(scheduling_strategy=next(placements), **self.options).remote(*args): key
+                for key, args in jobs.items()}
+        yield from _as_completed(refs, describe)
+
+    def placements(self) -> Iterator:
+        """Scheduling strategies to give the tasks in turn: soft affinities to the alive nodes,
+        each node as often as the tasks it can run at once (SPREAD when none can run one)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        capacity = {}
+        for node in ray.nodes():
+            resources = node.get("Resources", {})
+            at_once = min(int(resources.get("CPU", 0)), int(resources.get("memory", 0) // self.task_memory))
+            if node.get("Alive") and at_once >= 1:
+                capacity[node["NodeID"]] = at_once
+        if not capacity:
+            return itertools.repeat("SPREAD")
+        # interleaved (a, b, a, b, a ...) rather than one node's share first, so that the first
+        # tasks start on every node
+        turns = sorted((turn, node) for node, at_once in capacity.items() for turn in range(at_once))
+        return itertools.cycle([NodeAffinitySchedulingStrategy(node, soft=True) for _, node in turns])
 
 
 class _InProcess:
