@@ -77,7 +77,7 @@ def _read_only(cfg) -> int:
     import pyarrow.parquet as pq
     import ray
 
-    from trainer.data.featurize_ray import plan_units
+    from trainer.data.tasks import plan_units
     from umask.contract import open_dataset
 
     @ray.remote(num_cpus=1)

@@ -546,44 +546,71 @@ def read_apps(ds: ContractDataset, num_categories: int | None = None) -> pa.Tabl
 def read_locations(ds: ContractDataset) -> pa.Table | None:
     """locations.parquet (a file or a directory of part files) as loc_id int64, lat/lon
     float64 (+ region_id int32, poi_counts list<int32> when present), or None when the
-    dataset has none."""
+    dataset has none. Holds the whole table: featurize on Ray reads it in shares instead
+    (`location_share`, trainer/data/locations_join.py)."""
     if ds.locations is None:
         return None
-
-    def columns_of(path: Path, schema: pa.Schema) -> list[str]:
-        _check_column(path, schema, "loc_id", _is_integer, "an integer type")
-        _check_column(path, schema, "lat", _is_number, "float64 degrees")
-        _check_column(path, schema, "lon", _is_number, "float64 degrees")
-        has_region = _check_column(path, schema, "region_id", _is_integer, "an integer type", False)
-        has_poi = _check_column(path, schema, "poi_counts", _is_int_list, "list<int32>", False)
-        return ["loc_id", "lat", "lon"] + ["region_id"] * has_region + ["poi_counts"] * has_poi
-
     poi_length = None
     batches, places = [], []
-    for path, first_row, batch in _side_batches(ds.locations, columns_of):
-        out = {"loc_id": _checked_id(path, batch.column("loc_id"), "loc_id", first_row)}
-        lat, lon = batch.column("lat").cast(pa.float64()), batch.column("lon").cast(pa.float64())
-        _reject_rows(path, "lat", first_row, pc.xor(pc.is_null(lat), pc.is_null(lon)),
-                     "lat and lon must be both set or both null")
-        for name, values, bound in (("lat", lat, 90.0), ("lon", lon, 180.0)):
-            _reject_rows(path, name, first_row, pc.invert(pc.less_equal(pc.abs(values), bound)),
-                         f"{name} outside [-{bound:g}, {bound:g}] or NaN")
-        out["lat"], out["lon"] = lat, lon
-        if "region_id" in batch.schema.names:
-            region = batch.column("region_id")
-            _reject_rows(path, "region_id", first_row, pc.is_null(region), "null region_id")
-            _reject_rows(path, "region_id", first_row,
-                         pc.or_(pc.less(region, 0), pc.greater_equal(region, INT32_LIMIT)),
-                         "region_id outside [0, 2^31)")
-            out["region_id"] = region.cast(pa.int32())
-        if "poi_counts" in batch.schema.names:
-            out["poi_counts"], poi_length = _checked_poi_counts(
-                path, batch.column("poi_counts"), first_row, poi_length)
-        batches.append(pa.RecordBatch.from_pydict(out))
+    for path, first_row, batch in _side_batches(ds.locations, location_columns):
+        checked, poi_length = checked_locations(path, first_row, batch, poi_length)
+        batches.append(checked)
         places.append((path, first_row, batch.num_rows))
     table = pa.Table.from_batches(batches) if batches else _empty_locations()
     _reject_duplicates(places, "loc_id", table.column("loc_id"))
     return table
+
+
+def location_share(path: Path, row_groups: tuple[int, int] | None = None,
+                   batch_rows: int = 1 << 20) -> Iterator[tuple[list[str], int, pa.RecordBatch]]:
+    """(columns read, row of the batch's first row in the file, batch checked as
+    read_locations checks it) over one locations file, or its row groups [first, end).
+    Unique loc_ids and one poi_counts length across shares are the caller's to check."""
+    parquet = _open_parquet(path)
+    if parquet.metadata.num_rows == 0:
+        return
+    columns = location_columns(path, parquet.schema_arrow)
+    first_group = 0 if row_groups is None else row_groups[0]
+    first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(first_group))
+    poi_length = None
+    for batch in _iter_batches(path, parquet, columns, batch_rows, row_groups):
+        checked, poi_length = checked_locations(path, first_row, batch, poi_length)
+        yield columns, first_row, checked
+        first_row += batch.num_rows
+
+
+def location_columns(path: Path, schema: pa.Schema) -> list[str]:
+    """The columns of a locations file to read, after checking their types."""
+    _check_column(path, schema, "loc_id", _is_integer, "an integer type")
+    _check_column(path, schema, "lat", _is_number, "float64 degrees")
+    _check_column(path, schema, "lon", _is_number, "float64 degrees")
+    has_region = _check_column(path, schema, "region_id", _is_integer, "an integer type", False)
+    has_poi = _check_column(path, schema, "poi_counts", _is_int_list, "list<int32>", False)
+    return ["loc_id", "lat", "lon"] + ["region_id"] * has_region + ["poi_counts"] * has_poi
+
+
+def checked_locations(path: Path, first_row: int, batch: pa.RecordBatch,
+                      poi_length: int | None) -> tuple[pa.RecordBatch, int | None]:
+    """(the batch as loc_id int64, lat/lon float64, region_id int32?, poi_counts?, the
+    poi_counts length seen so far); a ContractError naming file, row and column for a bad row."""
+    out = {"loc_id": _checked_id(path, batch.column("loc_id"), "loc_id", first_row)}
+    lat, lon = batch.column("lat").cast(pa.float64()), batch.column("lon").cast(pa.float64())
+    _reject_rows(path, "lat", first_row, pc.xor(pc.is_null(lat), pc.is_null(lon)),
+                 "lat and lon must be both set or both null")
+    for name, values, bound in (("lat", lat, 90.0), ("lon", lon, 180.0)):
+        _reject_rows(path, name, first_row, pc.invert(pc.less_equal(pc.abs(values), bound)),
+                     f"{name} outside [-{bound:g}, {bound:g}] or NaN")
+    out["lat"], out["lon"] = lat, lon
+    if "region_id" in batch.schema.names:
+        region = batch.column("region_id")
+        _reject_rows(path, "region_id", first_row, pc.is_null(region), "null region_id")
+        _reject_rows(path, "region_id", first_row,
+                     pc.or_(pc.less(region, 0), pc.greater_equal(region, INT32_LIMIT)),
+                     "region_id outside [0, 2^31)")
+        out["region_id"] = region.cast(pa.int32())
+    if "poi_counts" in batch.schema.names:
+        out["poi_counts"], poi_length = _checked_poi_counts(path, batch.column("poi_counts"), first_row, poi_length)
+    return pa.RecordBatch.from_pydict(out), poi_length
 
 
 def read_profiles(ds: ContractDataset) -> pa.Table | None:

@@ -40,6 +40,7 @@ import json
 import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +53,7 @@ SPEC_DIR = "spec"  # a spec folder's name inside a features folder, a checkpoint
 SPEC_JSON = "spec.json"
 APP_CATEGORIES = "app_categories.parquet"
 LOC_REGIONS = "loc_regions.parquet"
+MAP_ROW_GROUP = 1 << 20  # rows per row group of loc_regions.parquet
 
 DAY_SECONDS = 86_400
 WEEK_SECONDS = 7 * DAY_SECONDS
@@ -298,23 +300,46 @@ def nearest_centroid(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     chunk = max(1, (1 << 24) // max(len(centroids), 1))  # [chunk, K] distances at a time
     for start in range(0, len(points), chunk):
         block = points[start:start + chunk]
-        # |p - c|^2 without |p|^2, which does not change the argmin
-        out[start:start + chunk] = np.argmin(norms - 2.0 * block @ centroids.T, axis=1)
+        # |p - c|^2 without |p|^2, which does not change the argmin; the dot products summed
+        # dimension by dimension, not by a matmul, whose rounding can depend on the block's size:
+        # featurize assigns a place in blocks of any size and must get the same region
+        dots = sum(block[:, d, None] * centroids[None, :, d] for d in range(points.shape[1]))
+        out[start:start + chunk] = np.argmin(norms - 2.0 * dots, axis=1)
     return out
 
 
 def save_spec(folder: str | Path, spec: FeatureSpec, maps: FeatureMaps) -> FeatureSpec:
     """Writes the spec folder (maps first, spec.json last); returns the spec with file digests."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"app_id": pa.array(maps.app_ids, pa.int64()),
-                             "category": pa.array(maps.categories, pa.int32())}), folder / APP_CATEGORIES)
-    pq.write_table(pa.table({"loc_id": pa.array(maps.loc_ids, pa.int64()),
-                             "region": pa.array(maps.regions, pa.int32())}), folder / LOC_REGIONS)
-    files = {name: file_sha256(folder / name) for name in (APP_CATEGORIES, LOC_REGIONS)}
+    files = write_maps(folder, maps.app_ids, maps.categories, [(maps.loc_ids, maps.regions)])
     spec = dataclasses.replace(spec, files=files)
     save_spec_json(folder, spec)
     return spec
+
+
+def write_maps(folder: str | Path, app_ids: np.ndarray, categories: np.ndarray,
+               loc_chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, str]:
+    """Writes the map files of a spec folder; returns {file name: sha256}. The location map
+    comes in chunks of (loc_ids, regions) whose concatenation is sorted (featurize on Ray
+    streams it range by range) and is written in row groups of MAP_ROW_GROUP rows whatever
+    the chunks, so the same map gives the same bytes however it was chunked."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"app_id": pa.array(app_ids, pa.int64()),
+                             "category": pa.array(categories, pa.int32())}), folder / APP_CATEGORIES)
+    schema = pa.schema([("loc_id", pa.int64()), ("region", pa.int32())])
+    with pq.ParquetWriter(folder / LOC_REGIONS, schema) as writer:
+        held: list[pa.Table] = []
+        for loc_ids, regions in loc_chunks:
+            held.append(pa.Table.from_arrays([pa.array(loc_ids, pa.int64()), pa.array(regions, pa.int32())],
+                                             schema=schema))
+            table = pa.concat_tables(held)
+            full = len(table) // MAP_ROW_GROUP * MAP_ROW_GROUP
+            if full:
+                writer.write_table(table.slice(0, full), row_group_size=MAP_ROW_GROUP)
+            held = [table.slice(full)]
+        if held and len(held[0]):
+            writer.write_table(held[0], row_group_size=MAP_ROW_GROUP)
+    return {name: file_sha256(folder / name) for name in (APP_CATEGORIES, LOC_REGIONS)}
 
 
 def save_spec_json(folder: str | Path, spec: FeatureSpec) -> None:

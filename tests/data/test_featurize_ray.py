@@ -13,7 +13,7 @@ import pytest
 
 from trainer.config import RunConfig
 from trainer.data.featurize import (build_feature_spec, featurize, featurize_events, prepare_output)
-from trainer.data.featurize_ray import plan_units
+from trainer.data.tasks import plan_units
 from trainer.training.faults import ENV as FAULTS
 from umask.contract import EventReader, open_dataset, read_apps, read_locations
 from umask.errors import UserError
@@ -166,3 +166,13 @@ def test_a_bad_row_is_named_with_its_file_and_row(ray_cluster, dataset, tmp_path
     assert Path(path).name == "events__part-1.rg00002-00004.parquet"
     assert pq.read_table(path).column("row").to_pylist() == [1234]
     assert manifest["events"]["read"] == 1999 and manifest["quarantine"]["rows_quarantined"] == 1
+
+
+def test_locations_in_ranges_on_ray_give_the_same_bytes(ray_cluster, dataset, in_process, tmp_path):
+    """read_task_rows=10: every row group of events its own read task, and the 30 places in
+    three ranges, each sorted and joined by its own task (trainer/data/locations_join.py)."""
+    features = tmp_path / "features"
+    manifest = featurize(config(dataset, features, read_task_rows=10))
+    assert outputs(features) == in_process
+    run = manifest["run"]
+    assert run["location_ranges"] == 3 and len(run["tasks"]["join"]) == 3 and len(run["tasks"]["read"]) == 8

@@ -69,23 +69,27 @@ def build_feature_spec(apps: pa.Table | None, locations: pa.Table | None,
                        cfg: DataConfig) -> tuple[FeatureSpec, FeatureMaps]:
     """The spec of a featurize run: data.* settings, plus the app-to-category map from
     apps.parquet and the regions of locations.parquet (precomputed or fitted here, once)."""
-    if apps is None:
-        app_ids, categories = np.empty(0, np.int64), np.empty(0, np.int32)
-    else:
-        app_ids = apps.column("app_id").to_numpy().astype(np.int64)
-        categories = apps.column("category_id").to_numpy().astype(np.int32)
-        bad = np.flatnonzero((categories < 0) | (categories >= cfg.num_categories))
-        if len(bad):
-            raise UserError(f"apps.parquet: row {bad[0]}: category_id {categories[bad[0]]} is "
-                            f"outside [0, {cfg.num_categories}) (data.num_categories)")
-        order = np.argsort(app_ids, kind="stable")
-        app_ids, categories = app_ids[order], categories[order]
+    app_ids, categories = app_map(apps, cfg.num_categories)
     regions = build_region_table(locations, cfg.num_regions)
     spec = dataclasses.replace(
         cfg.feature_spec(), region_source=regions.source,
         region_centroids=tuple(tuple(float(v) for v in c) for c in regions.centroids))
     return spec, FeatureMaps(app_ids, categories, regions.loc_ids, regions.regions)
 
+
+def app_map(apps: pa.Table | None, num_categories: int) -> tuple[np.ndarray, np.ndarray]:
+    """(app_ids [A] int64 sorted, categories [A] int32) of apps.parquet as read_apps returns
+    it; a UserError naming the row of a category outside [0, num_categories)."""
+    if apps is None:
+        return np.empty(0, np.int64), np.empty(0, np.int32)
+    app_ids = apps.column("app_id").to_numpy().astype(np.int64)
+    categories = apps.column("category_id").to_numpy().astype(np.int32)
+    bad = np.flatnonzero((categories < 0) | (categories >= num_categories))
+    if len(bad):
+        raise UserError(f"apps.parquet: row {bad[0]}: category_id {categories[bad[0]]} is "
+                        f"outside [0, {num_categories}) (data.num_categories)")
+    order = np.argsort(app_ids, kind="stable")
+    return app_ids[order], categories[order]
 
 
 # --- phase 2: one bucket -> examples ---------------------------------------------------

@@ -25,15 +25,12 @@ driver's, which holds no events, only counts and file names.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
 import os
-import resource
 import shutil
-import time
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
@@ -41,55 +38,20 @@ from typing import Callable, Iterator
 import pyarrow.parquet as pq
 
 from trainer.config import RunConfig
-from trainer.data.featurize import (RUN_FILE, STAGING, build_feature_spec, check_limits, config_hash,
-                                    featurize_bucket, finish, prepare_output)
-from umask.contract import ContractDataset, EventReader, ReadReport, open_dataset, read_apps, read_locations
+from trainer.data import locations_join
+from trainer.data.featurize import (RUN_FILE, STAGING, app_map, check_limits, config_hash, featurize_bucket, finish,
+                                    prepare_output)
+from trainer.data.tasks import Unit, peak_rss_bytes, plan_units, read_json, task_facts, task_start, write_json
+from umask.contract import ContractDataset, EventReader, ReadReport, open_dataset, read_apps, table_files
 from umask.errors import UserError
 from umask.slots import partition_events
-from umask.spec import APP_CATEGORIES, LOC_REGIONS, SPEC_DIR, load_maps, load_spec, save_spec
+from umask.spec import APP_CATEGORIES, LOC_REGIONS, SPEC_DIR, FeatureMaps, load_spec, save_spec_json, write_maps
 
 # peak bytes of phase 2 per event of a bucket (Slots, the examples of a row group, the read
 # pieces), measured with bench/featurize_bench.py's data; the refusal of too large buckets uses it
 PHASE2_BYTES_PER_EVENT = 400
 # phase 1 holds a read batch and its partition buffer: bytes per buffered row, Arrow included
 PHASE1_BYTES_PER_ROW = 120
-
-
-@dataclasses.dataclass(frozen=True)
-class Unit:
-    """An input share of phase 1: row groups [first, end) of one events file (None: the whole file)."""
-    index: int
-    path: str
-    row_groups: tuple[int, int] | None
-    rows: int
-
-    def where(self) -> str:
-        groups = "" if self.row_groups is None else f" row groups {self.row_groups[0]}-{self.row_groups[1] - 1}"
-        return f"{self.path}{groups}"
-
-
-def plan_units(event_files: list[Path], rows_per_task: int) -> list[Unit]:
-    """The input shares: each file whole, or cut between row groups into runs of at most
-    rows_per_task rows (a row group larger than that is a share of its own). Reads footers only."""
-    units = []
-    for path in event_files:
-        try:
-            metadata = pq.read_metadata(path)
-        except Exception:  # the reader names the problem, in the task that reads the file
-            units.append(Unit(len(units), str(path), None, 0))
-            continue
-        groups = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
-        if sum(groups) <= rows_per_task:
-            units.append(Unit(len(units), str(path), None, sum(groups)))
-            continue
-        first, rows = 0, 0
-        for g, n in enumerate(groups):
-            if rows and rows + n > rows_per_task:
-                units.append(Unit(len(units), str(path), (first, g), rows))
-                first, rows = g, 0
-            rows += n
-        units.append(Unit(len(units), str(path), (first, len(groups)), rows))
-    return units
 
 
 def resume_key(cfg: RunConfig, dataset: ContractDataset) -> str:
@@ -105,65 +67,50 @@ def resume_key(cfg: RunConfig, dataset: ContractDataset) -> str:
 
 # --- the tasks ---------------------------------------------------------------------------
 
-def _task_start() -> float:
-    """Resets this worker's peak RSS (Ray reuses workers across tasks), returns the start time."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-    return time.perf_counter()
-
-
-def _task_facts(started: float) -> dict:
-    """What a task reports of itself: peak RSS in MB since _task_start, node, pid, seconds."""
-    import ray
-
-    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "driver"
-    return {"peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1), "node": node,
-            "pid": os.getpid(), "seconds": round(time.perf_counter() - started, 3)}
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak resident set: VmHWM (resettable), else getrusage's lifetime peak."""
-    with contextlib.suppress(OSError, StopIteration, ValueError):
-        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, path)
-
-
-def spec_task(source: str, cfg_data, folder: str):
-    """Reads the side tables, builds the spec and its maps, writes them to `folder`; returns
-    (spec, maps). The maps stay in the object store for phase 2. When `folder` already holds
-    them (a resumed run), they are read back instead, so a resumed run never refits regions."""
+def spec_task(source: str, cfg_data, folder: str, plan: dict | None, ranges: int):
+    """Reads apps.parquet and writes the spec folder: the app map, the location map streamed
+    range by range (locations_join.range_chunks), spec.json with plan's regions; returns (spec,
+    the app map as FeatureMaps), the map staying in the object store for phase 2. When `folder`
+    already holds a spec (a resumed run), it is read back instead."""
     folder = Path(folder)
     if (folder / "spec.json").exists():
         spec = load_spec(folder)
-        return spec, load_maps(folder, spec)
+        apps = pq.read_table(folder / APP_CATEGORIES)
+        return spec, _app_maps(apps.column("app_id").to_numpy(), apps.column("category").to_numpy())
     dataset = open_dataset(source)
-    spec, maps = build_feature_spec(read_apps(dataset, cfg_data.num_categories), read_locations(dataset), cfg_data)
+    app_ids, categories = app_map(read_apps(dataset, cfg_data.num_categories), cfg_data.num_categories)
+    spec = cfg_data.feature_spec()
+    if plan is not None:
+        spec = dataclasses.replace(spec, region_source=plan["source"],
+                                   region_centroids=tuple(tuple(float(v) for v in c) for c in plan["centroids"]))
     tmp = folder.with_name(f"{folder.name}.{uuid.uuid4().hex}.tmp")
-    spec = save_spec(tmp, spec, maps)
+    files = write_maps(tmp, app_ids, categories, locations_join.range_chunks(folder.parent, ranges))
+    spec = dataclasses.replace(spec, files=files)
+    save_spec_json(tmp, spec)
     os.replace(tmp, folder)
-    return spec, maps
+    return spec, _app_maps(app_ids, categories)
 
 
-def partition_task(unit: Unit, root: str, cfg_data, staging: str, buffer_rows: int) -> dict:
+def _app_maps(app_ids, categories) -> FeatureMaps:
+    """The maps phase 2 gets from the object store: the apps; each bucket adds its own locations."""
+    return dataclasses.replace(FeatureMaps.empty(), app_ids=app_ids, categories=categories)
+
+
+def partition_task(unit: Unit, root: str, cfg_data, staging: str, buffer_rows: int, with_locations: bool) -> dict:
     """Phase 1 for one input share: its valid events into one piece per bucket
-    (`bucket=<b>/unit-<u>.parquet`), then its report `units/unit-<u>.json`; returns the report."""
-    started = _task_start()
+    (`bucket=<b>/unit-<u>.parquet`), the distinct (loc_id, bucket) pairs it saw
+    (`loc-keys/unit-<u>.parquet`) when there is a locations table, then its report
+    `units/unit-<u>.json`; returns the report."""
+    started = task_start()
     staging = Path(staging)
     out = staging.parent
     quarantine = out / "quarantine" if cfg_data.invalid_rows == "quarantine" else None
     reader = EventReader(ContractDataset(Path(root), [Path(unit.path)]), cfg_data.invalid_rows, quarantine,
                          batch_rows=min(1 << 20, buffer_rows), plausible=cfg_data.plausible_range())
     work = staging / "tmp" / f"unit-{unit.index:06d}-{uuid.uuid4().hex}"
-    files, rows = partition_events(reader.file_batches(Path(unit.path), unit.row_groups), work,
-                                   cfg_data.num_shards, buffer_rows)
+    batches = reader.file_batches(Path(unit.path), unit.row_groups)
+    keys = locations_join.LocationKeys(cfg_data.num_shards) if with_locations else None
+    files, rows = partition_events(keys.seen(batches) if keys else batches, work, cfg_data.num_shards, buffer_rows)
     buckets = {}
     for bucket, path in files.items():
         piece = staging / f"bucket={bucket:05d}" / f"unit-{unit.index:06d}.parquet"
@@ -171,22 +118,27 @@ def partition_task(unit: Unit, root: str, cfg_data, staging: str, buffer_rows: i
         buckets[bucket] = pq.read_metadata(path).num_rows
         os.replace(path, piece)
     shutil.rmtree(work, ignore_errors=True)
+    pairs = keys.write(staging / locations_join.KEYS / f"unit-{unit.index:06d}.parquet") if keys else 0
     report = {"unit": unit.index, "rows": rows, "buckets": {str(b): n for b, n in buckets.items()},
-              "read": reader.report.as_dict(), **_task_facts(started)}
-    _write_json(staging / "units" / f"unit-{unit.index:06d}.json", report)
+              "location_pairs": pairs, "read": reader.report.as_dict(), **task_facts(started)}
+    write_json(staging / "units" / f"unit-{unit.index:06d}.json", report)
     return report
 
 
-def featurize_task(bucket: int, pieces: list[str], spec, maps, row_group_size: int, out: str) -> dict:
-    """Phase 2 for one bucket: featurize.featurize_bucket, then `shards/shard-<b>.json`."""
+def featurize_task(bucket: int, pieces: list[str], spec, apps: FeatureMaps, location_ranges: list[int],
+                   row_group_size: int, out: str) -> dict:
+    """Phase 2 for one bucket: its listed locations' regions (the join's pieces of its
+    location_ranges), featurize.featurize_bucket, then `shards/shard-<b>.json`."""
     from trainer.training.faults import fault_point
 
-    started = _task_start()
+    started = task_start()
     staging = Path(out) / STAGING
+    loc_ids, regions = locations_join.bucket_regions(staging, bucket, location_ranges)
+    maps = dataclasses.replace(apps, loc_ids=loc_ids, regions=regions)
     report = featurize_bucket(pieces, bucket, spec, maps, row_group_size, out,
                               on_written=lambda: fault_point("bucket", bucket, 0, staging))
-    report["task"] = _task_facts(started)
-    _write_json(staging / "shards" / f"shard-{bucket:05d}.json", report)
+    report["task"] = task_facts(started)
+    write_json(staging / "shards" / f"shard-{bucket:05d}.json", report)
     return report
 
 
@@ -220,7 +172,7 @@ def run(cfg: RunConfig, on_progress: Callable[[str, int, int], None] | None = No
     staging = out / STAGING
     if not prepare_output(out, key):
         staging.mkdir(parents=True, exist_ok=True)
-        _write_json(staging / RUN_FILE, {"resume_key": key, "config_hash": config_hash(data)})
+        write_json(staging / RUN_FILE, {"resume_key": key, "config_hash": config_hash(data)})
     joined = cluster_address(cfg.ray.address)
     if not ray.is_initialized() and joined is None and sum(u.rows for u in units) <= data.read_task_rows:
         return _run_tasks(cfg, dataset, units, out, on_progress, _InProcess())
@@ -258,21 +210,28 @@ class _RayTasks:
             self.options["runtime_env"] = {"env_vars": {FAULTS: os.environ[FAULTS]}}
 
     def spec(self, *args):
-        """(spec, a handle on the maps that the featurize tasks take): the maps stay in the object store."""
+        """(spec, a handle on the app map that the featurize tasks take): the map stays in the object store."""
         import ray
 
-        spec_ref, maps_ref = ray.remote(spec_task).options(num_returns=2, scheduling_strategy="SPREAD",
+        spec_ref, apps_ref = ray.remote(spec_task).options(num_returns=2, scheduling_strategy="SPREAD",
                                                            **self.options).remote(*args)
-        return _get(spec_ref, "reading the side tables (apps.parquet, locations.parquet)"), maps_ref
+        return _get(spec_ref, "writing the feature spec (apps.parquet and the location ranges)"), apps_ref
 
-    def map(self, function, jobs: dict, describe: Callable):
-        """(key, result) of function(*jobs[key]) for every key, as they finish."""
+    def call(self, function, args: tuple, describe: str):
+        """function(*args) as one task; its result."""
+        import ray
+
+        return _get(ray.remote(function).options(scheduling_strategy="SPREAD", **self.options).remote(*args),
+                    describe)
+
+    def map(self, function, jobs: dict, describe: Callable) -> Iterator:
+        """Submits function(*jobs[key]) for every key now; (key, result) as they finish."""
         import ray
 
         remote, placements = ray.remote(function), self.placements()
         refs = {remote.options(scheduling_strategy=next(placements), **self.options).remote(*args): key
                 for key, args in jobs.items()}
-        yield from _as_completed(refs, describe)
+        return _as_completed(refs, describe)
 
     def placements(self) -> Iterator:
         """Scheduling strategies to give the tasks in turn: soft affinities to the alive nodes,
@@ -295,33 +254,55 @@ class _RayTasks:
 
 
 class _InProcess:
-    """The same tasks, one after another in this process."""
+    """The same tasks, one after another in this process (map's run as they are consumed)."""
 
     def spec(self, *args):
         return spec_task(*args)
 
-    def map(self, function, jobs: dict, describe: Callable):
-        for key, args in jobs.items():
-            yield key, function(*args)
+    def call(self, function, args: tuple, describe: str):
+        return function(*args)
+
+    def map(self, function, jobs: dict, describe: Callable) -> Iterator:
+        return ((key, function(*args)) for key, args in jobs.items())
 
 
 def _run_tasks(cfg: RunConfig, dataset: ContractDataset, units: list[Unit], out: Path,
                on_progress: Callable[[str, int, int], None] | None, runner) -> dict:
     data, staging = cfg.data, out / STAGING
-    spec, maps = runner.spec(str(data.source), data, str(staging / SPEC_DIR))
+    with_locations = dataset.locations is not None
 
-    # phase 1
+    # phase 1 starts first: it needs neither the side tables nor the spec
     buffer_rows = max(1 << 16, data.task_memory_mb * 2**20 // 2 // PHASE1_BYTES_PER_ROW)
-    done_units = {u.index: _read_json(staging / "units" / f"unit-{u.index:06d}.json") for u in units}
-    todo = {u: (u, str(dataset.root), data, str(staging), buffer_rows) for u in units if done_units[u.index] is None}
+    done_units = {u.index: read_json(staging / "units" / f"unit-{u.index:06d}.json") for u in units}
+    todo = {u: (u, str(dataset.root), data, str(staging), buffer_rows, with_locations)
+            for u in units if done_units[u.index] is None}
+    reading = runner.map(partition_task, todo, lambda u: f"reading {u.where()}")
+
+    # meanwhile the locations: range-partitioned, then the spec (trainer/data/locations_join.py)
+    plan, location_tasks = _locations(runner, dataset, data, staging) if with_locations else (None, {})
+    ranges = len(plan["boundaries"]) + 1 if plan else 0
+    spec, apps = runner.spec(str(data.source), data, str(staging / SPEC_DIR), plan, ranges)
+
     total_rows = sum(u.rows for u in units)
     done_rows = sum(u.rows for u in units if done_units[u.index] is not None)
-    for unit, report in runner.map(partition_task, todo, lambda u: f"reading {u.where()}"):
+    for unit, report in reading:
         done_units[unit.index] = report
         done_rows += unit.rows
         if on_progress:
             on_progress("read", done_rows, total_rows)
     unit_reports = [done_units[u.index] for u in units]
+
+    # the join: each bucket's listed loc_ids with their regions
+    bucket_ranges: list[list[int]] = [[] for _ in range(data.num_shards)]
+    if with_locations:
+        joined = {p: read_json(staging / locations_join.REGIONS / f"range-{p:05d}.json") for p in range(ranges)}
+        key_files = [str(staging / locations_join.KEYS / f"unit-{u.index:06d}.parquet") for u in units]
+        todo = {p: (p, plan["boundaries"], key_files, str(staging)) for p in range(ranges) if joined[p] is None}
+        joined.update(runner.map(locations_join.join_task, todo, lambda p: f"joining location range {p}"))
+        for p in range(ranges):
+            for bucket in joined[p]["buckets"]:
+                bucket_ranges[bucket].append(p)
+        location_tasks["join"] = [joined[p] for p in range(ranges)]
 
     # phase 2
     bucket_rows = [0] * data.num_shards
@@ -331,8 +312,8 @@ def _run_tasks(cfg: RunConfig, dataset: ContractDataset, units: list[Unit], out:
             bucket_rows[int(bucket)] += rows
             pieces[int(bucket)].append(str(staging / f"bucket={int(bucket):05d}" / f"unit-{report['unit']:06d}.parquet"))
     _check_bucket_memory(data, bucket_rows)
-    done_shards = {b: _read_json(staging / "shards" / f"shard-{b:05d}.json") for b in range(data.num_shards)}
-    todo = {b: (b, pieces[b], spec, maps, data.row_group_size, str(out))
+    done_shards = {b: read_json(staging / "shards" / f"shard-{b:05d}.json") for b in range(data.num_shards)}
+    todo = {b: (b, pieces[b], spec, apps, bucket_ranges[b], data.row_group_size, str(out))
             for b in range(data.num_shards) if done_shards[b] is None}
     total_events = sum(bucket_rows)
     done_events = sum(bucket_rows[b] for b in range(data.num_shards) if done_shards[b] is not None)
@@ -344,17 +325,47 @@ def _run_tasks(cfg: RunConfig, dataset: ContractDataset, units: list[Unit], out:
             on_progress("featurize", done_events, total_events)
 
     reports = [done_shards[b] for b in range(data.num_shards)]
-    tasks = {"read": [{k: r[k] for k in ("unit", "rows", "peak_rss_mb", "node", "pid", "seconds")} for r in unit_reports],
+    facts = ("peak_rss_mb", "node", "pid", "seconds")
+    tasks = {"read": [{"unit": r["unit"], "rows": r["rows"], **{k: r[k] for k in facts}} for r in unit_reports],
+             **{phase: [{k: r[k] for k in facts} for r in done] for phase, done in location_tasks.items()},
              "featurize": [{"shard": r["shard"], "events": r["events"], **r.pop("task")} for r in reports]}
     out_spec = out / SPEC_DIR
     out_spec.mkdir(exist_ok=True)
     for name in (APP_CATEGORIES, LOC_REGIONS):
         shutil.copyfile(staging / SPEC_DIR / name, out_spec / name)
     run = {"on_ray": isinstance(runner, _RayTasks), "task_memory_mb": data.task_memory_mb,
-           "driver_peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1),
-           "nodes": len({t["node"] for phase in tasks.values() for t in phase}), "tasks": tasks}
+           "driver_peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
+           "nodes": len({t["node"] for phase in tasks.values() for t in phase}), "location_ranges": ranges,
+           "tasks": tasks}
     return finish(out, reports, sum(r["rows"] for r in unit_reports), spec, data,
                   _merged_read_reports([r["read"] for r in unit_reports]), run)
+
+
+def _locations(runner, dataset: ContractDataset, data, staging: Path) -> tuple[dict, dict]:
+    """Passes 1-4 of locations_join (sample, plan, place, sort) unless a resumed run's spec
+    exists (then they finished); returns (the plan, the tasks' reports by pass)."""
+    folder = staging / locations_join.LOCATIONS
+    plan = read_json(folder / "plan.json")
+    if plan is not None and (staging / SPEC_DIR / "spec.json").exists():
+        return plan, {}
+    shares = plan_units(table_files(dataset.locations), data.read_task_rows)
+    where = lambda s: f"reading locations {s.where()}"
+    sampled = dict(runner.map(locations_join.sample_task,
+                              {s: (s, data.num_regions, str(staging)) for s in shares}, where))
+    reports = [sampled[s] for s in shares]
+    plan = runner.call(locations_join.plan_task, (reports, data.num_regions, data.read_task_rows, str(staging)),
+                       "planning the location ranges and regions")
+    placed = dict(runner.map(locations_join.place_task, {s: (s, plan, data.num_regions, str(staging)) for s in shares},
+                             where))
+    ranges = len(plan["boundaries"]) + 1
+    pieces = {p: [str(folder / f"range={p:05d}" / f"share-{s.index:06d}.parquet")
+                  for s in shares if str(p) in placed[s]["ranges"]] for p in range(ranges)}
+    sorted_ranges = dict(runner.map(locations_join.sort_task,
+                                    {p: (p, pieces[p], shares, str(staging)) for p in range(ranges)},
+                                    lambda p: f"sorting location range {p}"))
+    return plan, {"locations_sample": reports, "locations_plan": [plan.pop("task")],
+                  "locations_place": [placed[s] for s in shares],
+                  "locations_sort": [sorted_ranges[p] for p in range(ranges)]}
 
 
 def _as_completed(refs: dict, describe: Callable):
@@ -394,13 +405,6 @@ def _get(ref, what: str):
         raise UserError(f"featurize failed {what}: {' '.join(str(err).split())[:500]}") from None
     except RayError as err:
         raise UserError(f"featurize failed {what}: {' '.join(str(err).split())[:500]}") from None
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _merged_read_reports(reports: list[dict]) -> dict:

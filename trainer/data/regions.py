@@ -20,10 +20,11 @@ import numpy as np
 import pyarrow as pa
 
 from umask.errors import UserError
-from umask.spec import nearest_centroid, unit_vectors
+from umask.spec import nearest_centroid, stable_hash, unit_vectors
 
 KMEANS_SEED = 0  # the clustering is part of the data definition: same input, same regions
 KMEANS_SAMPLE = 100_000  # centroids are fitted on at most this many locations
+SAMPLE_SALT = 0x5A3D_1E55  # sample_keys' salt: which places the k-means sample holds
 KMEANS_ITERATIONS = 50
 
 
@@ -105,14 +106,40 @@ def _clustered_regions(locations: pa.Table, num_regions: int) -> tuple[np.ndarra
         if name not in locations.column_names:
             raise UserError(f"locations.parquet: has neither region_id nor `{name}`; "
                             "regions need one or the other")
+    loc_ids = locations.column("loc_id").to_numpy().astype(np.int64, copy=False)
     lat = locations.column("lat").cast(pa.float64()).fill_null(np.nan).to_numpy()
     lon = locations.column("lon").cast(pa.float64()).fill_null(np.nan).to_numpy()
     located = np.isfinite(lat) & np.isfinite(lon)
     regions = np.full(len(lat), num_regions, np.int32)
     if not located.any():  # every listed place is in the unknown region; nothing to fit
         return regions, np.empty((0, 3))
-    regions[located], centroids = kmeans_regions(lat[located], lon[located], num_regions)
+    ids, lat_located, lon_located = loc_ids[located], lat[located], lon[located]
+    pick = bottom_k(sample_keys(ids), ids, KMEANS_SAMPLE)
+    centroids = fit_centroids(lat_located[pick], lon_located[pick], num_regions)
+    regions[located] = nearest_centroid(unit_vectors(lat_located, lon_located), centroids)
     return regions, centroids
+
+
+def sample_keys(loc_ids: np.ndarray) -> np.ndarray:
+    """[n] uint64 keys that order places at random but the same way in any process:
+    stable_hash(loc_id, SAMPLE_SALT). The k-means sample is the located places of smallest key,
+    so it does not depend on the order or the split of the table's files."""
+    return stable_hash(loc_ids, SAMPLE_SALT)
+
+
+def bottom_k(keys: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Indices [min(n, k)] of the rows of smallest (key, id), in that order; keys, ids [n]."""
+    if len(keys) > k:  # only rows whose key can be among the k smallest need the full sort
+        candidates = np.flatnonzero(keys <= np.partition(keys, k - 1)[k - 1])
+    else:
+        candidates = np.arange(len(keys))
+    return candidates[np.lexsort((ids[candidates], keys[candidates]))][:k]
+
+
+def fit_centroids(lat: np.ndarray, lon: np.ndarray, k: int) -> np.ndarray:
+    """k-means centroids [k, 3] on the unit sphere of the sample places (lat, lon) [n] in
+    degrees, in sample order (bottom_k's): the fit both featurize paths share."""
+    return kmeans(unit_vectors(lat, lon), k)[1]
 
 
 def _kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
