@@ -65,8 +65,14 @@ def test_what_may_change_on_resume(tiny_config, tiny_dataset, run_with_checkpoin
     (["train.batch_size=16"], {}, r"train\.batch_size: 8 in the checkpoint, 16"),
     (["model.hidden=128"], {}, r"the dense model's shapes differ .* keys changed: model\.hidden"),
     (["embeddings.loc.dim=8"], {}, r"(?s)embeddings\.loc\.dim: 16 in the checkpoint, 8 .* keys changed: embeddings\.loc\.dim"),
+    # CPU runs hash tables with the fused kernel only, so the GPU-only values are the saved ones
+    ([], {"embeddings.app.collision": "zch"},
+     r"embeddings\.app\.collision: 'zch' in the checkpoint, 'hash' in this run; ids map to other rows"),
+    ([], {"embeddings.loc.compute_kernel": "fused_uvm_caching"},
+     r"embeddings\.loc\.compute_kernel: 'fused_uvm_caching' in the checkpoint, 'fused' in this run; "
+     r"the table's state was written by the other FBGEMM kernel"),
 ], ids=["zero 0->3", "zero 2->0", "precision", "table rows", "table optimizer", "batch size",
-        "model width", "table width"])
+        "model width", "table width", "table collision", "table kernel"])
 def test_what_may_not_change_is_refused_naming_the_key(tiny_config, tiny_dataset, run_with_checkpoint,
                                                       overrides, saved, named):
     _set_saved(run_with_checkpoint, **saved)
@@ -98,6 +104,27 @@ def test_u_mask_train_refuses_before_any_worker_starts(tiny_config, run_with_che
     monkeypatch.setattr(launch, "_start_ray", no_ray)
     with pytest.raises(UserError, match=r"deepspeed\.zero_stage: 0 in the checkpoint, 3 in this run"):
         train(tiny_config("ray.name=built", "ray.num_workers=1", "deepspeed.zero_stage=3"))
+
+
+def test_a_checkpoint_from_before_collision_and_kernel_keys_resumes(tiny_config, tiny_dataset, run_with_checkpoint):
+    path = run_with_checkpoint / "checkpoint_000000" / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    for table in ("app", "loc"):
+        del saved["embeddings"][table]["collision"], saved["embeddings"][table]["compute_kernel"]
+    path.write_text(yaml.safe_dump(saved))
+    assert _check(tiny_config, tiny_dataset, run_with_checkpoint) is not None  # read as hash and fused
+
+
+def test_a_changed_collision_is_refused_before_any_worker_starts(tiny_config, run_with_checkpoint, monkeypatch):
+    import trainer.training.launch as launch
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started: the refusal came too late")
+
+    monkeypatch.setattr(launch, "_start_ray", no_ray)
+    _set_saved(run_with_checkpoint, **{"embeddings.loc.collision": "zch"})
+    with pytest.raises(UserError, match=r"embeddings\.loc\.collision: 'zch' in the checkpoint, 'hash' in this run"):
+        train(tiny_config("ray.name=built", "ray.num_workers=1"))
 
 
 def test_a_partial_newer_checkpoint_is_not_what_a_run_resumes(tiny_config, tiny_dataset, run_with_checkpoint):

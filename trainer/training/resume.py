@@ -28,6 +28,12 @@ May not change:
   weights and the engine's files differ per precision;
 - embeddings.<table>.num_embeddings and dim, embeddings.optimizer: the tables' and their
   optimizer state's shapes;
+- embeddings.<table>.collision (hash <-> zch): the saved rows belong to the ids that the
+  checkpoint's mapping sent there, and zch's id -> row map is the managed-collision modules'
+  own saved state;
+- embeddings.<table>.compute_kernel (fused <-> fused_uvm_caching): the tables' state was
+  written by the other FBGEMM kernel, and moving a checkpoint between kernels has never been
+  run here (fused_uvm_caching needs a GPU), so it is refused rather than guessed at;
 - any key that changes the dense model's parameter shapes (model.*, the data.* keys of the
   feature spec, the table dims): found by building the new model on the meta device and
   comparing with the checkpoint's dense.safetensors header;
@@ -42,6 +48,7 @@ from typing import Any
 
 import yaml
 
+from embeddings.config import TableConfig
 from trainer.config import RunConfig
 from trainer.training.checkpoint import checkpoint_step, latest_checkpoint
 from trainer.training.deepspeed_config import resolve_precision
@@ -78,8 +85,9 @@ def resume_problems(saved: dict, cfg: RunConfig, folder: Path, spec: FeatureSpec
     """One line per key that differs in a way the checkpoint cannot be continued under."""
     out = []
 
-    def differs(key: str, now: Any, why: str) -> None:
+    def differs(key: str, now: Any, why: str, default: Any = None) -> None:
         was = _get(saved, key)
+        was = default if was is None else was  # a checkpoint from before the key existed had its default
         if was != now:
             out.append(f"{key}: {was!r} in the checkpoint, {now!r} in this run; {why}")
 
@@ -95,6 +103,12 @@ def resume_problems(saved: dict, cfg: RunConfig, folder: Path, spec: FeatureSpec
     for name, table in cfg.embeddings.tables().items():
         for key in ("num_embeddings", "dim"):
             differs(f"embeddings.{name}.{key}", getattr(table, key), "the table's shape")
+        differs(f"embeddings.{name}.collision", table.collision, "ids map to other rows under the other "
+                "collision (hash: splitmix64 mod rows; zch: the managed-collision modules' saved map)",
+                default=TableConfig.collision)
+        differs(f"embeddings.{name}.compute_kernel", table.compute_kernel, "the table's state was written by "
+                "the other FBGEMM kernel; continuing it under another one is not supported",
+                default=TableConfig.compute_kernel)
     differs("embeddings.optimizer", cfg.embeddings.optimizer, "the tables' optimizer state has another layout")
     differs("train.batch_size", cfg.train.batch_size, "the saved loader position counts batches of it")
     differs("train.seed", cfg.train.seed, "the saved loader position is in its shuffle")
