@@ -7,10 +7,12 @@ file (memory: one file's columns), at ~10^7 events/s:
   int64 (nullable), event string; users uniform over the files (every file holds every
   user's events, as daily exports do), ts uniform over two weeks, Zipf app ids, each user
   among a few home/work cells, 10 % location-only records, 5 % without a cell, 1 % installs;
-- apps.parquet (app_id, category_id) for 90 % of the apps;
-- locations.parquet (loc_id, lat, lon) without region_id, so featurize fits k-means regions.
+- apps.parquet (app_id, category_id) for 90 % of the apps (--apps, default 20,000);
+- locations.parquet (loc_id, lat, lon) without region_id, so featurize fits k-means regions
+  (--locations, default 100,000; written in row groups of 2^20, one city's block at a time).
 
-    .venv/bin/python bench/featurize_data.py OUT --events 100000000 [--users N] [--files 10]
+    .venv/bin/python bench/featurize_data.py OUT --events 100000000 [--users N] [--files 10] \
+        [--apps 1000000] [--locations 10000000]
 """
 from __future__ import annotations
 
@@ -29,31 +31,37 @@ ROW_GROUP = 1 << 20
 EVENT_NAMES = pa.array(["use", "install"])
 
 
-def write_dataset(root: Path, events: int, users: int, files: int, seed: int = 0) -> Path:
-    """Writes a contract dataset of `events` events of `users` users into root (new); returns root."""
+def write_dataset(root: Path, events: int, users: int, files: int, seed: int = 0, apps: int = APPS,
+                  locations: int = LOCATIONS) -> Path:
+    """Writes a contract dataset of `events` events of `users` users, `apps` apps and `locations`
+    places into root (new); returns root."""
     root.mkdir(parents=True)
     (root / "events").mkdir()
     rng = np.random.default_rng(seed)
     user_ids = rng.integers(0, 2**62, users)
-    homes = rng.integers(0, LOCATIONS, (users, 3))
+    homes = rng.integers(0, locations, (users, 3))
     start = ORIGIN + 2900 * WEEK
     per_file = [events // files + (i < events % files) for i in range(files)]
     for i, n in enumerate(per_file):
         file_rng = np.random.default_rng([seed, i])
         with pq.ParquetWriter(root / "events" / f"part-{i:05d}.parquet", _schema()) as writer:
             for offset in range(0, n, ROW_GROUP):
-                writer.write_table(_events(file_rng, min(ROW_GROUP, n - offset), user_ids, homes, start))
-    app_ids = np.arange(APPS, dtype=np.int64)
-    listed = app_ids[rng.random(APPS) < 0.9]
+                writer.write_table(_events(file_rng, min(ROW_GROUP, n - offset), user_ids, homes, start, apps))
+    app_ids = np.arange(apps, dtype=np.int64)
+    listed = app_ids[rng.random(apps) < 0.9]
     pq.write_table(pa.table({"app_id": listed, "category_id": rng.integers(0, 20, len(listed)).astype(np.int32)}),
                    root / "apps.parquet")
     # cells around a few cities, so that the regions mean something
     cities = rng.uniform([-50, -180], [60, 180], (40, 2))
-    city = rng.integers(0, len(cities), LOCATIONS)
-    pq.write_table(pa.table({"loc_id": np.arange(LOCATIONS, dtype=np.int64),
-                             "lat": np.clip(cities[city, 0] + rng.normal(0, 0.3, LOCATIONS), -90, 90),
-                             "lon": (cities[city, 1] + rng.normal(0, 0.3, LOCATIONS) + 180) % 360 - 180}),
-                   root / "locations.parquet")
+    schema = pa.schema([("loc_id", pa.int64()), ("lat", pa.float64()), ("lon", pa.float64())])
+    with pq.ParquetWriter(root / "locations.parquet", schema) as writer:
+        for first in range(0, locations, ROW_GROUP):
+            n = min(ROW_GROUP, locations - first)
+            city = rng.integers(0, len(cities), n)
+            writer.write_table(pa.table({
+                "loc_id": np.arange(first, first + n, dtype=np.int64),
+                "lat": np.clip(cities[city, 0] + rng.normal(0, 0.3, n), -90, 90),
+                "lon": (cities[city, 1] + rng.normal(0, 0.3, n) + 180) % 360 - 180}, schema=schema))
     return root
 
 
@@ -62,9 +70,10 @@ def _schema() -> pa.Schema:
                       ("loc_id", pa.int64()), ("traffic_bytes", pa.int64()), ("event", pa.string())])
 
 
-def _events(rng: np.random.Generator, n: int, user_ids: np.ndarray, homes: np.ndarray, start: int) -> pa.Table:
+def _events(rng: np.random.Generator, n: int, user_ids: np.ndarray, homes: np.ndarray, start: int,
+            apps: int) -> pa.Table:
     user = rng.integers(0, len(user_ids), n)
-    app = np.minimum(rng.zipf(1.3, n), APPS) - 1
+    app = np.minimum(rng.zipf(1.3, n), apps) - 1
     return pa.table({
         "user_id": user_ids[user],
         "ts": pa.array(start + rng.integers(0, 2 * WEEK, n), pa.int64()).cast(pa.timestamp("s", tz="UTC")),
@@ -82,8 +91,11 @@ def main() -> None:
     parser.add_argument("--users", type=int, help="default: events // 2000 (1,000 events per user-week)")
     parser.add_argument("--files", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--apps", type=int, default=APPS)
+    parser.add_argument("--locations", type=int, default=LOCATIONS)
     args = parser.parse_args()
-    write_dataset(args.out, args.events, args.users or max(1, args.events // 2000), args.files, args.seed)
+    write_dataset(args.out, args.events, args.users or max(1, args.events // 2000), args.files, args.seed,
+                  args.apps, args.locations)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""`u-mask data featurize` on a two-node Ray cluster on loopback (`ray start --head` plus a
-second `ray start`, each with one CPU): its tasks run on both nodes, and it writes the bytes of
-the in-process run (trainer/data/featurize.py)."""
+"""`u-mask data featurize` on Ray clusters on loopback: on two nodes (`ray start --head` plus a
+second `ray start`, each with one CPU) its tasks run on both nodes, and it writes the bytes of
+the in-process run (trainer/data/featurize.py); a driver killed mid-run resumes on rerun."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +52,58 @@ def outputs(features: Path) -> dict[str, str]:
     return {str(p.relative_to(features)): file_sha256(p) for p in files}
 
 
+def reference_outputs(raw: Path, features: Path) -> dict[str, str]:
+    """The in-process run's shards and spec (featurize_events over the whole tables)."""
+    cfg = RunConfig()
+    for key, value in SETTINGS.items():
+        setattr(cfg.data, key, value)
+    ds = open_dataset(raw)
+    prepare_output(features)
+    featurize_events(EventReader(ds, "strict").batches(), *build_feature_spec(read_apps(ds, 4), read_locations(ds), cfg.data),
+                     cfg.data, features)
+    return outputs(features)
+
+
+def featurize_command(raw: Path, features: Path, gcs: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "u-mask"), "data", "featurize", "--config", "configs/tiny.yaml",
+            f"data.source={raw}", f"data.features={features}", f"ray.address={gcs}",
+            *[f"data.{k}={v}" for k, v in SETTINGS.items()]]
+
+
+def test_a_killed_driver_resumes_without_redoing_finished_buckets(loopback_cluster, tmp_path):
+    """The driver is killed (SIGKILL, by its process id) while bucket 2's task hangs and the other
+    buckets have finished; the rerun keeps their reports (same task pids) and does bucket 2."""
+    raw = write_dataset(tmp_path / "raw")
+    loopback_cluster.start_head("--num-cpus", "2", "--memory", str(2**31))
+    features = tmp_path / "features"
+    shards = features / "_staging" / "shards"
+    driver = subprocess.Popen(featurize_command(raw, features, loopback_cluster.gcs), cwd=REPO,
+                              env=loopback_cluster.env(UMASK_FAULTS="hang@bucket:2"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(shards.glob("shard-*.json"))) < 3:
+            assert driver.poll() is None, "the run ended although bucket 2 hangs"
+            assert time.monotonic() < deadline, loopback_cluster.logs()
+            time.sleep(0.2)
+    finally:
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finished = {p.name: json.loads(p.read_text()) for p in shards.glob("shard-*.json")}
+    assert sorted(finished) == ["shard-00000.json", "shard-00001.json", "shard-00003.json"]
+
+    done = subprocess.run(featurize_command(raw, features, loopback_cluster.gcs), env=loopback_cluster.env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:] + loopback_cluster.logs()
+    manifest = json.loads((features / "manifest.json").read_text())
+    for report in manifest["shards"]:
+        name = f"shard-{report['shard']:05d}.json"
+        assert (name in finished) == (report["shard"] != 2)
+        if name in finished:  # kept, not redone
+            assert manifest["run"]["tasks"]["featurize"][report["shard"]]["pid"] == finished[name]["task"]["pid"]
+    assert outputs(features) == reference_outputs(raw, tmp_path / "reference")
+
+
 def test_two_nodes_share_the_tasks_and_write_the_one_process_bytes(loopback_cluster, tmp_path):
     raw = write_dataset(tmp_path / "raw")
     loopback_cluster.start_head("--num-cpus", "1", "--memory", str(2**31))
@@ -56,21 +111,9 @@ def test_two_nodes_share_the_tasks_and_write_the_one_process_bytes(loopback_clus
     loopback_cluster.wait_for_nodes(2)
 
     features = tmp_path / "features"
-    args = [f"data.{k}={v}" for k, v in SETTINGS.items()]
-    done = subprocess.run([str(Path(sys.executable).parent / "u-mask"), "data", "featurize", "--config", "configs/tiny.yaml",
-                           f"data.source={raw}", f"data.features={features}", f"ray.address={loopback_cluster.gcs}",
-                           *args],
-                          env=loopback_cluster.env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(featurize_command(raw, features, loopback_cluster.gcs), env=loopback_cluster.env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:] + loopback_cluster.logs()
     run = json.loads((features / "manifest.json").read_text())["run"]
     assert run["nodes"] == 2, run
-
-    cfg = RunConfig()
-    for key, value in SETTINGS.items():
-        setattr(cfg.data, key, value)
-    reference = tmp_path / "reference"
-    ds = open_dataset(raw)
-    prepare_output(reference)
-    featurize_events(EventReader(ds, "strict").batches(), *build_feature_spec(read_apps(ds, 4), read_locations(ds), cfg.data),
-                     cfg.data, reference)
-    assert outputs(features) == outputs(reference)
+    assert outputs(features) == reference_outputs(raw, tmp_path / "reference")
