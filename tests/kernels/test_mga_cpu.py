@@ -125,17 +125,23 @@ def test_non_contiguous_inputs():
                                mask_guided_attention_reference(q, k, v, evidence, "evidence_causal"), atol=2e-6, rtol=0)
 
 
-def test_torch_compile_keeps_one_graph():
-    q, k, v = random_qkv(2, 2, 12, 8)
-    evidence = evidence_layouts(2, 12)["scattered"]
-    key_bias = torch.zeros(2, 2, requires_grad=True)
-    compiled = torch.compile(lambda q, k, v, b: mask_guided_attention(q, k, v, evidence, "bias", b) * 2,
+@pytest.mark.parametrize("mode,layout_name", [("bias", "scattered"), ("evidence_keys", "sorted_random")])
+def test_torch_compile_keeps_one_graph(mode, layout_name):
+    q, k, v = random_qkv(4, 2, 12, 8)
+    evidence = evidence_layouts(4, 12)[layout_name]
+    key_bias = torch.zeros(2, 2, requires_grad=True) if mode == "bias" else None
+    compiled = torch.compile(lambda q, k, v, b: mask_guided_attention(q, k, v, evidence, mode, b) * 2,
                              backend="aot_eager", fullgraph=True)
     out = compiled(q, k, v, key_bias)
-    out.sum().backward()
-    torch.testing.assert_close(out.double(), 2 * mask_guided_attention_reference(q, k, v, evidence, "bias", key_bias),
-                               atol=2e-6, rtol=0)
-    assert key_bias.grad is not None
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    got = torch.autograd.grad(out, [q, k, v], grad_out, retain_graph=True)
+    ref = 2 * mask_guided_attention_reference(q, k, v, evidence, mode, key_bias)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=0)
+    for g, w in zip(got, torch.autograd.grad(ref, [q, k, v], grad_out.double())):
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-5, rtol=0)
+    if key_bias is not None:
+        out.sum().backward()
+        assert key_bias.grad is not None
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -161,15 +167,76 @@ def test_strategy_follows_sequence_length_layout_and_mode():
     layouts = {n: evidence_layouts(4, n) for n in (168, 672)}
     assert cpu.COMPACTION_MIN_TOKENS > 168
     # scattered evidence: masked for a week of hourly slots, compacted from 256 tokens on
-    assert cpu._masked_instead("evidence_keys", layouts[168]["scattered"])
-    assert not cpu._masked_instead("evidence_keys", layouts[672]["scattered"])
-    # evidence-first (the DiT's order): evidence_keys slices its keys, compacted at any length
+    assert cpu._masked_instead("evidence_keys", 168) and not cpu._masked_instead("evidence_keys", 672)
+    assert cpu._prefix("evidence_keys", layouts[168]["scattered"], torch.float32) is None
+    # evidence-first (the DiT's order): evidence_keys slices its keys, at any length
     for name in ("sorted_random", "sorted_mixed_counts", "no_evidence", "all_evidence"):
         assert cpu.evidence_first(layouts[168][name]), name
-        assert not cpu._masked_instead("evidence_keys", layouts[168][name]), name
+        assert cpu._prefix("evidence_keys", layouts[168][name], torch.float32) is not None, name
     assert not cpu.evidence_first(layouts[168]["scattered"])
-    assert cpu._masked_instead("evidence_causal", layouts[168]["sorted_random"])
-    assert not cpu._masked_instead("bias", layouts[168]["scattered"])  # the bias channel needs no mask
+    # evidence_causal gathers its target queries whatever the order
+    assert cpu._prefix("evidence_causal", layouts[168]["sorted_random"], torch.float32) is None
+    assert cpu._masked_instead("evidence_causal", 168)
+    assert not cpu._masked_instead("bias", 168)  # the bias channel needs no mask
+
+
+def test_evidence_prefix_counts_and_padding():
+    evidence = torch.tensor([[True, True, False, False], [True, False, False, False]])
+    keys = cpu.evidence_prefix(evidence, torch.float32)
+    assert keys.count.tolist() == [2, 1] and (keys.fewest, keys.most) == (1, 2)
+    assert keys.padding.flatten(1).tolist() == [[0.0, 0.0], [0.0, float("-inf")]]
+    equal = cpu.evidence_prefix(torch.tensor([[True, False], [True, False]]), torch.float64)
+    assert equal.padding is None and (equal.fewest, equal.most) == (1, 1)
+    assert cpu.evidence_prefix(torch.tensor([[False, True]]), torch.float32) is None
+
+
+@pytest.mark.parametrize("include_self", [True, False])
+@pytest.mark.parametrize("counts", [[3, 9, 5, 9], [4, 4, 4, 4], [0, 2, 2, 7], [0, 0, 0, 0]])
+def test_prefix_path_matches_reference_float64(counts, include_self):
+    """The evidence-first path on every split of its rows: fewest > 0 with padding (rows
+    below fewest get no self term), equal counts (no padding), empty samples, no evidence."""
+    q, k, v = random_qkv(4, 2, 11, 4, torch.float64)
+    evidence = torch.arange(11)[None, :] < torch.tensor(counts)[:, None]
+    assert cpu.evidence_prefix(evidence, torch.float64) is not None
+    out = mask_guided_attention(q, k, v, evidence, "evidence_keys", include_self=include_self)
+    ref = mask_guided_attention_reference(q, k, v, evidence, "evidence_keys", include_self=include_self)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    grad_out = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    want = torch.autograd.grad(ref, (q, k, v), grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+    _, lse = cpu.forward(q.detach(), k.detach(), v.detach(), evidence, "evidence_keys", None, include_self)
+    empty = (~allowed_keys(evidence, "evidence_keys", include_self).any(-1))[:, None].expand_as(lse)
+    assert torch.isposinf(lse[empty]).all() and lse[~empty].isfinite().all()  # +inf exactly on empty rows
+
+
+def test_prefix_layout_is_built_once_per_evidence_tensor_and_again_after_a_write(monkeypatch):
+    real, built = cpu.evidence_prefix, []
+
+    def counting(evidence, dtype):
+        built.append(dtype)
+        return real(evidence, dtype)
+
+    monkeypatch.setattr(cpu, "evidence_prefix", counting)
+    monkeypatch.setattr(cpu, "_last_prefix", (None, -1, None, None))
+    q, k, v = random_qkv(2, 2, 9, 4, torch.float64)
+    evidence = torch.arange(9)[None, :] < torch.tensor([[3], [6]])
+    for _ in range(3):  # three blocks' forward and backward on one evidence tensor
+        mask_guided_attention(q, k, v, evidence, "evidence_keys").sum().backward()
+    assert len(built) == 1
+    evidence[0, 3] = True  # in place: the version counter moves, the layout is rebuilt
+    out = mask_guided_attention(q, k, v, evidence, "evidence_keys")
+    torch.testing.assert_close(out, mask_guided_attention_reference(q, k, v, evidence, "evidence_keys"),
+                               atol=1e-12, rtol=0)
+    assert len(built) == 2
+    fresh = evidence.clone()  # another tensor, same values: looked at afresh
+    mask_guided_attention(q, k, v, fresh, "evidence_keys")
+    mask_guided_attention(q.float(), k.float(), v.float(), fresh, "evidence_keys")  # another dtype's padding
+    assert len(built) == 4
+    with torch.inference_mode():
+        mask_guided_attention(q, k, v, torch.arange(9)[None, :] < torch.tensor([[3], [6]]), "evidence_keys")
+    assert len(built) == 5
 
 
 def test_evidence_first_keys_are_views_not_gathers():

@@ -8,7 +8,10 @@ call instead, unless evidence_keys's evidence is already evidence-first):
 - evidence_keys: take the evidence keys (padded to the batch's largest count; a slice of K
   and V in evidence-first order, a gather otherwise) and attend to them; a target's own key
   is merged in afterwards as one extra softmax term using the kernel's log-sum-exp, so the
-  self key costs O(N*D) instead of a dense mask.
+  self key costs O(N*D) instead of a dense mask. In evidence-first order (the DiT's) this
+  is the `_prefix_*` path at every N: a key slice, and the self term on the rows that can
+  be targets only; about ten torch ops around the kernel, since at N=168 each costs
+  10-100 us against the kernel's 1-2 ms.
 - evidence_causal: evidence queries attend to gathered evidence keys, target queries attend
   to every key, as two kernel calls on gathered queries (work N^2 (1 - rho + rho^2)).
 - bias: the per-head key bias rides in one extra head-dim channel (q gets a 1, k gets
@@ -19,6 +22,7 @@ Forward returns (out, lse) with lse the natural-log softmax normaliser per query
 on rows with no allowed key; backward recomputes nothing but the kernel's own tiles.
 """
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -91,6 +95,79 @@ def _key_padding(tokens: TokenList, dtype: torch.dtype) -> torch.Tensor:
     return pad.masked_fill(~tokens.valid, float("-inf"))[:, None, None, :]
 
 
+class EvidencePrefix(NamedTuple):
+    """Evidence-first evidence [B,N]: sample b's evidence is its first count[b] tokens."""
+    count: torch.Tensor  # [B] int64
+    fewest: int  # min count: query rows below it are evidence in every sample
+    most: int  # max count: the key length the kernel sees
+    padding: torch.Tensor | None  # [B,1,1,most] additive 0 / -inf; None when every count is equal
+
+
+def evidence_prefix(evidence: torch.Tensor, dtype: torch.dtype) -> EvidencePrefix | None:
+    """The prefix layout of evidence [B,N], or None when some sample's evidence is not a prefix.
+
+    About six small torch ops: at N=168 each op issued per call costs 10-100 us (the time of
+    thousands of pairs), so the check and the padding mask share one comparison.
+    """
+    n = evidence.shape[1]
+    count = evidence.sum(1)
+    within = torch.arange(n, device=evidence.device) < count[:, None]  # [B,N]
+    if not torch.equal(within, evidence):
+        return None
+    fewest, most = (int(x) for x in torch.aminmax(count))
+    padding = None
+    if fewest != most:
+        padding = torch.full((count.shape[0], 1, 1, most), float("-inf"), dtype=dtype, device=evidence.device)
+        padding.masked_fill_(within[:, None, None, :most], 0.0)
+    return EvidencePrefix(count, fewest, most, padding)
+
+
+def _prefix_forward(q, k, v, keys: EvidencePrefix, evidence, include_self, scale):
+    """evidence_keys in evidence-first order: one kernel call on the key prefix [0, most),
+    then the self term merged into the target rows [fewest, N) only."""
+    b, h, n, d = q.shape
+    lse_dtype = accumulation_dtype(q)
+    if keys.most == 0:
+        out = torch.zeros_like(q)
+        lse = q.new_full((b, h, n), float("-inf") if include_self else float("inf"), dtype=lse_dtype)
+    else:
+        out, lse = _flash_forward(q, k[:, :, :keys.most], v[:, :, :keys.most], 0.0, False, attn_mask=keys.padding,
+                                  scale=scale)
+        lse = lse.to(lse_dtype)
+        if keys.fewest == 0:
+            # a sample with no evidence key: the kernel says lse 0 and out 0; the row is
+            # empty (+inf by the contract) unless the self term below fills it
+            lse.masked_fill_((keys.count == 0)[:, None, None], float("-inf") if include_self else float("inf"))
+    if include_self:
+        rows = slice(keys.fewest, n)
+        own = self_scores(q[:, :, rows], k[:, :, rows], evidence[:, rows], scale)
+        lse_rows = lse[:, :, rows]
+        total = torch.logaddexp(lse_rows, own)  # finite: every target row has at least its own key
+        # out (1 - w) + v w with w the self key's softmax weight, in one pass
+        out[:, :, rows].lerp_(v[:, :, rows], torch.exp(own - total).to(out.dtype)[..., None])
+        lse_rows.copy_(total)
+    return out, lse
+
+
+def _prefix_backward(dout, q, k, v, out, lse, keys: EvidencePrefix, evidence, include_self, scale):
+    n = q.shape[2]
+    if keys.most == 0:
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    else:
+        # the kernel recomputes P = exp(S - lse) with the merged lse, so these are exactly
+        # the evidence keys' share even with a self term merged in; keys past `most` get none
+        dq, dk_keys, dv_keys = _flash_backward(dout, q, k[:, :, :keys.most], v[:, :, :keys.most], out, lse,
+                                               0.0, False, attn_mask=keys.padding, scale=scale)
+        dk = torch.nn.functional.pad(dk_keys, (0, 0, 0, n - keys.most))
+        dv = torch.nn.functional.pad(dv_keys, (0, 0, 0, n - keys.most))
+    if include_self:
+        rows = slice(keys.fewest, n)
+        add_self_key_gradients(dq[:, :, rows], dk[:, :, rows], dv[:, :, rows], dout[:, :, rows], q[:, :, rows],
+                               k[:, :, rows], v[:, :, rows], out[:, :, rows], lse[:, :, rows], evidence[:, rows],
+                               scale)
+    return dq, dk, dv
+
+
 # Below this many tokens, with evidence scattered (or in mode evidence_causal), the gathers,
 # scatters and merges of the compacted paths cost more than the pairs they save, and one
 # masked kernel call is faster (bench/attention_bench.py: at N=168 masked 2.2 ms against compacted 2.5 ms forward; at
@@ -99,17 +176,41 @@ def _key_padding(tokens: TokenList, dtype: torch.dtype) -> torch.Tensor:
 COMPACTION_MIN_TOKENS = 256
 
 
-def _masked_instead(mode: str, evidence: torch.Tensor) -> bool:
-    if mode == "bias" or evidence.shape[1] >= COMPACTION_MIN_TOKENS:
-        return False
-    # evidence_causal gathers its target queries whatever the order, so it stays masked
-    return mode == "evidence_causal" or not evidence_first(evidence)
+def _masked_instead(mode: str, n: int) -> bool:
+    """Whether N tokens of scattered evidence (or evidence_causal in any order) run one masked call."""
+    return mode != "bias" and n < COMPACTION_MIN_TOKENS
+
+
+# The DiT calls the op once per block with one evidence tensor, and backward once per block
+# with it again: the prefix layout (about six ops and two host syncs, a tenth of the op's time
+# at N=168) is built once for that tensor. Keyed on the tensor object and its version counter,
+# so a new tensor, or this one written in place, is looked at afresh; inference tensors keep
+# no version counter and are never cached.
+_last_prefix: tuple = (None, -1, None, None)  # (weakref to evidence, its _version, dtype, EvidencePrefix | None)
+
+
+def _prefix(mode: str, evidence: torch.Tensor, dtype: torch.dtype) -> EvidencePrefix | None:
+    """evidence_prefix for mode evidence_keys (the only mode with a prefix path), else None."""
+    global _last_prefix
+    if mode != "evidence_keys":
+        return None
+    if evidence.is_inference():
+        return evidence_prefix(evidence, dtype)
+    ref, version, cached_dtype, keys = _last_prefix
+    if ref is not None and ref() is evidence and version == evidence._version and cached_dtype == dtype:
+        return keys
+    keys = evidence_prefix(evidence, dtype)
+    _last_prefix = (weakref.ref(evidence), evidence._version, dtype, keys)
+    return keys
 
 
 def forward(q, k, v, evidence, mode, key_bias, include_self):
     """(out [B,H,N,D] in q's dtype, lse [B,H,N] float32 (float64 for float64 inputs))."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if _masked_instead(mode, evidence):
+    keys = _prefix(mode, evidence, q.dtype)
+    if keys is not None:
+        return _prefix_forward(q, k, v, keys, evidence, include_self, scale)
+    if _masked_instead(mode, evidence.shape[1]):
         return _masked_forward(q, k, v, evidence, mode, include_self, scale)
     if mode == "evidence_keys":
         return _evidence_keys_forward(q, k, v, evidence, include_self, scale)
@@ -121,7 +222,10 @@ def forward(q, k, v, evidence, mode, key_bias, include_self):
 def backward(dout, q, k, v, out, lse, evidence, mode, key_bias, include_self):
     """(dq, dk, dv, dkey_bias or None) for the cotangent dout of `forward`'s out."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if _masked_instead(mode, evidence):
+    keys = _prefix(mode, evidence, q.dtype)
+    if keys is not None:
+        return (*_prefix_backward(dout, q, k, v, out, lse, keys, evidence, include_self, scale), None)
+    if _masked_instead(mode, evidence.shape[1]):
         return (*_masked_backward(dout, q, k, v, out, lse, evidence, mode, include_self, scale), None)
     if mode == "evidence_keys":
         return (*_evidence_keys_backward(dout, q, k, v, out, lse, evidence, include_self, scale), None)
@@ -172,7 +276,6 @@ def _evidence_keys_forward(q, k, v, evidence, include_self, scale):
 
 def _evidence_keys_backward(dout, q, k, v, out, lse, evidence, include_self, scale):
     keys = token_list(evidence)
-    n = q.shape[2]
     if keys.length > 0:
         # The kernel recomputes P = exp(S - lse) with the merged lse, so these are exactly the
         # evidence keys' share of the gradient even when a self term was merged in.
@@ -180,15 +283,11 @@ def _evidence_keys_backward(dout, q, k, v, out, lse, evidence, include_self, sca
             dout, q, _gather_tokens(k, keys), _gather_tokens(v, keys), out, lse, 0.0, False,
             attn_mask=_key_padding(keys, q.dtype), scale=scale)
         # keys.gather is a prefix of a permutation, and its padding slots carry zero
-        # gradient (masked keys), so a plain scatter (or, for a prefix, a zero pad) puts
-        # every row in place
-        if keys.prefix:
-            dk = torch.nn.functional.pad(dk_keys, (0, 0, 0, n - keys.length))
-            dv = torch.nn.functional.pad(dv_keys, (0, 0, 0, n - keys.length))
-        else:
-            index = keys.gather[:, None, :, None].expand_as(dk_keys)
-            dk = torch.zeros_like(k).scatter_(2, index, dk_keys)
-            dv = torch.zeros_like(v).scatter_(2, index, dv_keys)
+        # gradient (masked keys), so a plain scatter puts every row in place (evidence-first
+        # evidence never gets here: it takes _prefix_backward)
+        index = keys.gather[:, None, :, None].expand_as(dk_keys)
+        dk = torch.zeros_like(k).scatter_(2, index, dk_keys)
+        dv = torch.zeros_like(v).scatter_(2, index, dv_keys)
     else:
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if include_self:
