@@ -297,7 +297,7 @@ def nearest_centroid(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """
     out = np.empty(len(points), np.int32)
     norms = (centroids ** 2).sum(axis=1)  # [K]
-    chunk = max(1, (1 << 24) // max(len(centroids), 1))  # [chunk, K] distances at a time
+    chunk = max(1, (1 << 22) // max(len(centroids), 1))  # [chunk, K] distances at a time: 32 MB a temporary
     for start in range(0, len(points), chunk):
         block = points[start:start + chunk]
         # |p - c|^2 without |p|^2, which does not change the argmin; the dot products summed
