@@ -43,3 +43,23 @@ def test_low_precision_buffers_follow_the_weights():
     bf16 = deepspeed_config(DeepSpeedConfig(precision="bf16"), 8, use_gpu=False)
     assert bf16["data_types"]["buffer_dtype"] == "bf16" and bf16["bf16"]["check_grad_overflow"]
     assert "data_types" not in deepspeed_config(DeepSpeedConfig(precision="fp32"), 8, use_gpu=False)
+
+
+@pytest.mark.parametrize("stage, precision, trainer_clips_it", [
+    (0, "fp32", True), (1, "fp32", False), (0, "bf16", False), (2, "bf16", False)])
+def test_the_trainer_clips_where_deepspeed_steps_a_bare_torch_optimizer(stage, precision, trainer_clips_it):
+    """fp32 without ZeRO: DeepSpeed's clipping is off and the trainer clips with the norm it logs
+    (trainer/training/loop.py); elsewhere DeepSpeed clips its own partitions."""
+    from trainer.training.deepspeed_config import trainer_clips
+
+    cfg = DeepSpeedConfig(zero_stage=stage, precision=precision, gradient_clipping=0.5)
+    assert trainer_clips(cfg, use_gpu=False) is trainer_clips_it
+    assert deepspeed_config(cfg, 8, use_gpu=False)["gradient_clipping"] == (0.0 if trainer_clips_it else 0.5)
+    # no clipping asked for: nobody clips
+    assert not trainer_clips(DeepSpeedConfig(zero_stage=stage, precision=precision, gradient_clipping=0.0), False)
+
+
+def test_adamw_is_torchs_fused_kernel():
+    """One kernel per tensor instead of torch's per-op loop on CPU (docs/training.md)."""
+    params = deepspeed_config(DeepSpeedConfig(), 8, use_gpu=False)["optimizer"]["params"]
+    assert params["torch_adam"] and params["fused"]

@@ -142,3 +142,43 @@ def test_metrics_are_reduced_only_on_logged_and_checkpoint_steps(tmp_path, tiny_
     assert out["saved"][5]["loss"] == pytest.approx(mean("loss", [4, 5]), rel=1e-6)
     assert out["saved"][7] == out["returned"]
     assert out["returned"]["loss"] == pytest.approx(per_step[7]["loss"], rel=1e-6)
+
+
+def _clipped_norms(cfg, run_dir: str, port: int) -> list[tuple[float, float]]:
+    """In the spawned process: per step, the gradient norm the trainer logs and the norm of the
+    gradients the optimizer is handed (read inside AdamW's step)."""
+    import torch
+    import torch.distributed as dist
+
+    import trainer.training.loop as loop
+
+    torch.set_num_threads(1)
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        trainer = loop.Trainer(cfg, Path(run_dir))
+        params = list(trainer.engine.module.parameters())
+        stepped: list[float] = []
+        optimizer = trainer.engine.optimizer
+        plain_step = optimizer.step
+
+        def step(*args, **kwargs):
+            stepped.append(float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])))
+            return plain_step(*args, **kwargs)
+        optimizer.step = step
+        logged = [float(trainer.train_step().values["grad_norm"]) for _ in range(3)]
+    finally:
+        dist.destroy_process_group()
+    return list(zip(logged, stepped))
+
+
+def test_the_trainer_clips_what_deepspeed_steps_in_fp32_without_zero(tmp_path, tiny_config):
+    """fp32 ZeRO-0 on one rank: DeepSpeed's clipping is off (trainer/training/deepspeed_config.py:
+    trainer_clips) and the trainer clips to deepspeed.gradient_clipping with the norm it logs."""
+    clip = 1e-3  # far below the tiny model's gradient norms, so every step is clipped
+    cfg = tiny_config("ray.name=clip", "ray.num_workers=1", f"deepspeed.gradient_clipping={clip}")
+    pairs = _run_in_process(_clipped_norms, cfg, str(tmp_path / "runs" / "clip"), _free_port())
+    for logged, stepped in pairs:
+        assert logged > 10 * clip  # the logged norm is before clipping
+        assert stepped == pytest.approx(clip, rel=1e-3)  # what AdamW stepped with

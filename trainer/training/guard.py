@@ -23,8 +23,10 @@ rank's answer, so all ranks decide alike:
 Under gradient accumulation the tables step per micro-batch (trainer/training/sparse_grad.py):
 micro-batches of a skipped step that came before the bad one have stepped the tables already.
 
-Cost: one all-reduce of 3 x world_size flags and one copy to the host per micro-batch, so each
-step waits for the device once (the metrics still cross ranks only on logged steps).
+Cost: one float32 sum per gradient as backward produces it (`_finite_sum`: finite exactly when
+every value is), then one all-reduce of 3 x world_size flags (none on one rank) and one copy to
+the host per micro-batch, so each step waits for the device once (the metrics still cross ranks
+only on logged steps).
 """
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ class NonFiniteGuard:
         self.patience = patience
         self.fp16 = fp16
         self.bare_fp32 = bare_fp32  # fp32 without ZeRO: DeepSpeed steps a bare torch optimizer
-        self._local_bad: torch.Tensor | None = None  # this micro-batch's dense gradients, on the device
+        self._local_sum: torch.Tensor | None = None  # this micro-batch's dense gradients summed, on the device
         self._window: str | None = None  # the current optimizer step's skip reason so far
         self.consecutive = 0  # guard skips in a row
         for param in engine.module.parameters():
@@ -78,8 +80,8 @@ class NonFiniteGuard:
                 param.register_hook(self._observe)
 
     def _observe(self, grad: torch.Tensor) -> None:
-        bad = ~torch.isfinite(grad).all()
-        self._local_bad = bad if self._local_bad is None else self._local_bad | bad
+        total = _finite_sum(grad)
+        self._local_sum = total if self._local_sum is None else self._local_sum + total
 
     def check(self, step: int, loss: torch.Tensor, table_grad: torch.Tensor | None, batch) -> Verdict:
         """After the dense backward, before the tables step (collective: every rank, every micro-batch).
@@ -87,17 +89,17 @@ class NonFiniteGuard:
         Raises UserError under train.nonfinite=stop, or when the patience is used up."""
         rank, world = dist.get_rank(), dist.get_world_size()
         device = loss.device
-        grads_bad = torch.zeros((), dtype=torch.bool, device=device)
+        grads = torch.zeros((), dtype=torch.float32, device=device)
         if table_grad is not None:
-            grads_bad = grads_bad | ~torch.isfinite(table_grad).all()
-        if self._local_bad is not None:
-            grads_bad = grads_bad | self._local_bad.to(device)
-        self._local_bad = None
+            grads = grads + _finite_sum(table_grad)
+        if self._local_sum is not None:
+            grads = grads + self._local_sum.to(device)
+        self._local_sum = None
+        sums = torch.stack([_finite_sum(loss.detach()), grads, _finite_sum(batch.dense)])  # [3]
         flags = torch.zeros(world, 3, dtype=torch.float32, device=device)
-        flags[rank, 0] = (~torch.isfinite(loss.detach().float()).all()).float()
-        flags[rank, 1] = grads_bad.float()
-        flags[rank, 2] = (~torch.isfinite(batch.dense).all()).float()
-        dist.all_reduce(flags)
+        flags[rank] = (~torch.isfinite(sums)).float()
+        if world > 1:
+            dist.all_reduce(flags)
         per_rank = flags.tolist()
         verdict = Verdict(bad_loss=tuple(r for r in range(world) if per_rank[r][0]),
                           bad_grads=tuple(r for r in range(world) if per_rank[r][1]),
@@ -170,6 +172,15 @@ class NonFiniteGuard:
         if rank in culprits:
             line += f"; this rank's batch: {describe_batch(batch)}"
         return line
+
+
+def _finite_sum(values: torch.Tensor) -> torch.Tensor:
+    """A 0-dim float32 sum of `values` (any float dtype, summed in float32) that is finite exactly
+    when every value is, short of a float32 overflow of the sum (about 3.4e38, a gradient already
+    past any use): NaN propagates and inf + -inf is NaN (IEEE 754). One read of the tensor, where
+    `isfinite(x).all()` writes a boolean of x's size first and reads it back (12.7 ms against
+    0.35 ms for 5 M values on one core here)."""
+    return values.sum(dtype=torch.float32)
 
 
 def _ranks(ranks: tuple[int, ...]) -> str:

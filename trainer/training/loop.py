@@ -31,7 +31,7 @@ from trainer.config import RunConfig, to_yaml
 from trainer.data.batch import Batch
 from trainer.data.loader import ShardedLoader, check_spec_matches
 from umask.spec import SPEC_DIR
-from trainer.training.deepspeed_config import deepspeed_config, resolve_precision
+from trainer.training.deepspeed_config import deepspeed_config, resolve_precision, trainer_clips
 from trainer.training.faults import fault_point
 from trainer.training.guard import NonFiniteGuard
 from trainer.training.native_ops import without_runtime_builds
@@ -78,6 +78,13 @@ class Trainer:
             model=model, model_parameters=model.parameters(),
             config=deepspeed_config(cfg.deepspeed, cfg.train.batch_size, cfg.ray.use_gpu))
         precision = resolve_precision(cfg.deepspeed, cfg.ray.use_gpu)
+        if self.world_size == 1 and precision == "fp32" and cfg.deepspeed.zero_stage == 0:
+            # DeepSpeed's ZeRO-0 gradient all-reduce flattens every gradient into one buffer and
+            # copies it back even on one rank, where the average is the gradient itself
+            # (forward_backward gives gradient-less parameters the zeros it would have given them)
+            self.engine.enable_backward_allreduce = False
+        # the trainer clips (trainer_clips): the norm it logs is the norm it clips with
+        self.clip = cfg.deepspeed.gradient_clipping if trainer_clips(cfg.deepspeed, cfg.ray.use_gpu) else 0.0
         # the engine's parameters are in this dtype; the model's float inputs are cast to it
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         self.guard = NonFiniteGuard(self.engine, cfg.train.nonfinite, cfg.train.nonfinite_patience,
@@ -111,7 +118,14 @@ class Trainer:
         self.last_batch = batch
         metrics = {k: out[k].detach() for k in ("loss", "reconstruction", "consistency")}
         if self.engine.is_gradient_accumulation_boundary():
+            if not self.engine.enable_backward_allreduce:
+                for param in self.engine.module.parameters():
+                    if param.requires_grad and param.grad is None:
+                        param.grad = torch.zeros_like(param)
             metrics["grad_norm"] = self.grad_norm()
+            if self.clip and metrics["grad_norm"] is not None:
+                torch.nn.utils.clip_grads_with_norm_(self.engine.module.parameters(), self.clip,
+                                                     metrics["grad_norm"], foreach=True)
         self.guard.dense_step()  # engine.step(): the dense model steps at accumulation boundaries only
         if "grad_norm" in metrics and metrics["grad_norm"] is None:
             metrics["grad_norm"] = _as_tensor(self.engine.get_global_grad_norm(), self.device)
@@ -125,10 +139,10 @@ class Trainer:
         full gradient averaged over ranks. None where DeepSpeed keeps the gradients in its own
         partitions (ZeRO, bf16/fp16): then forward_backward takes the norm DeepSpeed computed.
         """
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        grads = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
         if not grads:
             return None
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+        return torch.nn.utils.get_total_norm(grads, foreach=True).float()
 
     def train_step(self) -> StepMetrics:
         """One optimizer step of the dense model: gradient_accumulation_steps micro-batches.
