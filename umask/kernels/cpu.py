@@ -142,10 +142,11 @@ def _prefix_forward(q, k, v, keys: EvidencePrefix, evidence, include_self, scale
         rows = slice(keys.fewest, n)
         own = self_scores(q[:, :, rows], k[:, :, rows], evidence[:, rows], scale)
         lse_rows = lse[:, :, rows]
-        total = torch.logaddexp(lse_rows, own)  # finite: every target row has at least its own key
-        # out (1 - w) + v w with w the self key's softmax weight, in one pass
-        out[:, :, rows].lerp_(v[:, :, rows], torch.exp(own - total).to(out.dtype)[..., None])
-        lse_rows.copy_(total)
+        # the self key's softmax weight w = e^own / (e^lse + e^own) = sigmoid(own - lse): 0 on
+        # evidence rows (own = -inf), 1 on a target with no evidence key (lse = -inf)
+        weight = torch.sigmoid(own - lse_rows).to(out.dtype)
+        out[:, :, rows].lerp_(v[:, :, rows], weight[..., None])  # out (1 - w) + v w, one pass
+        torch.logaddexp(lse_rows, own, out=lse_rows)  # finite: every target row has its own key
     return out, lse
 
 
