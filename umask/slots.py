@@ -83,18 +83,8 @@ def partition_events(batches: Iterable[pa.RecordBatch], staging: Path, num_shard
 
     try:
         for batch in batches:
-            batch = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
-            bucket = bucket_of(batch.column("user_id").to_numpy(), num_shards)
-            # a stable sort of small integers is numpy's radix sort: O(rows)
-            order = np.argsort(bucket.astype(np.uint16 if num_shards <= 1 << 16 else np.uint32),
-                               kind="stable")
-            counts = np.bincount(bucket, minlength=num_shards)
-            ends = np.cumsum(counts)
-            # a batch of one bucket's users (always so with one shard) needs no regrouping
-            grouped = batch if counts.max() == batch.num_rows else batch.take(order).combine_chunks()
-            for b in np.flatnonzero(counts):
-                part = grouped.slice(ends[b] - counts[b], counts[b])
-                pending.setdefault(int(b), []).extend(part.to_batches())
+            for b, part in group_by_bucket(batch, num_shards, schema):
+                pending.setdefault(b, []).extend(part.to_batches())
             pending_rows += batch.num_rows
             total += batch.num_rows
             if pending_rows >= buffer_rows:
@@ -105,6 +95,22 @@ def partition_events(batches: Iterable[pa.RecordBatch], staging: Path, num_shard
         for writer in writers.values():
             writer.close()
     return {b: staging / f"bucket-{b:05d}.parquet" for b in sorted(writers)}, total
+
+
+def group_by_bucket(batch: pa.RecordBatch, num_shards: int,
+                    schema: pa.Schema = NORMALIZED_EVENTS) -> list[tuple[int, pa.Table]]:
+    """(bucket, its rows of batch as `schema`) for each bucket the batch's user_ids fall in,
+    in increasing bucket order, rows in batch order within a bucket."""
+    table = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
+    bucket = bucket_of(table.column("user_id").to_numpy(), num_shards)
+    counts = np.bincount(bucket, minlength=num_shards)
+    ends = np.cumsum(counts)
+    if counts.max(initial=0) == table.num_rows:  # one bucket's users (always so with one shard)
+        return [(int(bucket[0]), table)] if table.num_rows else []
+    # a stable sort of small integers is numpy's radix sort: O(rows)
+    order = np.argsort(bucket.astype(np.uint16 if num_shards <= 1 << 16 else np.uint32), kind="stable")
+    grouped = table.take(order).combine_chunks()
+    return [(int(b), grouped.slice(ends[b] - counts[b], counts[b])) for b in np.flatnonzero(counts)]
 
 
 def gather_bags(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -129,13 +129,18 @@ def test_a_killed_worker_is_retried_and_nothing_is_missing_or_doubled(ray_cluste
 def test_an_interrupted_run_resumes_without_redoing_finished_buckets(ray_cluster, dataset, in_process,
                                                                      tmp_path, monkeypatch):
     features = tmp_path / "features"
-    monkeypatch.setenv(FAULTS, "kill@bucket:1")
-    with pytest.raises(UserError, match=r"featurize failed featurizing bucket 1 .*task_retries"):
+    # bucket 3 is the last of four on two CPUs: it starts when two buckets have finished
+    monkeypatch.setenv(FAULTS, "kill@bucket:3")
+    with pytest.raises(UserError, match=r"featurize failed featurizing bucket 3 .*task_retries"):
         featurize(config(dataset, features, task_retries=0))
     monkeypatch.delenv(FAULTS)
     staging = features / "_staging"
     finished = {p.name: p.read_text() for p in (staging / "shards").iterdir()}
-    assert len(list((staging / "units").iterdir())) == 4 and "shard-00001.json" not in finished
+    assert len(list((staging / "units").iterdir())) == 4 and "shard-00003.json" not in finished
+    assert len(finished) >= 2
+    # phase 1 wrote one run (a data file and its index) per read task, not a file per bucket
+    assert sorted(p.name for p in (staging / "runs").iterdir()) == [
+        f"unit-{u:06d}-0000.{kind}" for u in range(4) for kind in ("arrow", "index")]
 
     with pytest.raises(UserError, match="unfinished featurize run of other inputs or data.* settings"):
         featurize(config(dataset, features, num_shards=5))

@@ -92,19 +92,21 @@ def test_ranges_give_the_bytes_of_the_whole_table(tmp_path, region_ids):
 
 
 def test_each_bucket_joins_only_its_own_places(tmp_path, monkeypatch):
-    """The join's pieces of a bucket hold exactly the listed loc_ids its events name."""
-    from trainer.data import locations_join
+    """A bucket's segments of the join's runs hold exactly the listed loc_ids its events name."""
+    from trainer.data import locations_join, shuffle
     from umask.slots import bucket_of
 
     source = write_dataset(tmp_path / "raw")
     seen = {}
-    original = locations_join.bucket_regions
+    original = shuffle.read_bucket
 
-    def spy(staging, bucket, ranges):
-        seen[bucket] = original(staging, bucket, ranges)
-        return seen[bucket]
+    def spy(runs, bucket, schema):
+        table = original(runs, bucket, schema)
+        if schema == locations_join.REGION_MAP:
+            seen[bucket] = (table.column("loc_id").to_numpy(), None)
+        return table
 
-    monkeypatch.setattr(locations_join, "bucket_regions", spy)
+    monkeypatch.setattr(shuffle, "read_bucket", spy)
     featurize(config(source, tmp_path / "features"))
     assert sorted(seen) == [0, 1, 2, 3]
     events = pq.read_table(source / "events" / "part-0.parquet")

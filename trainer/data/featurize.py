@@ -2,10 +2,10 @@
 
 Two phases, so that no process holds the event set in memory:
 1. partition: each input share (an events file, or a run of its row groups) is split by a
-   stable hash of user_id into data.num_shards buckets, one staging piece per (share, bucket)
-   (`_staging/bucket=<b>/unit-<u>.parquet`), so no file is ever appended by two writers;
+   stable hash of user_id into data.num_shards buckets, written grouped by bucket with an
+   index of each bucket's byte range (trainer/data/shuffle.py), so no file has two writers;
 2. featurize: each bucket becomes examples independently, by `featurize_bucket`, a pure
-   function of (the bucket's pieces, feature spec and maps, row group size) -> output files,
+   function of (the bucket's events, feature spec and maps, row group size) -> output files,
    their checksums and the bucket's partial statistics (umask/statistics.py), merged in shard
    order into the spec's `statistics`.
 `featurize` (the command) runs both phases as Ray tasks (trainer/data/featurize_ray.py);
@@ -94,18 +94,17 @@ def app_map(apps: pa.Table | None, num_categories: int) -> tuple[np.ndarray, np.
 
 # --- phase 2: one bucket -> examples ---------------------------------------------------
 
-def featurize_bucket(pieces: list[str | Path], shard: int, spec: FeatureSpec, maps: FeatureMaps,
+def featurize_bucket(events: pa.Table, shard: int, spec: FeatureSpec, maps: FeatureMaps,
                      row_group_size: int, out: str | Path,
                      on_written: Callable[[], None] | None = None) -> dict:
-    """One bucket's events (its staging pieces, read whole: memory ~ the bucket's events) ->
+    """One bucket's events (NORMALIZED_EVENTS, whole: memory ~ the bucket's events) ->
     split=*/shard=<shard>/part-00000.parquet; returns its report: counts per split, the row
     groups, each file's rows and sha256, and the partial statistics.
 
     Each file is written under a temporary name and renamed when complete, so a task killed
     mid-write leaves no file that looks finished. on_written() after the first file (faults).
     """
-    slots = Slots(pq.read_table(pieces, schema=NORMALIZED_EVENTS) if pieces
-                  else NORMALIZED_EVENTS.empty_table(), spec, maps)
+    slots = Slots(events, spec, maps)
     T, F = spec.slots, spec.layout.num_channels
     report = {"shard": shard, "events": slots.events_read, "duplicates_dropped": slots.duplicates,
               "users": {}, "examples": {}, "row_groups": {}, "files": {}, "statistics": {}}
@@ -184,8 +183,9 @@ def featurize_events(batches: Iterable[pa.RecordBatch], spec: FeatureSpec, maps:
     bucket_files, rows = partition_events(batches, staging / "unit-000000", cfg.num_shards)
     reports = []
     for bucket in range(cfg.num_shards):
-        pieces = [bucket_files[bucket]] if bucket in bucket_files else []
-        reports.append(featurize_bucket(pieces, bucket, spec, maps, cfg.row_group_size, out))
+        events = (pq.read_table(bucket_files[bucket], schema=NORMALIZED_EVENTS) if bucket in bucket_files
+                  else NORMALIZED_EVENTS.empty_table())
+        reports.append(featurize_bucket(events, bucket, spec, maps, cfg.row_group_size, out))
         if on_progress is not None:
             on_progress(len(reports), cfg.num_shards)
     spec = save_spec(out / SPEC_DIR, spec, maps)

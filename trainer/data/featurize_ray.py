@@ -1,14 +1,17 @@
 """featurize's two phases as Ray tasks, on the cluster of ray.address or an embedded Ray.
 
 The driver plans and waits; the tasks read, write and compute:
-- the spec task reads the side tables and writes the feature spec and its maps to
-  `_staging/spec/` (the maps go on to the phase-2 tasks through Ray's object store, one
-  shared-memory copy per node, never through the driver);
 - phase 1, one task per input share (an events file, or whole row groups of it up to
-  data.read_task_rows rows), reads it with the contract reader and writes one piece per
-  bucket it holds, then `_staging/units/unit-<u>.json` (its report);
-- phase 2, one task per bucket, featurizes the bucket's pieces (featurize.featurize_bucket),
-  then writes `_staging/shards/shard-<b>.json`.
+  data.read_task_rows rows), reads it with the contract reader and writes its events grouped
+  by bucket into a run: one data file and an index of each bucket's byte range
+  (`_staging/runs/unit-<u>-<k>`, trainer/data/shuffle.py), then `_staging/units/unit-<u>.json`
+  (its report). Phase 1 needs no side table, so its tasks are submitted first;
+- beside them, locations.parquet is range-partitioned by loc_id and joined to the (loc_id,
+  bucket) pairs phase 1 saw (trainer/data/locations_join.py), and the spec task reads
+  apps.parquet and writes the feature spec to `_staging/spec/`; the app map goes on to phase
+  2 through Ray's object store, one shared-memory copy per node, never through the driver;
+- phase 2, one task per bucket, reads its segment of every run and of the join's runs,
+  featurizes the bucket (featurize.featurize_bucket), then writes `_staging/shards/shard-<b>.json`.
 Every file is renamed into place once complete, and a task's report is written last, so a
 report marks finished work. A rerun with the same inputs and settings (run.json's key) skips
 the shares and buckets that have reports: an interrupted run (driver or task killed) resumes.
@@ -21,7 +24,8 @@ Memory: each task reserves data.task_memory_mb (Ray's `memory` resource, so a no
 as many as fit), read buffers are sized from it, and a bucket whose events would not fit is
 refused before phase 2 naming data.num_shards. Each task reports its own peak RSS (the
 kernel's VmHWM, reset at the task's start) and the manifest's `run` lists them with the
-driver's, which holds no events, only counts and file names.
+driver's, which holds no events, only counts and file names: per read task its runs and its
+rows, and the rows per bucket summed as the reports arrive.
 """
 from __future__ import annotations
 
@@ -35,16 +39,16 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from trainer.config import RunConfig
-from trainer.data import locations_join
+from trainer.data import locations_join, shuffle
 from trainer.data.featurize import (RUN_FILE, STAGING, app_map, check_limits, config_hash, featurize_bucket, finish,
                                     prepare_output)
 from trainer.data.tasks import Unit, peak_rss_bytes, plan_units, read_json, task_facts, task_start, write_json
-from umask.contract import ContractDataset, EventReader, ReadReport, open_dataset, read_apps, table_files
+from umask.contract import NORMALIZED_EVENTS, ContractDataset, EventReader, ReadReport, open_dataset, read_apps, table_files
 from umask.errors import UserError
-from umask.slots import partition_events
 from umask.spec import APP_CATEGORIES, LOC_REGIONS, SPEC_DIR, FeatureMaps, load_spec, save_spec_json, write_maps
 
 # peak bytes of phase 2 per event of a bucket (Slots, the examples of a row group, the read
@@ -52,6 +56,7 @@ from umask.spec import APP_CATEGORIES, LOC_REGIONS, SPEC_DIR, FeatureMaps, load_
 PHASE2_BYTES_PER_EVENT = 400
 # phase 1 holds a read batch and its partition buffer: bytes per buffered row, Arrow included
 PHASE1_BYTES_PER_ROW = 120
+RUNS = "runs"  # in _staging: phase 1's runs (trainer/data/shuffle.py)
 
 
 def resume_key(cfg: RunConfig, dataset: ContractDataset) -> str:
@@ -97,46 +102,40 @@ def _app_maps(app_ids, categories) -> FeatureMaps:
 
 
 def partition_task(unit: Unit, root: str, cfg_data, staging: str, buffer_rows: int, with_locations: bool) -> dict:
-    """Phase 1 for one input share: its valid events into one piece per bucket
-    (`bucket=<b>/unit-<u>.parquet`), the distinct (loc_id, bucket) pairs it saw
-    (`loc-keys/unit-<u>.parquet`) when there is a locations table, then its report
+    """Phase 1 for one input share: its valid events grouped by bucket into runs
+    (`runs/unit-<u>-<k>`, trainer/data/shuffle.py), the distinct (loc_id, bucket) pairs it
+    saw (`loc-keys/unit-<u>.parquet`) when there is a locations table, then its report
     `units/unit-<u>.json`; returns the report."""
     started = task_start()
     staging = Path(staging)
-    out = staging.parent
-    quarantine = out / "quarantine" if cfg_data.invalid_rows == "quarantine" else None
+    quarantine = staging.parent / "quarantine" if cfg_data.invalid_rows == "quarantine" else None
     reader = EventReader(ContractDataset(Path(root), [Path(unit.path)]), cfg_data.invalid_rows, quarantine,
                          batch_rows=min(1 << 20, buffer_rows), plausible=cfg_data.plausible_range())
-    work = staging / "tmp" / f"unit-{unit.index:06d}-{uuid.uuid4().hex}"
     batches = reader.file_batches(Path(unit.path), unit.row_groups)
     keys = locations_join.LocationKeys(cfg_data.num_shards) if with_locations else None
-    files, rows = partition_events(keys.seen(batches) if keys else batches, work, cfg_data.num_shards, buffer_rows)
-    buckets = {}
-    for bucket, path in files.items():
-        piece = staging / f"bucket={bucket:05d}" / f"unit-{unit.index:06d}.parquet"
-        piece.parent.mkdir(parents=True, exist_ok=True)
-        buckets[bucket] = pq.read_metadata(path).num_rows
-        os.replace(path, piece)
-    shutil.rmtree(work, ignore_errors=True)
+    runs, bucket_rows, rows = shuffle.partition_into_runs(keys.seen(batches) if keys else batches,
+                                                          staging / RUNS / f"unit-{unit.index:06d}",
+                                                          cfg_data.num_shards, buffer_rows, NORMALIZED_EVENTS)
     pairs = keys.write(staging / locations_join.KEYS / f"unit-{unit.index:06d}.parquet") if keys else 0
-    report = {"unit": unit.index, "rows": rows, "buckets": {str(b): n for b, n in buckets.items()},
+    report = {"unit": unit.index, "rows": rows, "runs": runs, "bucket_rows": bucket_rows.tolist(),
               "location_pairs": pairs, "read": reader.report.as_dict(), **task_facts(started)}
     write_json(staging / "units" / f"unit-{unit.index:06d}.json", report)
     return report
 
 
-def featurize_task(bucket: int, pieces: list[str], spec, apps: FeatureMaps, location_ranges: list[int],
+def featurize_task(bucket: int, runs: list[str], spec, apps: FeatureMaps, location_runs: list[str],
                    row_group_size: int, out: str) -> dict:
-    """Phase 2 for one bucket: its listed locations' regions (the join's pieces of its
-    location_ranges), featurize.featurize_bucket, then `shards/shard-<b>.json`."""
+    """Phase 2 for one bucket: its segment of every run, its listed locations' regions (its
+    segment of the join's runs), featurize.featurize_bucket, then `shards/shard-<b>.json`."""
     from trainer.training.faults import fault_point
 
     started = task_start()
     staging = Path(out) / STAGING
-    loc_ids, regions = locations_join.bucket_regions(staging, bucket, location_ranges)
-    maps = dataclasses.replace(apps, loc_ids=loc_ids, regions=regions)
-    report = featurize_bucket(pieces, bucket, spec, maps, row_group_size, out,
-                              on_written=lambda: fault_point("bucket", bucket, 0, staging))
+    places = shuffle.read_bucket(location_runs, bucket, locations_join.REGION_MAP)
+    maps = dataclasses.replace(apps, loc_ids=places.column("loc_id").to_numpy(),
+                               regions=places.column("region").to_numpy())
+    report = featurize_bucket(shuffle.read_bucket(runs, bucket, NORMALIZED_EVENTS), bucket, spec, maps,
+                              row_group_size, out, on_written=lambda: fault_point("bucket", bucket, 0, staging))
     report["task"] = task_facts(started)
     write_json(staging / "shards" / f"shard-{bucket:05d}.json", report)
     return report
@@ -217,6 +216,12 @@ class _RayTasks:
                                                            **self.options).remote(*args)
         return _get(spec_ref, "writing the feature spec (apps.parquet and the location ranges)"), apps_ref
 
+    def put(self, value):
+        """A handle on value in the object store, to pass to many tasks without copying it to each."""
+        import ray
+
+        return ray.put(value)
+
     def call(self, function, args: tuple, describe: str):
         """function(*args) as one task; its result."""
         import ray
@@ -259,6 +264,9 @@ class _InProcess:
     def spec(self, *args):
         return spec_task(*args)
 
+    def put(self, value):
+        return value
+
     def call(self, function, args: tuple, describe: str):
         return function(*args)
 
@@ -283,44 +291,46 @@ def _run_tasks(cfg: RunConfig, dataset: ContractDataset, units: list[Unit], out:
     ranges = len(plan["boundaries"]) + 1 if plan else 0
     spec, apps = runner.spec(str(data.source), data, str(staging / SPEC_DIR), plan, ranges)
 
+    # the driver keeps each share's small facts and the bucket sizes, not its per-bucket lists
+    bucket_rows = np.zeros(data.num_shards, np.int64)
+
+    def kept(report: dict) -> dict:
+        bucket_rows[:] += report.pop("bucket_rows")
+        return report
+
+    done_units = {index: kept(report) for index, report in done_units.items() if report is not None}
     total_rows = sum(u.rows for u in units)
-    done_rows = sum(u.rows for u in units if done_units[u.index] is not None)
+    done_rows = sum(u.rows for u in units if u.index in done_units)
     for unit, report in reading:
-        done_units[unit.index] = report
+        done_units[unit.index] = kept(report)
         done_rows += unit.rows
         if on_progress:
             on_progress("read", done_rows, total_rows)
     unit_reports = [done_units[u.index] for u in units]
 
-    # the join: each bucket's listed loc_ids with their regions
-    bucket_ranges: list[list[int]] = [[] for _ in range(data.num_shards)]
+    # the join: each bucket's listed loc_ids with their regions, one run per range
+    location_runs = []
     if with_locations:
         joined = {p: read_json(staging / locations_join.REGIONS / f"range-{p:05d}.json") for p in range(ranges)}
         key_files = [str(staging / locations_join.KEYS / f"unit-{u.index:06d}.parquet") for u in units]
-        todo = {p: (p, plan["boundaries"], key_files, str(staging)) for p in range(ranges) if joined[p] is None}
+        todo = {p: (p, plan["boundaries"], key_files, data.num_shards, str(staging))
+                for p in range(ranges) if joined[p] is None}
         joined.update(runner.map(locations_join.join_task, todo, lambda p: f"joining location range {p}"))
-        for p in range(ranges):
-            for bucket in joined[p]["buckets"]:
-                bucket_ranges[bucket].append(p)
+        location_runs = [joined[p]["run"] for p in range(ranges)]
         location_tasks["join"] = [joined[p] for p in range(ranges)]
 
     # phase 2
-    bucket_rows = [0] * data.num_shards
-    pieces: list[list[str]] = [[] for _ in range(data.num_shards)]
-    for report in unit_reports:
-        for bucket, rows in sorted(report["buckets"].items(), key=lambda kv: int(kv[0])):
-            bucket_rows[int(bucket)] += rows
-            pieces[int(bucket)].append(str(staging / f"bucket={int(bucket):05d}" / f"unit-{report['unit']:06d}.parquet"))
     _check_bucket_memory(data, bucket_rows)
+    runs = runner.put([run for report in unit_reports for run in report["runs"]])
     done_shards = {b: read_json(staging / "shards" / f"shard-{b:05d}.json") for b in range(data.num_shards)}
-    todo = {b: (b, pieces[b], spec, apps, bucket_ranges[b], data.row_group_size, str(out))
+    todo = {b: (b, runs, spec, apps, location_runs, data.row_group_size, str(out))
             for b in range(data.num_shards) if done_shards[b] is None}
-    total_events = sum(bucket_rows)
-    done_events = sum(bucket_rows[b] for b in range(data.num_shards) if done_shards[b] is not None)
-    for bucket, report in runner.map(featurize_task, todo, lambda b: f"featurizing bucket {b} ({len(pieces[b])} pieces "
-                                                        f"in {staging / f'bucket={b:05d}'})"):
+    total_events = int(bucket_rows.sum())
+    done_events = int(sum(bucket_rows[b] for b in range(data.num_shards) if done_shards[b] is not None))
+    for bucket, report in runner.map(featurize_task, todo, lambda b: f"featurizing bucket {b} ({bucket_rows[b]} events "
+                                                        f"from the runs in {staging / RUNS})"):
         done_shards[bucket] = report
-        done_events += bucket_rows[bucket]
+        done_events += int(bucket_rows[bucket])
         if on_progress:
             on_progress("featurize", done_events, total_events)
 
@@ -428,8 +438,8 @@ def _check_task_memory(data, units: list[Unit]) -> None:
         raise UserError(_bucket_message(data, expected))
 
 
-def _check_bucket_memory(data, bucket_rows: list[int]) -> None:
-    largest = max(bucket_rows, default=0) * PHASE2_BYTES_PER_EVENT
+def _check_bucket_memory(data, bucket_rows) -> None:
+    largest = int(max(bucket_rows, default=0)) * PHASE2_BYTES_PER_EVENT
     if largest > data.task_memory_mb * 2**20:
         raise UserError(_bucket_message(data, largest))
 

@@ -17,8 +17,9 @@ featurize on Ray (trainer/data/featurize_ray.py) runs it as tasks, under `_stagi
 Phase 1 writes, per events share, the distinct (loc_id, bucket) pairs it saw, sorted by loc_id
 (`loc-keys/unit-<u>.parquet`). Then:
 5. join, one task per range: the pairs of its range from every events share, matched to the
-   range's rows; writes the regions of each bucket's listed loc_ids to
-   `loc-regions/bucket=<b>/range-<p>.parquet`, so phase 2 of bucket b reads only its own.
+   range's rows; writes the regions of each bucket's listed loc_ids as a run
+   (`loc-regions/range-<p>`, trainer/data/shuffle.py), so phase 2 of bucket b reads only its
+   own segment of each range.
 The spec's loc_regions.parquet is the ranges concatenated in order (sorted, since they are
 ranges), streamed by umask.spec.write_maps. Loc_ids the table does not list are not joined:
 the spec's rule hashes them (umask.spec.FeatureMaps.region), in phase 2 as everywhere.
@@ -37,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from trainer.data import shuffle
 from trainer.data.regions import KMEANS_SAMPLE, bottom_k, fit_centroids, sample_keys
 from trainer.data.tasks import Unit, atomic_path, task_facts, task_start, write_json
 from umask.contract import ContractError, location_share
@@ -281,10 +283,10 @@ def _distinct_pairs(ids: np.ndarray, buckets: np.ndarray) -> tuple[np.ndarray, n
     return ids[keep], buckets[keep]
 
 
-def join_task(index: int, boundaries: list[int], key_files: list[str], staging: str) -> dict:
-    """Range `index` joined to the pairs of its loc_ids from every events share: for each
-    bucket with a listed loc_id in the range, `loc-regions/bucket=<b>/range-<p>.parquet`
-    (loc_id, region) sorted by loc_id; returns those buckets."""
+def join_task(index: int, boundaries: list[int], key_files: list[str], num_buckets: int, staging: str) -> dict:
+    """Range `index` joined to the pairs of its loc_ids from every events share: the run
+    `loc-regions/range-<p>` (trainer/data/shuffle.py) whose segment b holds bucket b's listed
+    loc_ids in the range with their regions (REGION_MAP), sorted by loc_id."""
     started = task_start()
     staging = Path(staging)
     lo = boundaries[index - 1] if index > 0 else None
@@ -300,24 +302,15 @@ def join_task(index: int, boundaries: list[int], key_files: list[str], staging: 
     ids, buckets, regions = ids[found], buckets[found], listed_regions[pos[found]]
     order = np.lexsort((ids, buckets))
     ids, buckets, regions = ids[order], buckets[order], regions[order]
-    written = []
-    for b in np.unique(buckets).tolist():
-        lo_b, hi_b = np.searchsorted(buckets, [b, b + 1])
-        _write(staging / REGIONS / f"bucket={b:05d}" / f"range-{index:05d}.parquet", pa.Table.from_arrays(
-            [pa.array(ids[lo_b:hi_b]), pa.array(regions[lo_b:hi_b])], schema=REGION_MAP))
-        written.append(b)
-    report = {"range": index, "buckets": written, "pairs": int(found.sum()), **task_facts(started)}
+    starts = np.searchsorted(buckets, np.arange(num_buckets + 1))
+    segments = ((b, pa.Table.from_arrays([pa.array(ids[starts[b]:starts[b + 1]]),
+                                          pa.array(regions[starts[b]:starts[b + 1]])], schema=REGION_MAP))
+                for b in np.flatnonzero(np.diff(starts)).tolist())
+    run = staging / REGIONS / f"range-{index:05d}"
+    shuffle.write_run(run, segments, num_buckets, REGION_MAP)
+    report = {"range": index, "run": str(run), "pairs": int(found.sum()), **task_facts(started)}
     write_json(staging / REGIONS / f"range-{index:05d}.json", report)
     return report
-
-
-def bucket_regions(staging: Path, bucket: int, ranges: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(loc_ids, regions) of one bucket's listed loc_ids, sorted: its join pieces in range order."""
-    if not ranges:
-        return np.empty(0, np.int64), np.empty(0, np.int32)
-    table = pq.read_table([str(staging / REGIONS / f"bucket={bucket:05d}" / f"range-{p:05d}.parquet")
-                           for p in ranges], schema=REGION_MAP)
-    return table.column("loc_id").to_numpy(), table.column("region").to_numpy()
 
 
 def _write(path: Path, table: pa.Table, **options) -> None:
