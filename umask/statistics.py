@@ -59,15 +59,16 @@ class SplitStatistics:
         """Adds n examples: rows.dense [n, T, F], rows.observed [n, T], the bags' lengths [n, T]."""
         n, T = rows.observed.shape
         observed = rows.observed.astype(bool)
-        values = rows.dense[observed].astype(np.float64)  # [observed slots, F]
+        values = rows.dense[observed]  # [observed slots, F] float32
         self.examples += n
         self.slots += n * T
         self.observed_slots += int(observed.sum())
         share = observed.sum(axis=1) / max(T, 1)
         self.sparsity_buckets += np.bincount(sparsity_bucket(share, edges), minlength=self.buckets)
         if len(values):
-            self.total += values.sum(axis=0)
-            self.total_squares += (values * values).sum(axis=0)
+            wide = values.astype(np.float64)
+            self.total += wide.sum(axis=0)
+            self.total_squares += np.einsum("ij,ij->j", wide, wide)  # no [slots, F] temporary
             self.maximum = np.maximum(self.maximum, values.max(axis=0))
             self.nonzero += np.count_nonzero(values, axis=0)
         self.app_occurrences += int(rows.app_lengths.sum())

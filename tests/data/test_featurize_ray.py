@@ -181,3 +181,20 @@ def test_locations_in_ranges_on_ray_give_the_same_bytes(ray_cluster, dataset, in
     assert outputs(features) == in_process
     run = manifest["run"]
     assert run["location_ranges"] == 3 and len(run["tasks"]["join"]) == 3 and len(run["tasks"]["read"]) == 8
+
+
+def test_a_bad_side_table_on_ray_is_named_with_its_file_and_row(ray_cluster, dataset, tmp_path):
+    """The locations passes run beside phase 1, in a thread of the driver: their error still
+    reaches the user as the one line naming the file and both rows."""
+    bad = tmp_path / "bad"
+    (bad / "events").mkdir(parents=True)
+    for part in dataset.joinpath("events").iterdir():
+        (bad / "events" / part.name).write_bytes(part.read_bytes())
+    (bad / "apps.parquet").write_bytes((dataset / "apps.parquet").read_bytes())
+    locations = pq.read_table(dataset / "locations.parquet")
+    ids = locations.column("loc_id").to_numpy().copy()
+    ids[17] = ids[4]
+    pq.write_table(locations.set_column(0, "loc_id", pa.array(ids)), bad / "locations.parquet")
+    with pytest.raises(UserError, match=rf"locations.parquet: row 17, column 'loc_id': duplicate loc_id {ids[4]} "
+                                        r"\(also at row 4\)"):
+        featurize(config(bad, tmp_path / "features"))

@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -112,10 +113,10 @@ def partition_task(unit: Unit, root: str, cfg_data, staging: str, buffer_rows: i
     reader = EventReader(ContractDataset(Path(root), [Path(unit.path)]), cfg_data.invalid_rows, quarantine,
                          batch_rows=min(1 << 20, buffer_rows), plausible=cfg_data.plausible_range())
     batches = reader.file_batches(Path(unit.path), unit.row_groups)
-    keys = locations_join.LocationKeys(cfg_data.num_shards) if with_locations else None
-    runs, bucket_rows, rows = shuffle.partition_into_runs(keys.seen(batches) if keys else batches,
-                                                          staging / RUNS / f"unit-{unit.index:06d}",
-                                                          cfg_data.num_shards, buffer_rows, NORMALIZED_EVENTS)
+    keys = locations_join.LocationKeys() if with_locations else None
+    runs, bucket_rows, rows = shuffle.partition_into_runs(batches, staging / RUNS / f"unit-{unit.index:06d}",
+                                                          cfg_data.num_shards, buffer_rows, NORMALIZED_EVENTS,
+                                                          keys.add if keys else None)
     pairs = keys.write(staging / locations_join.KEYS / f"unit-{unit.index:06d}.parquet") if keys else 0
     report = {"unit": unit.index, "rows": rows, "runs": runs, "bucket_rows": bucket_rows.tolist(),
               "location_pairs": pairs, "read": reader.report.as_dict(), **task_facts(started)}
@@ -230,17 +231,28 @@ class _RayTasks:
                     describe)
 
     def map(self, function, jobs: dict, describe: Callable) -> Iterator:
-        """Submits function(*jobs[key]) for every key now; (key, result) as they finish."""
+        """(key, result) of function(*jobs[key]) for every key, as they finish. As many tasks
+        as the cluster runs at once are submitted now and one more as each finishes, so that a
+        task submitted meanwhile by another map (the side tables' passes, beside phase 1)
+        waits for one task to end, not for a whole phase."""
         import ray
 
-        remote, placements = ray.remote(function), self.placements()
-        refs = {remote.options(scheduling_strategy=next(placements), **self.options).remote(*args): key
-                for key, args in jobs.items()}
-        return _as_completed(refs, describe)
+        remote = ray.remote(function)
+        placements, slots = self.placements()
+        waiting = list(jobs.items())
 
-    def placements(self) -> Iterator:
-        """Scheduling strategies to give the tasks in turn: soft affinities to the alive nodes,
-        each node as often as the tasks it can run at once (SPREAD when none can run one)."""
+        def submit(count: int) -> dict:
+            batch, waiting[:] = waiting[:count], waiting[count:]
+            return {remote.options(scheduling_strategy=next(placements), **self.options).remote(*args): key
+                    for key, args in batch}
+
+        first = submit(len(waiting) if slots is None else slots)
+        return _as_completed(first, describe, lambda: submit(1))
+
+    def placements(self) -> tuple[Iterator, int | None]:
+        """(scheduling strategies to give the tasks in turn, how many tasks the cluster runs at
+        once): soft affinities to the alive nodes, each node as often as the tasks it can run at
+        once; SPREAD and no limit when no node can run one (an autoscaler then sees the demand)."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -251,11 +263,11 @@ class _RayTasks:
             if node.get("Alive") and at_once >= 1:
                 capacity[node["NodeID"]] = at_once
         if not capacity:
-            return itertools.repeat("SPREAD")
+            return itertools.repeat("SPREAD"), None
         # interleaved (a, b, a, b, a ...) rather than one node's share first, so that the first
         # tasks start on every node
         turns = sorted((turn, node) for node, at_once in capacity.items() for turn in range(at_once))
-        return itertools.cycle([NodeAffinitySchedulingStrategy(node, soft=True) for _, node in turns])
+        return itertools.cycle([NodeAffinitySchedulingStrategy(node, soft=True) for _, node in turns]), len(turns)
 
 
 class _InProcess:
@@ -286,10 +298,13 @@ def _run_tasks(cfg: RunConfig, dataset: ContractDataset, units: list[Unit], out:
             for u in units if done_units[u.index] is None}
     reading = runner.map(partition_task, todo, lambda u: f"reading {u.where()}")
 
-    # meanwhile the locations: range-partitioned, then the spec (trainer/data/locations_join.py)
-    plan, location_tasks = _locations(runner, dataset, data, staging) if with_locations else (None, {})
-    ranges = len(plan["boundaries"]) + 1 if plan else 0
-    spec, apps = runner.spec(str(data.source), data, str(staging / SPEC_DIR), plan, ranges)
+    # meanwhile the side tables: locations range-partitioned (trainer/data/locations_join.py),
+    # then the spec; on Ray from a thread of their own, so that phase 1 keeps being fed (in
+    # this process they simply run first: the phase-1 tasks run as `reading` is consumed)
+    def side_tables() -> tuple:
+        plan, location_tasks = _locations(runner, dataset, data, staging) if with_locations else (None, {})
+        ranges = len(plan["boundaries"]) + 1 if plan else 0
+        return plan, ranges, location_tasks, *runner.spec(str(data.source), data, str(staging / SPEC_DIR), plan, ranges)
 
     # the driver keeps each share's small facts and the bucket sizes, not its per-bucket lists
     bucket_rows = np.zeros(data.num_shards, np.int64)
@@ -301,11 +316,18 @@ def _run_tasks(cfg: RunConfig, dataset: ContractDataset, units: list[Unit], out:
     done_units = {index: kept(report) for index, report in done_units.items() if report is not None}
     total_rows = sum(u.rows for u in units)
     done_rows = sum(u.rows for u in units if u.index in done_units)
-    for unit, report in reading:
-        done_units[unit.index] = kept(report)
-        done_rows += unit.rows
-        if on_progress:
-            on_progress("read", done_rows, total_rows)
+    with ThreadPoolExecutor(1, thread_name_prefix="featurize-side-tables") as pool:
+        side = pool.submit(side_tables) if isinstance(runner, _RayTasks) else None
+        plan, ranges, location_tasks, spec, apps = side_tables() if side is None else (None,) * 5
+        for unit, report in reading:
+            done_units[unit.index] = kept(report)
+            done_rows += unit.rows
+            if on_progress:
+                on_progress("read", done_rows, total_rows)
+            if side is not None and side.done() and side.exception() is not None:
+                raise side.exception()  # a bad side table stops the run now, not after phase 1
+        if side is not None:
+            plan, ranges, location_tasks, spec, apps = side.result()
     unit_reports = [done_units[u.index] for u in units]
 
     # the join: each bucket's listed loc_ids with their regions, one run per range
@@ -378,9 +400,10 @@ def _locations(runner, dataset: ContractDataset, data, staging: Path) -> tuple[d
                   "locations_sort": [sorted_ranges[p] for p in range(ranges)]}
 
 
-def _as_completed(refs: dict, describe: Callable):
-    """(item, result) of each task as it finishes; a failure is one UserError naming the task's
-    input (a UserError from the task keeps its own message, which names file and row)."""
+def _as_completed(refs: dict, describe: Callable, more: Callable[[], dict] = dict):
+    """(item, result) of each task as it finishes, topping up with more() (new refs) after each;
+    a failure is one UserError naming the task's input (a UserError from the task keeps its own
+    message, which names file and row)."""
     import ray
     from ray.exceptions import RayError, RayTaskError
 
@@ -399,6 +422,7 @@ def _as_completed(refs: dict, describe: Callable):
         except RayError as err:
             raise UserError(f"featurize failed {describe(item)} after data.task_retries retries: "
                             f"{' '.join(str(err).split())[:500]}") from None
+        pending.update(more())
         yield item, result
 
 

@@ -42,7 +42,7 @@ from trainer.data import shuffle
 from trainer.data.regions import KMEANS_SAMPLE, bottom_k, fit_centroids, sample_keys
 from trainer.data.tasks import Unit, atomic_path, task_facts, task_start, write_json
 from umask.contract import ContractError, location_share
-from umask.slots import STAGING_WRITE_OPTIONS, bucket_of
+from umask.slots import STAGING_WRITE_OPTIONS
 from umask.spec import nearest_centroid, unit_vectors
 
 LOCATIONS = "locations"  # in _staging: the sample, plan, range pieces and ranges
@@ -252,19 +252,15 @@ def range_chunks(staging: Path, ranges: int):
 # --- phase 1's pairs and 5. join ------------------------------------------------------
 
 class LocationKeys:
-    """The distinct (loc_id, bucket) pairs of the events batches passed through `seen`."""
+    """The distinct (loc_id, bucket) pairs of the segments passed to `add` (phase 1's runs)."""
 
-    def __init__(self, num_shards: int):
-        self.num_shards = num_shards
+    def __init__(self):
         self.parts: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def seen(self, batches):
-        for batch in batches:
-            located = batch.filter(pc.is_valid(batch.column("loc_id")))
-            ids = located.column("loc_id").to_numpy()
-            buckets = bucket_of(located.column("user_id").to_numpy(), self.num_shards).astype(np.int32)
-            self.parts.append(_distinct_pairs(ids, buckets))
-            yield batch
+    def add(self, bucket: int, events: pa.Table) -> None:
+        """Records the distinct loc_ids of one bucket's events (one sort of the segment's ids)."""
+        ids = np.unique(events.column("loc_id").drop_null().to_numpy())
+        self.parts.append((ids, np.full(len(ids), bucket, np.int32)))
 
     def write(self, path: Path) -> int:
         """Writes the pairs sorted by (loc_id, bucket); returns how many."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -79,18 +79,26 @@ def run_rows(prefix: str | Path, num_buckets: int) -> np.ndarray:
 
 
 def partition_into_runs(batches: Iterable[pa.RecordBatch], prefix: Path, num_buckets: int, buffer_rows: int,
-                        schema: pa.Schema) -> tuple[list[str], np.ndarray, int]:
+                        schema: pa.Schema,
+                        on_segment: Callable[[int, pa.Table], None] | None = None) -> tuple[list[str], np.ndarray, int]:
     """Batches grouped by bucket (umask.slots.bucket_of their user_id) into runs
     `<prefix>-<k>`, one each time buffer_rows rows are held and one at the end; returns
-    (the runs, rows per bucket [num_buckets] over all runs, rows)."""
+    (the runs, rows per bucket [num_buckets] over all runs, rows). on_segment(bucket, rows)
+    sees each segment as it is written."""
     runs, rows_per_bucket, total = [], np.zeros(num_buckets, np.int64), 0
     pending: dict[int, list[pa.Table]] = {}
     held = 0
 
+    def segments():
+        for bucket in sorted(pending):
+            table = pa.concat_tables(pending[bucket])
+            if on_segment is not None:
+                on_segment(bucket, table)
+            yield bucket, table
+
     def flush():
         run = prefix.with_name(f"{prefix.name}-{len(runs):04d}")
-        segments = ((b, pa.concat_tables(pending[b])) for b in sorted(pending))
-        rows_per_bucket[:] += write_run(run, segments, num_buckets, schema)
+        rows_per_bucket[:] += write_run(run, segments(), num_buckets, schema)
         runs.append(str(run))
         pending.clear()
 
