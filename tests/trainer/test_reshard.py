@@ -197,17 +197,18 @@ def test_the_state_compared_is_the_whole_state(resharded):
     assert column.shape == (2 * 4096,)  # row-wise Adagrad: one accumulator per row and column shard
 
 
-def test_the_loader_continues_at_the_next_epoch_boundary(resharded):
+def test_the_loader_deals_the_rest_of_the_epoch_to_the_new_world(resharded):
     two, one, again, _ = resharded
     saved = two[0]["zero0-fp32"]["saved_loader"]
     assert (saved["epoch"], saved["batches_in_epoch"]) == (0, 2)
-    # inside epoch 0 at 2 workers: 1 worker continues at epoch 1's first batch, dealt for 1
+    # inside epoch 0 at 2 workers: 1 worker reads the rest of epoch 0 (trainer/data/loader.py)
     loader = one[0]["zero0-fp32"]["loader"]
-    assert (loader["epoch"], loader["batches_in_epoch"], loader["world_size"]) == (1, 0, 1)
-    # 1 worker checkpointed after epoch 1's first batch: 2 workers start epoch 2
+    assert (loader["epoch"], loader["batches_in_epoch"], loader["world_size"], loader["bridge"]) == (0, 0, 1, [[2, 2]])
+    # 1 worker checkpointed after one batch of that rest: 2 workers take what is left of it
     for rank in (0, 1):
         loader = again[rank]["zero0-fp32"]["loader"]
-        assert (loader["epoch"], loader["batches_in_epoch"], loader["world_size"], loader["rank"]) == (2, 0, 2, rank)
+        assert (loader["epoch"], loader["batches_in_epoch"], loader["world_size"], loader["rank"],
+                loader["bridge"]) == (0, 0, 2, rank, [[2, 2], [1, 1]])
 
 
 def test_a_table_whose_optimizer_layout_changes_is_named(resharded):
@@ -220,7 +221,7 @@ def test_a_table_whose_optimizer_layout_changes_is_named(resharded):
     assert "set embeddings.loc.sharding_types=[data_parallel]" in message
 
 
-def test_the_unread_examples_of_the_interrupted_epoch_are_counted(tiny_dataset):
+def test_the_examples_left_out_by_a_reshard_are_counted(tiny_dataset):
     from trainer.data.loader import ShardedLoader
 
     features = tiny_dataset / "features"
@@ -230,9 +231,13 @@ def test_the_unread_examples_of_the_interrupted_epoch_are_counted(tiny_dataset):
         for _ in range(3):
             next(loader)
     one = ShardedLoader(features, 0, 1, batch_size=8, seed=0, prefetch=False)
-    assert one.load_resharded_state(two[1].state_dict()) == (per_rank - 3) * 8 * 2
-    assert (one.state_dict()["epoch"], one.state_dict()["batches_in_epoch"]) == (1, 0)
-    # on a boundary nothing is left unread: before the first batch, and after the last
+    # the rest, 2 * (per_rank - 3) batches of 8, fills whole batches of the one worker: none left out
+    assert one.load_resharded_state(two[1].state_dict()) == 0
+    assert one._bridge_now.num_batches == 2 * (per_rank - 3)
+    three = ShardedLoader(features, 0, 3, batch_size=8, seed=0, prefetch=False)
+    rest = 2 * (per_rank - 3) * 8
+    assert three.load_resharded_state(two[1].state_dict()) == rest - rest // 24 * 24
+    # on a boundary nothing is left out: before the first batch, and after the last
     fresh = ShardedLoader(features, 0, 2, batch_size=8, seed=0, prefetch=False)
     assert one.load_resharded_state(fresh.state_dict()) == 0 and one.state_dict()["epoch"] == 0
     for _ in range(per_rank):
@@ -257,6 +262,7 @@ def test_u_mask_train_resumes_a_two_worker_run_on_one(tmp_path, tiny_config, str
     assert result.error is None and result.metrics["step"] == 10
     log = (run / "logs" / "rank-0.log").read_text()
     assert "resumed at step 8" in log
-    assert "from 2 workers to 1: the data continues at epoch" in log
+    # the straight run's checkpoint at step 8 is inside epoch 0: its rest goes to the one worker
+    assert "from 2 workers to 1: the rest of epoch 0 is dealt to the 1 workers" in log
     state = json.loads((latest_checkpoint(run) / "state.json").read_text())
     assert (state["step"], state["world_size"]) == (10, 1)

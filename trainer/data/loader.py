@@ -22,13 +22,15 @@ would then name other examples (start a new run to change them).
 
 Resuming at another world size (`load_resharded_state`): an epoch's deal is per world size, so
 the examples N ranks had not yet read of an epoch are not a position in M ranks' deal of it.
-The rule: a checkpoint on an epoch boundary (none of an epoch's batches yielded, or all of
-them) continues at the first batch of the epoch not yet read, dealt for M ranks, losing and
-repeating nothing; one inside an epoch skips the rest of that epoch and continues at the next
-epoch's first batch.
-Those examples are left out once, never read twice; `load_resharded_state` returns how many
-(the driver's log says it), and a run resharded at a checkpoint on an epoch boundary
-(train.checkpoint_every a multiple of the batches per epoch) loses none.
+They are dealt anew instead, exactly: the rest of each saved rank's stream (from its next
+batch to the end of its epoch) is laid end to end in rank order, and the M ranks take equal
+contiguous slices of whole batches of it (`Bridge`), read in the saved streams' own order
+(their windows and row permutations). Then the next epoch starts, dealt for M. Nothing is read
+twice; what does not fill a batch on every rank (fewer than M * batch_size examples) is left
+out, and `load_resharded_state` returns how many (the driver's log says it). A checkpoint
+taken inside such a bridge records the chain of (world size, batches read) that made it, so
+it resumes at its own world size or reshards again, exactly alike. A bridge reads without
+prefetch: it lasts at most one epoch.
 
 Reading: only the EXAMPLES columns, lists decoded through their offsets and flat values (no
 per-row Python), one window prefetched in a background thread so I/O overlaps the step.
@@ -81,6 +83,50 @@ class EpochPlan:
     windows: list[list[RowGroupRef]]
     window_starts: np.ndarray  # [len(windows) + 1] row offset of each window in the rank's stream
     num_batches: int  # the same on every rank
+    smallest_share: int  # rows of the rank with fewest: num_batches * batch_size or a little more
+
+
+Segment = tuple[int, int, int]  # (rank of the epoch's first deal, start row, end row) of its stream
+
+
+@dataclass(frozen=True)
+class Bridge:
+    """The rest of an interrupted epoch, dealt to this world (see the module docstring).
+
+    chain: [(world size, batches each rank had read)], the first deal's, then each bridge's
+    that was itself interrupted; segments: this rank's slice, as rows of the first deal's
+    streams in reading order; num_batches: the same on every rank; left_out: the examples of
+    the epoch's rest that the last deal leaves out (they fill no batch on every rank)."""
+
+    epoch: int
+    chain: tuple[tuple[int, int], ...]
+    segments: tuple[Segment, ...]
+    num_batches: int
+    left_out: int
+
+
+def _slice_segments(segments: list[Segment], start: int, end: int) -> list[Segment]:
+    """Rows [start, end) of the stream that is `segments` laid end to end."""
+    out, position = [], 0
+    for rank, lo, hi in segments:
+        a, b = max(start, position), min(end, position + hi - lo)
+        if a < b:
+            out.append((rank, lo + a - position, lo + b - position))
+        position += hi - lo
+    return out
+
+
+def _rows(segments: list[Segment]) -> int:
+    return sum(hi - lo for _, lo, hi in segments)
+
+
+def _chain(state: dict) -> list[tuple[int, int]]:
+    """The saved bridge chain of a loader state ([] outside a bridge), checked."""
+    chain = state.get("bridge", [])
+    if not isinstance(chain, list) or not all(
+            isinstance(c, list) and len(c) == 2 and all(isinstance(v, int) and v >= 0 for v in c) for c in chain):
+        raise UserError(f"loader state: key 'bridge' must be a list of [world_size, batches], found {chain!r}")
+    return [tuple(c) for c in chain]
 
 
 def load_manifest(features_dir: Path) -> dict:
@@ -271,6 +317,9 @@ class ShardedLoader:
         self._block: Optional[ExampleRows] = None  # the current window, in file order
         self._order = np.empty(0, dtype=np.int64)  # the window's rows in the order they are yielded
         self._cursor = 0  # next position in self._order
+        self._bridge_now: Optional[Bridge] = None  # the rest of an epoch resharded to this world
+        self._stream_plans: dict[int, EpochPlan] = {}  # the bridge's first deal, by rank
+        self._bridge_window = None  # ((rank, window), rows, order): the window a bridge reads
         self.plan(0)  # fail now, not at the first batch, when the data cannot fill a batch
 
     # ---- the epoch plan -------------------------------------------------------------------
@@ -286,25 +335,68 @@ class ShardedLoader:
         return self.plan(epoch).num_batches
 
     def _make_plan(self, epoch: int) -> EpochPlan:
-        sizes, order = self._deal_inputs(epoch)
-        dealt = deal_row_groups(sizes, order, self.world_size)
-        rank_rows = [int(sizes[d].sum()) for d in dealt]
-        num_batches = min(rank_rows) // self.batch_size
-        if num_batches == 0:
+        plan = self._stream_plan(epoch, self.world_size, self.rank)
+        if plan.num_batches == 0:
+            sizes, _ = self._deal_inputs(epoch)
             raise UserError(
                 f"{self.features_dir}: splits {list(self.splits)} hold {self.num_examples} examples in "
                 f"{len(sizes)} row groups; dealt to {self.world_size} ranks the smallest share is "
-                f"{min(rank_rows)} examples, less than one batch of {self.batch_size}: use a smaller "
+                f"{plan.smallest_share} examples, less than one batch of {self.batch_size}: use a smaller "
                 f"batch size, fewer workers or smaller row groups")
-        mine = [self.row_groups[i] for i in dealt[self.rank]]
+        return plan
+
+    def _stream_plan(self, epoch: int, world_size: int, rank: int) -> EpochPlan:
+        """Rank `rank`'s share of `epoch` dealt over `world_size` ranks."""
+        sizes, order = self._deal_inputs(epoch)
+        dealt = deal_row_groups(sizes, order, world_size)
+        rank_rows = [int(sizes[d].sum()) for d in dealt]
+        mine = [self.row_groups[i] for i in dealt[rank]]
         windows = [mine[i:i + self.shuffle_window] for i in range(0, len(mine), self.shuffle_window)]
         starts = np.zeros(len(windows) + 1, dtype=np.int64)
         np.cumsum([sum(ref.num_rows for ref in w) for w in windows], out=starts[1:])
-        return EpochPlan(windows, starts, num_batches)
+        return EpochPlan(windows, starts, min(rank_rows) // self.batch_size, min(rank_rows))
+
+    def _bridge(self, epoch: int, chain: list[tuple[int, int]]) -> Bridge:
+        """This rank's Bridge over the rest of `epoch` after `chain` (module docstring)."""
+        first_world, _ = chain[0]
+        per_rank = self._stream_plan(epoch, first_world, 0).num_batches * self.batch_size
+        streams = [[(rank, 0, per_rank)] for rank in range(first_world)]
+        for index, (world, batches) in enumerate(chain):
+            if not 0 <= batches * self.batch_size <= _rows(streams[0]):
+                raise UserError(f"loader state: batches_in_epoch={batches} but epoch {epoch} has "
+                                f"{_rows(streams[0]) // self.batch_size} batches at the {world} ranks that saved it")
+            rest = [seg for stream in streams for seg in _slice_segments(stream, batches * self.batch_size,
+                                                                          _rows(stream))]
+            next_world = chain[index + 1][0] if index + 1 < len(chain) else self.world_size
+            share = _rows(rest) // (next_world * self.batch_size) * self.batch_size
+            left_out = _rows(rest) - share * next_world
+            streams = [_slice_segments(rest, m * share, (m + 1) * share) for m in range(next_world)]
+        return Bridge(epoch, tuple(tuple(c) for c in chain), tuple(streams[self.rank]),
+                      _rows(streams[self.rank]) // self.batch_size, left_out)
+
+    def _bridge_batch(self, bridge: Bridge, batch: int) -> ExampleRows:
+        """Rows [batch * B, (batch + 1) * B) of this rank's bridge, read from the first deal's
+        streams (one window held at a time)."""
+        parts = []
+        for rank, lo, hi in _slice_segments(list(bridge.segments), batch * self.batch_size,
+                                            (batch + 1) * self.batch_size):
+            plan = self._stream_plans.setdefault(rank, self._stream_plan(bridge.epoch, bridge.chain[0][0], rank))
+            while lo < hi:
+                window = int(np.searchsorted(plan.window_starts, lo, side="right")) - 1
+                key = (rank, window)
+                if self._bridge_window is None or self._bridge_window[0] != key:
+                    self._bridge_window = key, *self._read_window(bridge.epoch, window, plan.windows[window], rank)
+                _, block, order = self._bridge_window
+                start = lo - int(plan.window_starts[window])
+                take = min(hi - lo, len(order) - start)
+                parts.append(block.take(order[start:start + take]))
+                lo += take
+        return ExampleRows.concat(parts)
 
     # ---- reading windows ------------------------------------------------------------------
 
-    def _read_window(self, epoch: int, window: int, refs: list[RowGroupRef]) -> tuple[ExampleRows, np.ndarray]:
+    def _read_window(self, epoch: int, window: int, refs: list[RowGroupRef],
+                     rank: Optional[int] = None) -> tuple[ExampleRows, np.ndarray]:
         """The window's rows and their yield order. Runs in the prefetch thread too, so it gets its
         row groups passed in rather than reading self._plans. The rows stay in file order: each
         batch gathers its own rows, which copies every example once instead of twice."""
@@ -312,7 +404,7 @@ class ShardedLoader:
                                    for ref in refs])
         if not self.shuffle:
             return rows, np.arange(len(rows))
-        rng = np.random.default_rng([_ROW_STREAM, self.seed, epoch, self.rank, window])
+        rng = np.random.default_rng([_ROW_STREAM, self.seed, epoch, self.rank if rank is None else rank, window])
         return rows, rng.permutation(len(rows))
 
     def _successor(self, epoch: int, window: int) -> Optional[tuple[int, int]]:
@@ -345,6 +437,13 @@ class ShardedLoader:
         return self
 
     def __next__(self) -> Batch:
+        bridge = self._bridge_now
+        if bridge is not None and self._epoch == bridge.epoch:
+            if self._batch < bridge.num_batches:
+                self._batch += 1
+                return Batch.of_rows(self._bridge_batch(bridge, self._batch - 1))
+            self._epoch, self._batch = self._epoch + 1, 0
+            self._bridge_now, self._stream_plans, self._bridge_window = None, {}, None
         while True:
             if self.epochs is not None and self._epoch >= self.epochs:
                 raise StopIteration
@@ -373,11 +472,43 @@ class ShardedLoader:
                 "examples": self.num_examples, "spec_digest": self.spec.digest}
 
     def state_dict(self) -> dict:
-        """JSON-able position: the next batch is batch `batches_in_epoch` of `epoch`."""
-        return {"epoch": self._epoch, "batches_in_epoch": self._batch, **self._identity()}
+        """JSON-able position: the next batch is batch `batches_in_epoch` of `epoch` (of the
+        bridge `bridge` names, when the epoch was resharded to this world)."""
+        bridge = {"bridge": [list(c) for c in self._bridge_now.chain]} if self._bridge_now is not None else {}
+        return {"epoch": self._epoch, "batches_in_epoch": self._batch, **bridge, **self._identity()}
 
     def load_state_dict(self, state: dict) -> None:
+        self._check_state(state, ())
+        epoch, batches = state["epoch"], state["batches_in_epoch"]
+        bridge = self._bridge(epoch, _chain(state)) if "bridge" in state else None
+        available = bridge.num_batches if bridge is not None else self.plan(epoch).num_batches
+        if batches > available:
+            raise UserError(f"loader state: batches_in_epoch={batches} but epoch {epoch} has {available} batches")
+        self._go_to(epoch, batches, bridge)
+
+    def load_resharded_state(self, state: dict) -> int:
+        """Continues a position saved by a loader of another world size (any saved rank's state:
+        they are the same but for rank) by the module docstring's rule: the rest of the saved
+        epoch dealt exactly to this world, then the next epoch. Returns how many of the rest's
+        examples are left out (fewer than world_size * batch_size per reshard; 0 on a boundary).
+        UserError when any other setting of the position differs, as in load_state_dict."""
+        self._check_state(state, ("world_size", "rank"))
+        epoch, batches = state["epoch"], state["batches_in_epoch"]
+        if batches == 0 and "bridge" not in state:  # a boundary: the epoch dealt for this world
+            self._go_to(epoch, 0, None)
+            return 0
+        bridge = self._bridge(epoch, _chain(state) + [(state["world_size"], batches)])
+        if bridge.num_batches == 0:  # nothing left that fills a batch on every rank
+            self._go_to(epoch + 1, 0, None)
+        else:
+            self._go_to(epoch, 0, bridge)
+        return bridge.left_out
+
+    def _check_state(self, state: dict, free: tuple[str, ...]) -> None:
+        """UserError unless state names this loader's examples, the keys in `free` aside."""
         for key, current in self._identity().items():
+            if key in free:
+                continue
             if key not in state:
                 raise UserError(f"loader state: key '{key}' is missing")
             if state[key] != current:
@@ -385,40 +516,13 @@ class ShardedLoader:
                     f"loader state: saved with {key}={state[key]!r} but this run has {key}={current!r}; "
                     f"the saved position would name other examples, so resume with the same {key} "
                     f"(and dataset) or start a new run")
-        for key in ("epoch", "batches_in_epoch"):
-            if not isinstance(state.get(key), int) or state[key] < 0:
-                raise UserError(f"loader state: key '{key}' must be an integer >= 0, found {state.get(key)!r}")
-        if state["batches_in_epoch"] > self.plan(state["epoch"]).num_batches:
-            raise UserError(f"loader state: batches_in_epoch={state['batches_in_epoch']} but epoch "
-                            f"{state['epoch']} has {self.plan(state['epoch']).num_batches} batches")
-        self._epoch, self._batch = state["epoch"], state["batches_in_epoch"]
-        self._block, self._pending = None, None
-
-    def load_resharded_state(self, state: dict) -> int:
-        """Continues a position saved by a loader of another world size (any saved rank's state:
-        they are the same but for rank) by the module docstring's rule: at the first batch of
-        the epoch after the saved one, or of the saved epoch itself when none of its batches was
-        yielded. Returns the number of the saved epoch's examples left unread (0 on a boundary).
-        UserError when any other setting of the position differs, as in load_state_dict."""
-        for key, current in self._identity().items():
-            if key in ("world_size", "rank"):
-                continue
-            if state.get(key) != current:
-                raise UserError(
-                    f"loader state: saved with {key}={state.get(key)!r} but this run has {key}={current!r}; "
-                    f"the saved position would name other examples, so resume with the same {key} "
-                    f"(and dataset) or start a new run")
         for key in ("epoch", "batches_in_epoch", "world_size"):
             if not isinstance(state.get(key), int) or state[key] < 0:
                 raise UserError(f"loader state: key '{key}' must be an integer >= 0, found {state.get(key)!r}")
-        epoch, batches, saved_world = state["epoch"], state["batches_in_epoch"], state["world_size"]
-        saved_batches = _batches_per_rank(self._deal_inputs(epoch), saved_world, self.batch_size)
-        if batches > saved_batches:
-            raise UserError(f"loader state: batches_in_epoch={batches} but epoch {epoch} has {saved_batches} "
-                            f"batches at the {saved_world} ranks that saved it")
-        self._epoch, self._batch = (epoch, 0) if batches == 0 else (epoch + 1, 0)
-        self._block, self._pending = None, None
-        return 0 if batches == 0 else (saved_batches - batches) * self.batch_size * saved_world
+
+    def _go_to(self, epoch: int, batches: int, bridge: Optional[Bridge]) -> None:
+        self._epoch, self._batch, self._bridge_now = epoch, batches, bridge
+        self._block, self._pending, self._stream_plans, self._bridge_window = None, None, {}, None
 
     def _deal_inputs(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows per row group, the epoch's deal order of them), as _make_plan uses them."""

@@ -33,6 +33,7 @@ from trainer.data.loader import ShardedLoader, check_spec_matches
 from umask.spec import SPEC_DIR
 from trainer.training.deepspeed_config import deepspeed_config, resolve_precision, trainer_clips
 from trainer.training.faults import fault_point
+from trainer.training.flat_grads import FlatGradients
 from trainer.training.guard import NonFiniteGuard
 from trainer.training.native_ops import without_runtime_builds
 from trainer.training.progress import ProgressLog
@@ -78,11 +79,15 @@ class Trainer:
             model=model, model_parameters=model.parameters(),
             config=deepspeed_config(cfg.deepspeed, cfg.train.batch_size, cfg.ray.use_gpu))
         precision = resolve_precision(cfg.deepspeed, cfg.ray.use_gpu)
-        if self.world_size == 1 and precision == "fp32" and cfg.deepspeed.zero_stage == 0:
-            # DeepSpeed's ZeRO-0 gradient all-reduce flattens every gradient into one buffer and
-            # copies it back even on one rank, where the average is the gradient itself
-            # (forward_backward gives gradient-less parameters the zeros it would have given them)
+        self.flat_grads: FlatGradients | None = None
+        if precision == "fp32" and cfg.deepspeed.zero_stage == 0:
+            # DeepSpeed's ZeRO-0 gradient all-reduce copies every gradient into a new buffer and
+            # back each step (trainer/training/flat_grads.py); on several ranks the gradients live
+            # in one buffer reduced in place instead, on one rank nothing needs reducing
+            # (forward_backward gives gradient-less parameters the zeros DeepSpeed would have)
             self.engine.enable_backward_allreduce = False
+            if self.world_size > 1:
+                self.flat_grads = FlatGradients(self.engine.module)
         # the trainer clips (trainer_clips): the norm it logs is the norm it clips with
         self.clip = cfg.deepspeed.gradient_clipping if trainer_clips(cfg.deepspeed, cfg.ray.use_gpu) else 0.0
         # the engine's parameters are in this dtype; the model's float inputs are cast to it
@@ -111,14 +116,21 @@ class Trainer:
         out = self.engine(dense=batch.dense.to(self.dtype), observed=batch.observed,
                           time_of_week=batch.time_of_week, slot_sparse=slot_sparse, generator=generator)
         loss_grads = watch_loss(out["loss"])
+        if self.flat_grads is not None:
+            self.flat_grads.attach()
         self.engine.backward(out["loss"])  # the dense gradients only: no weight has moved yet
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if self.flat_grads is not None and boundary:
+            self.flat_grads.start_all_reduce()  # collective: every rank reaches its boundary alike
         verdict = self.guard.check(self.step + 1, out["loss"], features.grad, batch)  # collective
         if verdict.tables_step and features.grad is not None:  # the tables step here, fused
             pooled.backward(table_gradient(features.grad, loss_grads, self.engine.gradient_accumulation_steps()))
         self.last_batch = batch
         metrics = {k: out[k].detach() for k in ("loss", "reconstruction", "consistency")}
-        if self.engine.is_gradient_accumulation_boundary():
-            if not self.engine.enable_backward_allreduce:
+        if boundary:
+            if self.flat_grads is not None:
+                self.flat_grads.finish_all_reduce()
+            elif not self.engine.enable_backward_allreduce:
                 for param in self.engine.module.parameters():
                     if param.requires_grad and param.grad is None:
                         param.grad = torch.zeros_like(param)
@@ -139,6 +151,8 @@ class Trainer:
         full gradient averaged over ranks. None where DeepSpeed keeps the gradients in its own
         partitions (ZeRO, bf16/fp16): then forward_backward takes the norm DeepSpeed computed.
         """
+        if self.flat_grads is not None:
+            return self.flat_grads.norm()
         grads = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
         if not grads:
             return None
@@ -243,12 +257,14 @@ class Trainer:
         if loader_state.get("world_size") == self.world_size:
             self.loader.load_state_dict(loader_state)
         else:
-            unread = self.loader.load_resharded_state(loader_state)
+            left_out = self.loader.load_resharded_state(loader_state)
             if self.rank == 0:
+                now = self.loader.state_dict()
+                where = (f"the rest of epoch {now['epoch']} is dealt to the {self.world_size} workers"
+                         if "bridge" in now else f"the data continues at epoch {now['epoch']}, batch 0")
                 print(f"resharded {folder} from {loader_state.get('world_size')} workers to {self.world_size}: "
-                      f"the data continues at epoch {self.loader.state_dict()['epoch']}, batch 0"
-                      + (f" ({unread} examples of epoch {loader_state['epoch']} left unread)" if unread else ""),
-                      flush=True)
+                      f"{where}" + (f" ({left_out} examples of epoch {loader_state['epoch']} left out: they "
+                                    "fill no batch on every worker)" if left_out else ""), flush=True)
         self.micro_step = self.step * self.engine.gradient_accumulation_steps()
         for group in self.engine.optimizer.param_groups:  # the checkpoint brought its own; the config's win
             group["lr"], group["weight_decay"] = self.cfg.deepspeed.lr, self.cfg.deepspeed.weight_decay

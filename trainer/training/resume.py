@@ -9,8 +9,8 @@ DCP or the loader (and Ray Train restarting them ray.max_failures times to fail 
 May change: learning rates, weight decay, clipping, accumulation, loss and mask settings,
 steps, logging and checkpoint intervals, sharding types (DCP places the saved rows under the
 new plan), Ray resources, and ray.num_workers (resharding: trainer/training/checkpoint.py; the
-tables move with DCP, the engine through DeepSpeed's universal checkpoint, the loader continues
-at an epoch boundary, trainer/data/loader.py). The run's config
+tables move with DCP, the engine through DeepSpeed's universal checkpoint, the loader deals the
+rest of the interrupted epoch to the new world, trainer/data/loader.py). The run's config
 wins for every hyperparameter (trainer/training/loop.py sets the dense optimizer's lr and weight
 decay after loading).
 May not change:
