@@ -60,7 +60,8 @@ REGION_MAP = pa.schema([("loc_id", pa.int64()), ("region", pa.int32())])
 
 def sample_task(share: Unit, num_regions: int, staging: str) -> dict:
     """Checks one share of locations.parquet and writes its two samples; returns its report:
-    rows, columns, region_id values, poi_counts lengths."""
+    rows, columns read, the poi_counts lengths seen. A region_id beyond num_regions is a
+    ContractError naming its file and row."""
     started = task_start()
     folder = Path(staging) / LOCATIONS
     ids_sample = _Sample(BOUNDARY_SAMPLE)
