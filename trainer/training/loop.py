@@ -35,6 +35,7 @@ from trainer.training.deepspeed_config import deepspeed_config, resolve_precisio
 from trainer.training.faults import fault_point
 from trainer.training.flat_grads import FlatGradients
 from trainer.training.guard import NonFiniteGuard
+from trainer.training.malloc import keep_freed_memory
 from trainer.training.native_ops import without_runtime_builds
 from trainer.training.progress import ProgressLog
 from trainer.training.sparse_grad import table_gradient, watch_loss
@@ -54,6 +55,7 @@ class Trainer:
         from umask.backbones import build_model
         from umask.model import no_extra_negatives
 
+        keep_freed_memory()  # no page faults for the same activations every step (malloc.py)
         self.cfg = cfg
         self.run_dir = run_dir
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
