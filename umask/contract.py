@@ -158,8 +158,11 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
     if path.stat().st_size == 0:
         raise ContractError(f"{path}: file is empty (0 bytes), not a Parquet file")
     try:
-        # INT96 in microseconds: nanoseconds (the default) overflow outside 1677-2262
-        return pq.ParquetFile(path, coerce_int96_timestamp_unit="us")
+        # INT96 in microseconds: nanoseconds (the default) overflow outside 1677-2262.
+        # No pre-buffering: it reads every requested row group ahead of the batches, so a
+        # featurize task's memory grew with its share (240 against 133 MB over 7 row groups of
+        # events), and reading local files it was not faster.
+        return pq.ParquetFile(path, coerce_int96_timestamp_unit="us", pre_buffer=False)
     except (pa.ArrowException, OSError) as err:
         raise ContractError(f"{path}: not a readable Parquet file ({_one_line(err)})") from err
 
