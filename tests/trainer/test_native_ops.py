@@ -5,8 +5,6 @@ folder at every worker start, guarded by a `lock` file that torch waits on forev
 killed mid-build left the lock, and every later run hung at worker start. Here a real Trainer
 (one gloo rank, a real DeepSpeed engine) starts with such a stale lock in its extensions folder.
 """
-import dataclasses
-import os
 from pathlib import Path
 
 import pytest
