@@ -25,15 +25,13 @@ pytestmark = pytest.mark.slow  # one Ray start (10-50 s with the machine busy) a
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    from trainer.training.launch import start_embedded_ray
+    from trainer.training.launch import start_embedded_ray, stop_embedded_ray
 
     start_embedded_ray(2)
     try:
         yield
     finally:
-        ray.shutdown()
+        stop_embedded_ray()
 
 
 def write_dataset(root: Path, users: int = 60, events: int = 4000, seed: int = 0) -> Path:

@@ -1,7 +1,7 @@
 """Trainer fixtures: one embedded Ray for the session, and the tiny preset aimed at tmp folders.
 
-Ray starts on loopback with exactly the CPUs the tests use; ray.shutdown() at the end ends the
-processes this session started, and only those.
+Ray starts on loopback with exactly the CPUs the tests use; stop_embedded_ray() at the end ends
+the processes this session's Ray started, and only those, by process id.
 """
 import shutil
 from pathlib import Path
@@ -13,13 +13,13 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 @pytest.fixture(scope="session")
 def embedded_ray():
-    import ray
-
-    from trainer.training.launch import start_embedded_ray
+    from trainer.training.launch import start_embedded_ray, stop_embedded_ray
 
     start_embedded_ray(num_cpus=3, env_vars={"DS_ACCELERATOR": "cpu"})  # the same Ray as `u-mask train`'s
-    yield
-    ray.shutdown()
+    try:
+        yield
+    finally:
+        stop_embedded_ray()
 
 
 @pytest.fixture

@@ -155,7 +155,7 @@ def run(cfg: RunConfig, on_progress: Callable[[str, int, int], None] | None = No
     import ray
 
     from trainer.training.cluster import check_cluster, cluster_address, join_cluster
-    from trainer.training.launch import start_embedded_ray
+    from trainer.training.launch import start_embedded_ray, stop_embedded_ray
 
     check_limits(cfg.data)
     # the cluster answers and takes our token, and data.features is absolute (featurize writes
@@ -185,7 +185,9 @@ def run(cfg: RunConfig, on_progress: Callable[[str, int, int], None] | None = No
     try:
         return _run_tasks(cfg, dataset, units, out, on_progress, _RayTasks(data))
     finally:
-        if started_ray:
+        if started_ray and not joined:
+            stop_embedded_ray()
+        elif started_ray:
             ray.shutdown()
 
 
