@@ -231,8 +231,8 @@ class Slots:
         first = np.flatnonzero(starts)  # [E] first event of each example
         flat_slot = example * T + slot  # [N] index into the E*T slots, non-decreasing
 
-        self._app_pairs = _distinct_pairs(flat_slot[events.app_valid], events.app[events.app_valid])
-        self._loc_pairs = _distinct_pairs(flat_slot[events.loc_valid], events.loc[events.loc_valid])
+        self._app_pairs = distinct_pairs(flat_slot[events.app_valid], events.app[events.app_valid])
+        self._loc_pairs = distinct_pairs(flat_slot[events.loc_valid], events.loc[events.loc_valid])
         self._records = _SlotRecords(
             flat_slot=flat_slot, traffic=events.traffic,
             app_slot=flat_slot[events.app_valid],
@@ -352,8 +352,9 @@ def _first_of_identical_rows(rank: np.ndarray, ts: np.ndarray, order: np.ndarray
     return keep
 
 
-def _distinct_pairs(slot: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct (slot, id) pairs sorted by slot, then id: [P] each."""
+def distinct_pairs(slot: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (slot, id) pairs sorted by slot, then id: [P] each, of non-negative
+    integers [N] each (featurize also pairs loc_ids with buckets this way)."""
     if len(ids) == 0:
         return slot, ids
     lo = int(ids.min())

@@ -309,7 +309,7 @@ def test_packed_and_fallback_sorts_agree():
     slots = rng.integers(0, 50, 400)
     small_ids = rng.integers(0, 30, 400)
     for ids in (small_ids, small_ids * 2**58):  # the second does not pack into one int64
-        got_slots, got_ids = slots_module._distinct_pairs(slots, ids)
+        got_slots, got_ids = slots_module.distinct_pairs(slots, ids)
         expected = sorted(set(zip(slots.tolist(), ids.tolist())))
         assert list(zip(got_slots.tolist(), got_ids.tolist())) == expected
     split, rank = rng.integers(0, 4, 400), rng.integers(0, 20, 400)

@@ -39,11 +39,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from trainer.data import shuffle
-from trainer.data.regions import KMEANS_SAMPLE, bottom_k, fit_centroids, sample_keys
+from trainer.data.regions import KMEANS_SAMPLE, assign_regions, bottom_k, coordinates, fit_centroids, sample_keys
 from trainer.data.tasks import Unit, atomic_path, task_facts, task_start, write_json
 from umask.contract import ContractError, location_share
-from umask.slots import STAGING_WRITE_OPTIONS
-from umask.spec import nearest_centroid, unit_vectors
+from umask.slots import STAGING_WRITE_OPTIONS, distinct_pairs
 
 LOCATIONS = "locations"  # in _staging: the sample, plan, range pieces and ranges
 KEYS = "loc-keys"  # in _staging: phase 1's (loc_id, bucket) pairs per events share
@@ -73,8 +72,7 @@ def sample_task(share: Unit, num_regions: int, staging: str) -> dict:
         ids_sample.add(keys, ids)
         if "region_id" in columns:
             _check_region_ids(share.path, first_row, batch.column("region_id").to_numpy(), num_regions)
-        lat, lon = batch.column("lat").fill_null(np.nan).to_numpy(), batch.column("lon").fill_null(np.nan).to_numpy()
-        located = np.isfinite(lat) & np.isfinite(lon)
+        lat, lon, located = coordinates(batch)
         located_sample.add(keys[located], ids[located], lat[located], lon[located])
         if "poi_counts" in columns:
             lengths |= set(pc.unique(pc.list_value_length(batch.column("poi_counts"))).drop_null().to_pylist())
@@ -209,12 +207,7 @@ def region_of_rows(batch: pa.RecordBatch, source: str, centroids: np.ndarray, nu
     regions.build_region_table, row by row."""
     if source == "region_id":
         return batch.column("region_id").to_numpy().astype(np.int32)
-    regions = np.full(batch.num_rows, num_regions, np.int32)
-    if source == "kmeans":
-        lat, lon = batch.column("lat").fill_null(np.nan).to_numpy(), batch.column("lon").fill_null(np.nan).to_numpy()
-        located = np.isfinite(lat) & np.isfinite(lon)
-        regions[located] = nearest_centroid(unit_vectors(lat[located], lon[located]), centroids)
-    return regions
+    return assign_regions(*coordinates(batch), centroids, num_regions)
 
 
 # --- 4. sort --------------------------------------------------------------------------
@@ -265,19 +258,11 @@ class LocationKeys:
 
     def write(self, path: Path) -> int:
         """Writes the pairs sorted by (loc_id, bucket); returns how many."""
-        ids, buckets = _distinct_pairs(np.concatenate([p[0] for p in self.parts] or [np.empty(0, np.int64)]),
-                                       np.concatenate([p[1] for p in self.parts] or [np.empty(0, np.int32)]))
-        table = pa.Table.from_arrays([pa.array(ids), pa.array(buckets)], schema=PAIRS)
+        ids, buckets = distinct_pairs(np.concatenate([p[0] for p in self.parts] or [np.empty(0, np.int64)]),
+                                      np.concatenate([p[1] for p in self.parts] or [np.empty(0, np.int32)]))
+        table = pa.Table.from_arrays([pa.array(ids, pa.int64()), pa.array(buckets, pa.int32())], schema=PAIRS)
         _write(path, table, row_group_size=KEY_ROW_GROUP, compression="zstd", write_statistics=["loc_id"])
         return len(ids)
-
-
-def _distinct_pairs(ids: np.ndarray, buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((buckets, ids))
-    ids, buckets = ids[order], buckets[order]
-    keep = np.ones(len(ids), bool)
-    keep[1:] = (ids[1:] != ids[:-1]) | (buckets[1:] != buckets[:-1])
-    return ids[keep], buckets[keep]
 
 
 def join_task(index: int, boundaries: list[int], key_files: list[str], num_buckets: int, staging: str) -> dict:
@@ -291,7 +276,7 @@ def join_task(index: int, boundaries: list[int], key_files: list[str], num_bucke
     bounds = ([("loc_id", ">=", lo)] if lo is not None else []) + ([("loc_id", "<", hi)] if hi is not None else [])
     parts = [pq.read_table(f, schema=PAIRS, filters=bounds or None) for f in key_files]
     pairs = pa.concat_tables(parts) if parts else PAIRS.empty_table()
-    ids, buckets = _distinct_pairs(pairs.column("loc_id").to_numpy(), pairs.column("bucket").to_numpy())
+    ids, buckets = distinct_pairs(pairs.column("loc_id").to_numpy(), pairs.column("bucket").to_numpy())
     listed = pq.read_table(staging / LOCATIONS / f"range-{index:05d}.parquet")
     listed_ids, listed_regions = listed.column("loc_id").to_numpy(), listed.column("region").to_numpy()
     pos = np.minimum(np.searchsorted(listed_ids, ids), max(len(listed_ids) - 1, 0))

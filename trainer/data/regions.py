@@ -107,17 +107,30 @@ def _clustered_regions(locations: pa.Table, num_regions: int) -> tuple[np.ndarra
             raise UserError(f"locations.parquet: has neither region_id nor `{name}`; "
                             "regions need one or the other")
     loc_ids = locations.column("loc_id").to_numpy().astype(np.int64, copy=False)
+    lat, lon, located = coordinates(locations)
+    if not located.any():  # every listed place is in the unknown region; nothing to fit
+        return np.full(len(lat), num_regions, np.int32), np.empty((0, 3))
+    ids = loc_ids[located]
+    pick = bottom_k(sample_keys(ids), ids, KMEANS_SAMPLE)
+    centroids = fit_centroids(lat[located][pick], lon[located][pick], num_regions)
+    return assign_regions(lat, lon, located, centroids, num_regions), centroids
+
+
+def coordinates(locations: pa.Table | pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lat [n], lon [n] float64 degrees, NaN where null; located [n] bool: both set)."""
     lat = locations.column("lat").cast(pa.float64()).fill_null(np.nan).to_numpy()
     lon = locations.column("lon").cast(pa.float64()).fill_null(np.nan).to_numpy()
-    located = np.isfinite(lat) & np.isfinite(lon)
+    return lat, lon, np.isfinite(lat) & np.isfinite(lon)
+
+
+def assign_regions(lat: np.ndarray, lon: np.ndarray, located: np.ndarray, centroids: np.ndarray,
+                   num_regions: int) -> np.ndarray:
+    """Region [n] int32 of places: the nearest of centroids [K, 3] for located ones, K (unknown)
+    for the others and for all when there are no centroids. The one rule of both featurize paths."""
     regions = np.full(len(lat), num_regions, np.int32)
-    if not located.any():  # every listed place is in the unknown region; nothing to fit
-        return regions, np.empty((0, 3))
-    ids, lat_located, lon_located = loc_ids[located], lat[located], lon[located]
-    pick = bottom_k(sample_keys(ids), ids, KMEANS_SAMPLE)
-    centroids = fit_centroids(lat_located[pick], lon_located[pick], num_regions)
-    regions[located] = nearest_centroid(unit_vectors(lat_located, lon_located), centroids)
-    return regions, centroids
+    if len(centroids) and located.any():
+        regions[located] = nearest_centroid(unit_vectors(lat[located], lon[located]), centroids)
+    return regions
 
 
 def sample_keys(loc_ids: np.ndarray) -> np.ndarray:
