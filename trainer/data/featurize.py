@@ -43,9 +43,10 @@ from trainer.config import DataConfig, RunConfig, save_config
 from umask.contract import NORMALIZED_EVENTS
 from trainer.data.regions import build_region_table
 from trainer.data.schema import EXAMPLES
+from trainer.data.shuffle import partition_into_runs, read_bucket
 from umask.spec import SPEC_DIR
 from umask.errors import UserError
-from umask.slots import ExampleRows, Slots, partition_events
+from umask.slots import PARTITION_BUFFER_ROWS, ExampleRows, Slots
 from umask.spec import SPLITS, FeatureMaps, FeatureSpec, file_sha256, save_spec, save_spec_json
 from umask.statistics import merge as merge_statistics, new_split_statistics
 STAGING = "_staging"
@@ -179,13 +180,13 @@ def featurize_events(batches: Iterable[pa.RecordBatch], spec: FeatureSpec, maps:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_limits(cfg)
-    staging = out / STAGING
-    bucket_files, rows = partition_events(batches, staging / "unit-000000", cfg.num_shards)
+    # the Ray tasks' shuffle (trainer/data/shuffle.py), in this process
+    runs, _, rows = partition_into_runs(batches, out / STAGING / "runs" / "unit-000000", cfg.num_shards,
+                                        PARTITION_BUFFER_ROWS, NORMALIZED_EVENTS)
     reports = []
     for bucket in range(cfg.num_shards):
-        events = (pq.read_table(bucket_files[bucket], schema=NORMALIZED_EVENTS) if bucket in bucket_files
-                  else NORMALIZED_EVENTS.empty_table())
-        reports.append(featurize_bucket(events, bucket, spec, maps, cfg.row_group_size, out))
+        reports.append(featurize_bucket(read_bucket(runs, bucket, NORMALIZED_EVENTS), bucket, spec, maps,
+                                        cfg.row_group_size, out))
         if on_progress is not None:
             on_progress(len(reports), cfg.num_shards)
     spec = save_spec(out / SPEC_DIR, spec, maps)

@@ -35,7 +35,6 @@ import itertools
 import json
 import os
 import shutil
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
@@ -47,7 +46,7 @@ from trainer.config import RunConfig
 from trainer.data import locations_join, shuffle
 from trainer.data.featurize import (RUN_FILE, STAGING, app_map, check_limits, config_hash, featurize_bucket, finish,
                                     prepare_output)
-from trainer.data.tasks import Unit, peak_rss_bytes, plan_units, read_json, task_facts, task_start, write_json
+from trainer.data.tasks import Unit, atomic_path, peak_rss_bytes, plan_units, read_json, task_facts, task_start, write_json
 from umask.contract import NORMALIZED_EVENTS, ContractDataset, EventReader, ReadReport, open_dataset, read_apps, table_files
 from umask.errors import UserError
 from umask.spec import APP_CATEGORIES, LOC_REGIONS, SPEC_DIR, FeatureMaps, load_spec, save_spec_json, write_maps
@@ -89,7 +88,7 @@ def spec_task(source: str, cfg_data, folder: str, plan: dict | None, ranges: int
     if plan is not None:
         spec = dataclasses.replace(spec, region_source=plan["source"],
                                    region_centroids=tuple(tuple(float(v) for v in c) for c in plan["centroids"]))
-    tmp = folder.with_name(f"{folder.name}.{uuid.uuid4().hex}.tmp")
+    tmp = atomic_path(folder)
     files = write_maps(tmp, app_ids, categories, locations_join.range_chunks(folder.parent, ranges))
     spec = dataclasses.replace(spec, files=files)
     save_spec_json(tmp, spec)
